@@ -1,0 +1,327 @@
+//! The monitor against `tc -s qdisc` in network namespaces this test creates:
+//! a veth pair between namespaces A and B, a very slow TBF on A's egress so
+//! that the queue stands still while both are read, and UDP traffic sent from
+//! inside A on an own port and another port.
+//!
+//! Needs root (network namespaces, BPF). Without root the tests print why and
+//! pass, except under `CI=true`, where CI runs as root and not being root is a
+//! failure.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lowtide_ebpf::{EgressMonitor, Monitor, MonitorError, NetlinkMonitor, SampleSource};
+
+/// Serialises the tests of this file: the detach check counts loaded programs.
+static SERIAL: Mutex<()> = Mutex::new(());
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+const ADDR_A: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+const ADDR_B: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
+const MAC_B: &str = "02:00:0a:c9:00:02";
+const OWN_PORT: u16 = 40_001;
+const OTHER_PORT: u16 = 40_002;
+const PAYLOAD_BYTES: usize = 1000;
+/// Ethernet + IPv4 + UDP headers around each payload.
+const FRAME_BYTES: u64 = PAYLOAD_BYTES as u64 + 14 + 20 + 8;
+const OWN_DATAGRAMS: usize = 60;
+const OTHER_DATAGRAMS: usize = 40;
+/// 8 kbit/s: one frame leaves every ~1 s, so the queue stands still between
+/// two reads. The byte limit holds ~28 frames; the rest is dropped.
+const TBF: &[&str] = &["rate", "8kbit", "burst", "1600", "limit", "30000"];
+/// Polls while waiting for the qdisc to dequeue once more (not a timing assertion).
+const WAIT_POLLS_MAX: u32 = 200;
+const WAIT_POLL: Duration = Duration::from_millis(50);
+/// Program name as the kernel keeps it (16 bytes with NUL).
+const CLASSIFIER_KERNEL_NAME: &str = "lt_egress_class";
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI runs as root: these tests need root for network namespaces and BPF"
+        );
+        eprintln!("skipping: needs root (network namespaces, BPF programs)");
+    }
+    root
+}
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn command");
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two namespaces joined by a veth pair; deleted on drop, even when a test fails.
+struct Pair {
+    a: String,
+    b: String,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let id = format!("{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let pair = Self {
+            a: format!("ltmon-a-{id}"),
+            b: format!("ltmon-b-{id}"),
+        };
+        for ns in [&pair.a, &pair.b] {
+            run(&["ip", "netns", "add", ns]);
+            // No IPv6 neighbour discovery or MLD noise in the "other traffic" count.
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+            ]);
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ]);
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        run(&[
+            "ip", "-n", &pair.a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", &pair.b,
+            "address", MAC_B,
+        ]);
+        run(&["ip", "-n", &pair.a, "addr", "add", &format!("{ADDR_A}/24"), "dev", "va"]);
+        run(&["ip", "-n", &pair.b, "addr", "add", &format!("{ADDR_B}/24"), "dev", "vb"]);
+        run(&["ip", "-n", &pair.a, "link", "set", "va", "up"]);
+        run(&["ip", "-n", &pair.b, "link", "set", "vb", "up"]);
+        // A permanent neighbour entry: no ARP request queues behind the slow TBF.
+        run(&[
+            "ip",
+            "-n",
+            &pair.a,
+            "neigh",
+            "replace",
+            &ADDR_B.to_string(),
+            "lladdr",
+            MAC_B,
+            "dev",
+            "va",
+            "nud",
+            "permanent",
+        ]);
+        pair
+    }
+
+    fn tc_root_qdisc(&self) -> serde_json::Value {
+        let out = run(&["tc", "-n", &self.a, "-s", "-j", "qdisc", "show", "dev", "va"]);
+        let all: serde_json::Value = serde_json::from_str(&out).expect("tc -j prints JSON");
+        all.as_array()
+            .and_then(|qs| qs.iter().find(|q| q["root"] == true))
+            .cloned()
+            .unwrap_or_else(|| panic!("no root qdisc in {out}"))
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Runs `f` on a thread moved into network namespace `ns`.
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = File::open(format!("/var/run/netns/{ns}")).expect("open netns");
+            // SAFETY: a valid netns fd; only this thread changes namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    })
+}
+
+/// Sends `count` datagrams from `port` as fast as the socket takes them;
+/// returns how many the kernel accepted (never blocks).
+fn blast(port: u16, count: usize) -> usize {
+    let socket = UdpSocket::bind(SocketAddr::from((ADDR_A, port))).expect("bind");
+    socket.set_nonblocking(true).expect("nonblocking");
+    let payload = [0x5au8; PAYLOAD_BYTES];
+    (0..count)
+        .filter(|_| socket.send_to(&payload, SocketAddr::from((ADDR_B, 9))).is_ok())
+        .count()
+}
+
+fn json_u64(v: &serde_json::Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("tc JSON has no {key}: {v}"))
+}
+
+fn loaded_classifiers() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some(CLASSIFIER_KERNEL_NAME))
+        .count()
+}
+
+fn assert_close(what: &str, got: u64, want: u64, slack: u64) {
+    assert!(
+        got.abs_diff(want) <= slack,
+        "{what}: monitor {got}, tc {want} (slack {slack})"
+    );
+}
+
+#[test]
+fn monitor_matches_tc_and_splits_own_traffic() {
+    if !is_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pair = Pair::new();
+    let mut tbf = vec!["tc", "-n", &pair.a, "qdisc", "add", "dev", "va", "root", "tbf"];
+    tbf.extend_from_slice(TBF);
+    run(&tbf);
+    let classifiers_before = loaded_classifiers();
+
+    in_netns(&pair.a, || {
+        let mut monitor = Monitor::attach_toward(IpAddr::V4(ADDR_B)).expect("attach the BPF monitor");
+        assert_eq!(monitor.ifname(), "va");
+        assert_eq!(monitor.netns_inode(), lowtide_ebpf::netns_inode().unwrap());
+        monitor.add_own_port(OWN_PORT).unwrap();
+        let mut netlink = NetlinkMonitor::attach_toward(IpAddr::V4(ADDR_B)).expect("netlink monitor");
+        assert_eq!(netlink.ifname(), "va");
+        assert_eq!(loaded_classifiers(), classifiers_before + 1);
+
+        let idle = monitor.sample();
+        assert_eq!(idle.backlog_source, SampleSource::Bpf);
+        assert_eq!(idle.traffic.unwrap().own_packets, 0);
+
+        // Interleave own and other traffic so both meet a full queue.
+        let (mut own_sent, mut other_sent) = (0, 0);
+        for _ in 0..10 {
+            own_sent += blast(OWN_PORT, OWN_DATAGRAMS / 10);
+            other_sent += blast(OTHER_PORT, OTHER_DATAGRAMS / 10);
+        }
+        assert!(own_sent > 0 && other_sent > 0, "the sockets took nothing");
+
+        // A drop is published at the next enqueue or dequeue: wait for one dequeue.
+        let dequeues = monitor.stats().dequeue_events;
+        let mut polls = 0;
+        while monitor.stats().dequeue_events == dequeues {
+            polls += 1;
+            assert!(polls < WAIT_POLLS_MAX, "the TBF never dequeued: {:?}", monitor.stats());
+            std::thread::sleep(WAIT_POLL);
+        }
+
+        let bpf = monitor.sample();
+        let tc = pair.tc_root_qdisc();
+        let nl = netlink.sample().unwrap();
+        let stats = monitor.stats();
+        eprintln!("bpf {bpf:?}\nnetlink {nl:?}\ntc {tc}\nstats {stats:?}");
+
+        assert_eq!(tc["kind"], "tbf");
+        let tc_backlog_packets = json_u64(&tc, "qlen");
+        let tc_backlog_bytes = json_u64(&tc, "backlog");
+        let tc_drops = json_u64(&tc, "drops");
+        assert!(tc_backlog_packets >= 10, "queue should stand: {tc}");
+        assert!(tc_drops >= 10, "the byte limit should drop: {tc}");
+
+        // Within a packet or two of tc (one frame may leave between the reads).
+        assert_close("backlog packets", bpf.backlog_packets, tc_backlog_packets, 2);
+        assert_close("backlog bytes", bpf.backlog_bytes, tc_backlog_bytes, 2 * FRAME_BYTES);
+        assert_close("drops", bpf.drops, tc_drops, 2);
+        assert_eq!(nl.backlog_source, SampleSource::Netlink);
+        assert_close("netlink backlog packets", nl.backlog_packets, tc_backlog_packets, 2);
+        assert_close(
+            "netlink backlog bytes",
+            nl.backlog_bytes,
+            tc_backlog_bytes,
+            2 * FRAME_BYTES,
+        );
+        assert_close("netlink drops", nl.drops, tc_drops, 2);
+        assert_eq!(stats.qdisc_handle >> 16, {
+            let h = tc["handle"].as_str().unwrap();
+            u32::from_str_radix(h.trim_end_matches(':'), 16).unwrap()
+        });
+        assert!(!stats.qdisc_percpu && !stats.qdisc_child_seen, "{stats:?}");
+
+        // Own vs other: the classifier sees every datagram the sockets accepted.
+        let t = bpf.traffic.expect("BPF splits traffic");
+        assert_eq!(t.own_packets, own_sent as u64);
+        assert_eq!(t.own_bytes, own_sent as u64 * FRAME_BYTES);
+        assert!(
+            (other_sent as u64..=other_sent as u64 + 2).contains(&t.other_packets),
+            "other packets {} for {other_sent} sent",
+            t.other_packets
+        );
+        assert!(t.other_bytes >= other_sent as u64 * FRAME_BYTES);
+        // Everything handed to the device was sent, dropped or is queued.
+        let accounted = json_u64(&tc, "packets") + tc_drops + tc_backlog_packets;
+        assert_close(
+            "handed vs sent+dropped+queued",
+            t.own_packets + t.other_packets,
+            accounted,
+            2,
+        );
+
+        // Ports can be unmarked; traffic from them then counts as other.
+        monitor.remove_own_port(OWN_PORT).unwrap();
+        monitor.remove_own_port(OWN_PORT).unwrap();
+        let before = monitor.sample().traffic.unwrap();
+        let extra = blast(OWN_PORT, 1);
+        let after = monitor.sample().traffic.unwrap();
+        assert_eq!(after.own_packets, before.own_packets);
+        assert_eq!(after.other_packets, before.other_packets + extra as u64);
+        drop(monitor);
+    });
+
+    // Dropping the monitor detached the classifier (the kernel frees it after an RCU grace period).
+    let mut polls = 0;
+    while loaded_classifiers() > classifiers_before {
+        polls += 1;
+        assert!(polls < WAIT_POLLS_MAX, "the tcx classifier is still loaded after drop");
+        std::thread::sleep(WAIT_POLL);
+    }
+}
+
+#[test]
+fn attach_reports_missing_interface_and_route() {
+    if !is_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pair = Pair::new();
+    in_netns(&pair.a, || {
+        let err = Monitor::attach("nosuch0").err().expect("no such interface");
+        assert!(
+            matches!(err, MonitorError::InterfaceNotFound { ref name, .. } if name == "nosuch0"),
+            "{err}"
+        );
+        // Nothing routes 10.202.0.0/16 inside the namespace (no default route).
+        let err = Monitor::attach_toward(IpAddr::V4(Ipv4Addr::new(10, 202, 0, 1)))
+            .err()
+            .expect("no route");
+        assert!(matches!(err, MonitorError::NoRoute { .. }), "{err}");
+        assert!(err.to_string().contains("ip route get"), "{err}");
+        // With a route, the combined monitor gets BPF (we are root).
+        let m = EgressMonitor::attach_toward(IpAddr::V4(ADDR_B)).unwrap();
+        assert!(m.degraded().is_none(), "{:?}", m.degraded());
+        assert_eq!(m.ifname(), "va");
+    });
+}
