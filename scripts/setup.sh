@@ -9,6 +9,7 @@ have clang-19 || need_apt+=(clang-19 llvm-19)
 [ -e /usr/include/bpf/bpf_helpers.h ] || need_apt+=(libbpf-dev)
 have ip || need_apt+=(iproute2)
 have iperf3 || need_apt+=(iperf3)
+have ping || need_apt+=(iputils-ping)
 have ethtool || need_apt+=(ethtool)
 have python3 || need_apt+=(python3)
 if [ "${LOWTIDE_WITH_POSTGRES:-1}" = 1 ] && [ ! -x /usr/lib/postgresql/15/bin/postgres ] && ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
