@@ -12,5 +12,11 @@ cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The server's tests run the same suite on SQLite and on a private PostgreSQL.
+echo "== PostgreSQL for the server tests (scripts/pg-test.sh)" >&2
+LOWTIDE_TEST_PG_URL="$(scripts/pg-test.sh start)"
+export LOWTIDE_TEST_PG_URL
+trap 'scripts/pg-test.sh stop' EXIT
+
 echo "== cargo test" >&2
 cargo test --workspace --locked

@@ -1,0 +1,844 @@
+//! The server's HTTP API end to end, each test on real SQLite and on real PostgreSQL.
+
+mod common;
+
+use common::{data, Db, Resp, ADMIN, H};
+use lowtide_engine::content::{BlockTable, ContentId};
+use lowtide_server::store::SignedManifest;
+use serde_json::{json, Value};
+
+const TOPO: &str = "id,name,parent,type,subnets,wan_up_kbps,wan_down_kbps
+hq,Head office,,standard,10.0.0.0/16,,
+branch,Branch,hq,standard,10.20.0.0/24,20000,100000
+branch-wifi,Branch Wi-Fi,branch,wifi,10.21.0.0/24,,
+vpn,VPN users,hq,vpn,172.16.0.0/16,,
+";
+
+fn facts(addr: &str, free: u64) -> Value {
+    let subnet = match addr.rsplit_once('.') {
+        Some((p, _)) => format!("{p}.0/24"),
+        None => String::new(),
+    };
+    json!({"hostname": format!("host-{addr}"), "addresses": [addr], "subnets": [subnet], "port": 7000,
+           "disk_free_bytes": free, "disk_usable_bytes": free / 2, "chassis": "desktop", "os_type": "workstation",
+           "uptime_secs": 3600, "preferred": false})
+}
+
+fn assert_4xx(r: &Resp, status: u16, needle: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    let reason = r.reason();
+    assert!(
+        reason.to_lowercase().contains(&needle.to_lowercase()),
+        "reason {reason:?} lacks {needle:?}"
+    );
+}
+
+async fn enrol_heartbeat_and_list(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let tok = h.token(2).await;
+    let (id, cred) = h.enrol(&tok, "pc-1").await;
+    let key = h.get("/v1/server-key", None).await.json()["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(key.len(), 64);
+    let r = h.heartbeat(&cred, facts("10.20.0.5", 5_000_000)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["site"], Value::Null, "no topology yet");
+    let agents = h.agents().await;
+    assert_eq!(agents.len(), 1);
+    let a = &agents[0];
+    assert_eq!(a["id"], id.as_str());
+    assert_eq!(a["status"], "active");
+    assert_eq!(a["disk_free_bytes"], 5_000_000);
+    assert_eq!(a["chassis"], "desktop");
+    assert_eq!(a["addresses"], json!(["10.20.0.5"]));
+    assert_eq!(a["subnets"], json!(["10.20.0.0/24"]));
+    // Import a topology: the agent lands in its site at once.
+    assert_eq!(h.import_csv(TOPO).await.status, 200);
+    assert_eq!(h.agents().await[0]["site"], "branch");
+    let r = h.heartbeat(&cred, facts("10.20.0.5", 5_000_000)).await;
+    assert_eq!(r.json()["site"], "branch");
+    assert_eq!(r.json()["site_kind"], "standard");
+    // A site override pins it elsewhere.
+    let mut f = facts("10.20.0.5", 5);
+    f["site_override"] = json!("vpn");
+    assert_eq!(h.heartbeat(&cred, f).await.json()["site"], "vpn");
+    // Inactive after the configured time; rows kept.
+    h.clock.advance_ms(301_000);
+    assert_eq!(h.agents().await[0]["status"], "inactive");
+    h.finish().await;
+}
+
+async fn bad_credentials_are_refused_and_write_nothing(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let tok = h.token(1).await;
+    let (id, cred) = h.enrol(&tok, "pc-1").await;
+    // Replayed single-use token.
+    let r = h
+        .send("POST", "/v1/enroll", None, &json!({"token": tok, "hostname": "evil"}))
+        .await;
+    assert_4xx(&r, 401, "used up");
+    // Forged token secret, unknown token, malformed token.
+    let forged_tok = format!(
+        "{}{}",
+        &tok[..tok.len() - 1],
+        if tok.ends_with('0') { '1' } else { '0' }
+    );
+    assert_4xx(
+        &h.send("POST", "/v1/enroll", None, &json!({"token": forged_tok})).await,
+        401,
+        "wrong secret",
+    );
+    let unknown_tok = format!("lte1.{}.{}", "ab".repeat(16), "cd".repeat(32));
+    assert_4xx(
+        &h.send("POST", "/v1/enroll", None, &json!({"token": unknown_tok})).await,
+        401,
+        "unknown enrolment token",
+    );
+    assert_4xx(
+        &h.send("POST", "/v1/enroll", None, &json!({"token": "hello"})).await,
+        401,
+        "malformed",
+    );
+    // Revoked and expired tokens.
+    let tok2 = h.token(5).await;
+    let tok2_id = tok2.split('.').nth(1).unwrap();
+    assert_eq!(
+        h.req("DELETE", &format!("/v1/admin/tokens/{tok2_id}"), Some(ADMIN), None, &[])
+            .await
+            .status,
+        204
+    );
+    assert_4xx(
+        &h.send("POST", "/v1/enroll", None, &json!({"token": tok2})).await,
+        401,
+        "revoked",
+    );
+    let tok3 = h.token(5).await;
+    h.clock.advance_ms(8 * 24 * 3_600_000);
+    assert_4xx(
+        &h.send("POST", "/v1/enroll", None, &json!({"token": tok3})).await,
+        401,
+        "expired",
+    );
+    assert_eq!(h.agents().await.len(), 1, "no agent was created by a refused enrolment");
+
+    let f = facts("10.0.0.9", 77);
+    assert_4xx(
+        &h.req("POST", "/v1/heartbeat", None, Some(b"{}".to_vec()), &[]).await,
+        401,
+        "missing Authorization",
+    );
+    assert_4xx(&h.heartbeat("garbage", f.clone()).await, 401, "malformed");
+    let unknown = format!("lt1.{}.{}", "ab".repeat(16), "cd".repeat(32));
+    assert_4xx(&h.heartbeat(&unknown, f.clone()).await, 401, "unknown agent");
+    let forged = format!("lt1.{id}.{}", "ee".repeat(32));
+    assert_4xx(&h.heartbeat(&forged, f.clone()).await, 401, "wrong secret");
+    assert_4xx(
+        &h.get("/v1/admin/agents", Some("not-the-admin-token")).await,
+        401,
+        "wrong admin token",
+    );
+    assert_4xx(&h.get("/v1/admin/agents", None).await, 401, "missing Authorization");
+    let a = &h.agents().await[0];
+    assert_eq!(a["disk_free_bytes"], 0, "refused heartbeats wrote nothing");
+    // Revoked agent: 403 everywhere, credential replay included.
+    assert_eq!(h.heartbeat(&cred, f.clone()).await.status, 200);
+    assert_eq!(
+        h.req("POST", &format!("/v1/admin/agents/{id}/revoke"), Some(ADMIN), None, &[])
+            .await
+            .status,
+        204
+    );
+    assert_4xx(&h.heartbeat(&cred, facts("10.0.0.9", 99)).await, 403, "revoked");
+    let cid = h.publish_bytes("x", b"hello").await;
+    assert_4xx(
+        &h.get(&format!("/v1/content/{cid}/sources"), Some(&cred)).await,
+        403,
+        "revoked",
+    );
+    let a = &h.agents().await[0];
+    assert_eq!(a["status"], "revoked");
+    assert_eq!(a["disk_free_bytes"], 77, "the revoked agent's heartbeat wrote nothing");
+    h.finish().await;
+}
+
+async fn malformed_and_oversized_bodies_are_refused(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let tok = h.token(1).await;
+    let (_, cred) = h.enrol(&tok, "pc").await;
+    let hb = |b: &'static [u8]| {
+        h.req(
+            "POST",
+            "/v1/heartbeat",
+            Some(&cred),
+            Some(b.to_vec()),
+            &[("content-type", "application/json")],
+        )
+    };
+    assert_4xx(&hb(b"{not json").await, 400, "not the JSON");
+    assert_4xx(&hb(b"{\"chassis\": \"tablet\"}").await, 400, "unknown variant");
+    assert_4xx(&hb(b"{\"colour\": 1}").await, 400, "unknown field");
+    assert_4xx(&hb(b"{\"addresses\": [\"300.1.1.1\"]}").await, 400, "not the JSON");
+    let big = json!({"hostname": "x".repeat(100 * 1024)});
+    assert_4xx(&h.heartbeat(&cred, big).await, 413, "larger than");
+    assert_eq!(h.agents().await[0]["hostname"], "pc", "nothing written");
+    // Oversized and malformed admin uploads.
+    let huge = format!("{TOPO}{}", "# padding\n".repeat(40_000));
+    assert_4xx(&h.import_csv(&huge).await, 413, "larger than");
+    assert_4xx(
+        &h.send("POST", "/v1/admin/tokens", Some(ADMIN), &json!({"uses": "many"}))
+            .await,
+        400,
+        "not the JSON",
+    );
+    assert_4xx(
+        &h.get("/v1/content/not-an-id/sources", Some(&cred)).await,
+        400,
+        "not a content id",
+    );
+    let missing = ContentId::of(b"never published");
+    assert_4xx(
+        &h.get(&format!("/v1/content/{missing}/sources"), Some(&cred)).await,
+        404,
+        "no content",
+    );
+    h.finish().await;
+}
+
+async fn topology_import_export_and_errors(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    assert_eq!(h.import_csv(TOPO).await.status, 200);
+    let r = h.get("/v1/admin/topology", Some(ADMIN)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), TOPO);
+    // Bad rows: every one reported with its line; nothing applied.
+    let bad = "id,name,parent,type,subnets,wan_up_kbps,wan_down_kbps
+hq,HQ,,standard,10.0.0.0/16,,
+a,A,nowhere,standard,10.1.0.0/24,,
+b,B,hq,standard,10.0.3.0/24,,
+c,C,hq,standard,10.2.0.1/24,,
+d,D,hq,cable,,-5,
+";
+    let r = h.import_csv(bad).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    let errors = r.json()["errors"].as_array().unwrap().clone();
+    let lines: Vec<u64> = errors.iter().map(|e| e["line"].as_u64().unwrap()).collect();
+    assert_eq!(lines, vec![3, 4, 5, 6, 6], "{errors:?}");
+    assert!(errors[0]["message"].as_str().unwrap().contains("nowhere"));
+    assert!(errors[1]["message"].as_str().unwrap().contains("overlaps"));
+    assert!(errors[2]["message"].as_str().unwrap().contains("host bits"));
+    assert!(r.reason().contains("nothing was changed"));
+    let cycle = "id,name,parent,type,subnets,wan_up_kbps,wan_down_kbps\nhq,HQ,,standard,,,\nx,X,y,standard,,,\ny,Y,x,standard,,,\n";
+    let r = h.import_csv(cycle).await;
+    assert_eq!(r.status, 422);
+    assert!(r.text().contains("cycle"), "{}", r.text());
+    assert_4xx(&h.import_csv("id,name\n").await, 422, "bad line");
+    assert_4xx(
+        &h.import_csv("id,name,parent,type,subnets,wan_up_kbps,wan_down_kbps\n\"unterminated,x,,standard,,,\n")
+            .await,
+        422,
+        "bad line",
+    );
+    assert_eq!(
+        h.get("/v1/admin/topology", Some(ADMIN)).await.text(),
+        TOPO,
+        "failed imports changed nothing"
+    );
+    h.finish().await;
+}
+
+async fn topology_proposal_from_agent_subnets(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let tok = h.token(10).await;
+    for (i, addr) in ["10.5.1.10", "10.5.1.11", "10.5.1.12", "10.6.0.3", "192.168.8.20"]
+        .iter()
+        .enumerate()
+    {
+        let (_, cred) = h.enrol(&tok, &format!("pc{i}")).await;
+        assert_eq!(h.heartbeat(&cred, facts(addr, 10)).await.status, 200);
+    }
+    let r = h.get("/v1/admin/topology/proposal", Some(ADMIN)).await;
+    assert_eq!(r.status, 200);
+    let csv = r.text();
+    assert!(
+        csv.starts_with("id,name,parent,type,subnets,wan_up_kbps,wan_down_kbps\nnet-10-5-1-0-24,"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    assert_eq!(h.import_csv(&csv).await.status, 200, "the proposal imports as it is");
+    let sites: Vec<String> = h
+        .agents()
+        .await
+        .iter()
+        .map(|a| a["site"].as_str().unwrap().to_string())
+        .collect();
+    assert!(sites.contains(&"net-192-168-8-0-24".to_string()), "{sites:?}");
+    h.finish().await;
+}
+
+async fn publish_manifest_table_and_origin_ranges(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let body = data(100_000, 3);
+    let id = h.publish_bytes("app", &body).await;
+    assert_eq!(id, ContentId::of(&body).to_string(), "the id is the BLAKE3 hash");
+    let tok = h.token(1).await;
+    let enrolled = h.send("POST", "/v1/enroll", None, &json!({"token": tok})).await.json();
+    let cred = enrolled["credential"].as_str().unwrap().to_string();
+    let key = enrolled["server_public_key"].as_str().unwrap().to_string();
+    // Signed manifest verifies; a forged one does not.
+    let m: SignedManifest =
+        serde_json::from_slice(&h.get(&format!("/v1/content/{id}/manifest"), Some(&cred)).await.body).unwrap();
+    let manifest = m.verify(&key).expect("signature verifies");
+    assert_eq!(manifest.size, 100_000);
+    assert_eq!(manifest.name, "app");
+    let mut forged = m.clone();
+    forged.manifest = forged.manifest.replace("\"app\"", "\"evil\"");
+    assert!(forged.verify(&key).is_err());
+    // Block table verifies against the id.
+    let t = h.get(&format!("/v1/content/{id}/table"), Some(&cred)).await;
+    assert_eq!(t.status, 200);
+    let cid: ContentId = id.parse().unwrap();
+    let table = BlockTable::decode_verified(&t.body, &cid).expect("table matches the content id");
+    assert_eq!(table.geometry().size, 100_000);
+    // The origin serves ranges.
+    let origin = &manifest.origins[0];
+    assert!(origin.ends_with(&format!("/files/{id}")));
+    let path = origin.strip_prefix(&h.srv.base).unwrap();
+    let r = h.req("GET", path, None, None, &[("range", "bytes=1000-1999")]).await;
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, body[1000..2000]);
+    assert_eq!(h.get(path, None).await.body, body);
+    // Publish again from the URL without storing: same id, the URL becomes an origin.
+    let url = origin.clone();
+    let r = h
+        .send(
+            "POST",
+            "/v1/admin/content",
+            Some(ADMIN),
+            &json!({"name": "app", "version": "1.1", "url": url, "store": false}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["id"], id.as_str());
+    assert_eq!(r.json()["origins"], json!([url]));
+    assert_eq!(
+        h.get(&format!("/v1/admin/content/{id}"), Some(ADMIN)).await.json()["version"],
+        "1.1"
+    );
+    // Bad publish requests.
+    assert_4xx(
+        &h.send(
+            "POST",
+            "/v1/admin/content",
+            Some(ADMIN),
+            &json!({"name": "x", "version": "1", "path": "/nonexistent/file"}),
+        )
+        .await,
+        500,
+        "/nonexistent/file",
+    );
+    assert_4xx(
+        &h.send(
+            "POST",
+            "/v1/admin/content",
+            Some(ADMIN),
+            &json!({"name": "", "version": "1", "path": "/etc/hostname"}),
+        )
+        .await,
+        400,
+        "name",
+    );
+    assert_4xx(
+        &h.send(
+            "POST",
+            "/v1/admin/content",
+            Some(ADMIN),
+            &json!({"name": "x", "version": "1", "url": "ftp://x"}),
+        )
+        .await,
+        400,
+        "http",
+    );
+    // Retire: gone for agents, hidden from the default list.
+    assert_eq!(
+        h.send(
+            "POST",
+            &format!("/v1/admin/content/{id}/retire"),
+            Some(ADMIN),
+            &json!({})
+        )
+        .await
+        .status,
+        200
+    );
+    assert_4xx(
+        &h.get(&format!("/v1/content/{id}/sources"), Some(&cred)).await,
+        410,
+        "retired",
+    );
+    assert_eq!(h.get("/v1/admin/content", Some(ADMIN)).await.json(), json!([]));
+    assert_eq!(
+        h.get("/v1/admin/content?all=true", Some(ADMIN))
+            .await
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_4xx(
+        &h.send(
+            "POST",
+            &format!("/v1/admin/content/{id}/retire"),
+            Some(ADMIN),
+            &json!({}),
+        )
+        .await,
+        409,
+        "already retired",
+    );
+    h.finish().await;
+}
+
+struct Fleet {
+    cid: String,
+    size: u64,
+    creds: Vec<(String, String)>,
+}
+
+/// hq: h0 (holds all); branch: b0 (holds all), b1 (holds half), b2 (holds none), b3 (requester); vpn: v0 (holds all), v1.
+async fn fleet(h: &H) -> Fleet {
+    assert_eq!(h.import_csv(TOPO).await.status, 200);
+    let body = data(64 * 1024, 9);
+    let cid = h.publish_bytes("pkg", &body).await;
+    let tok = h.token(20).await;
+    let plan = [
+        ("h0", "10.0.0.1", 900, "all"),
+        ("b0", "10.20.0.10", 100, "all"),
+        ("b1", "10.20.0.11", 500, "half"),
+        ("b2", "10.20.0.12", 1000, "none"),
+        ("b3", "10.20.0.13", 50, "none"),
+        ("v0", "172.16.0.5", 100, "all"),
+        ("v1", "172.16.0.6", 100, "none"),
+    ];
+    let mut creds = Vec::new();
+    for (name, addr, free, holds) in plan {
+        let (id, cred) = h.enrol(&tok, name).await;
+        assert_eq!(h.heartbeat(&cred, facts(addr, free)).await.status, 200);
+        let item = match holds {
+            "all" => json!({"content": cid, "complete": true}),
+            "half" => json!({"content": cid, "ranges": [[0, 16384], [16384, 32768]]}),
+            _ => json!({"content": cid, "ranges": []}),
+        };
+        let r = h
+            .send("PUT", "/v1/inventory", Some(&cred), &json!({"items": [item]}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        creds.push((id, cred));
+    }
+    Fleet {
+        cid,
+        size: body.len() as u64,
+        creds,
+    }
+}
+
+fn kinds(v: &Value) -> Vec<(String, String, String)> {
+    v["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let who = s["agent_id"].as_str().or(s["url"].as_str()).unwrap().to_string();
+            (
+                s["kind"].as_str().unwrap().to_string(),
+                s["protocol"].as_str().unwrap().to_string(),
+                who,
+            )
+        })
+        .collect()
+}
+
+async fn sources_are_ranked_with_reasons(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let f = fleet(&h).await;
+    let id = |n: usize| f.creds[n].0.clone();
+    let r = h
+        .get(&format!("/v1/content/{}/sources", f.cid), Some(&f.creds[4].1))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["site"], "branch");
+    assert_eq!(v["size"], f.size);
+    assert_eq!(v["you_are_rvp"], false);
+    let k = kinds(&v);
+    let origin = format!("{}/files/{}", h.srv.base, f.cid);
+    assert_eq!(
+        k,
+        vec![
+            ("site_rvp".into(), "foreground".into(), id(1)),
+            ("peer".into(), "foreground".into(), id(2)),
+            ("parent_rvp".into(), "background".into(), id(0)),
+            ("origin".into(), "background".into(), origin),
+        ],
+        "{v:#}"
+    );
+    let s = v["sources"].as_array().unwrap();
+    assert_eq!(s[0]["reason"], "same site, site RVP, holds 100%");
+    assert_eq!(s[1]["reason"], "same site, holds 50%");
+    assert_eq!(s[1]["ranges"], json!([[0, 32768]]), "partial holders list their ranges");
+    assert_eq!(s[2]["reason"], "parent site hq RVP, holds 100%");
+    assert_eq!(s[2]["addresses"], json!(["10.0.0.1"]));
+    assert_eq!(s[3]["reason"], "origin, last resort");
+    // The RVP itself is told so, and goes to the parent.
+    let v = h
+        .get(&format!("/v1/content/{}/sources", f.cid), Some(&f.creds[1].1))
+        .await
+        .json();
+    assert_eq!(v["you_are_rvp"], true);
+    assert_eq!(kinds(&v)[0].0, "peer");
+    // The top site's agent: origin is on its LAN.
+    let v = h
+        .get(&format!("/v1/content/{}/sources", f.cid), Some(&f.creds[0].1))
+        .await
+        .json();
+    assert_eq!(
+        kinds(&v),
+        vec![(
+            "origin".into(),
+            "foreground".into(),
+            format!("{}/files/{}", h.srv.base, f.cid)
+        )]
+    );
+    assert_eq!(v["sources"][0]["reason"], "no peer holds it: origin");
+    h.finish().await;
+}
+
+async fn vpn_sites_never_serve(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let f = fleet(&h).await;
+    let v = h
+        .get(&format!("/v1/content/{}/sources", f.cid), Some(&f.creds[6].1))
+        .await
+        .json();
+    assert_eq!(v["site"], "vpn");
+    let k = kinds(&v);
+    assert!(
+        !k.iter().any(|(_, _, who)| who == &f.creds[5].0),
+        "a VPN peer must not serve: {v:#}"
+    );
+    assert_eq!(k[0].0, "parent_rvp");
+    assert_eq!(k[0].2, f.creds[0].0);
+    let e = h
+        .get(&format!("/v1/admin/sites/vpn/content/{}/election", f.cid), Some(ADMIN))
+        .await
+        .json();
+    assert_eq!(e["rvp"], Value::Null);
+    assert_eq!(e["serving"], json!([]));
+    h.finish().await;
+}
+
+async fn rvp_is_re_elected_when_it_goes_inactive(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let f = fleet(&h).await;
+    let path = format!("/v1/admin/sites/branch/content/{}/election", f.cid);
+    let election = || h.get(&path, Some(ADMIN));
+    assert_eq!(election().await.json()["rvp"], f.creds[1].0.as_str());
+    // A better-ranked device appears: the RVP stays (no flapping).
+    let (_, c) = (f.creds[3].0.clone(), f.creds[3].1.clone());
+    h.send(
+        "PUT",
+        "/v1/inventory",
+        Some(&c),
+        &json!({"items": [{"content": f.cid, "complete": true}]}),
+    )
+    .await;
+    assert_eq!(election().await.json()["rvp"], f.creds[1].0.as_str());
+    // Everyone but the RVP heartbeats past the inactivity limit.
+    h.clock.advance_ms(200_000);
+    for (i, addr) in [(0, "10.0.0.1"), (2, "10.20.0.11"), (3, "10.20.0.12"), (4, "10.20.0.13")] {
+        assert_eq!(h.heartbeat(&f.creds[i].1, facts(addr, 100)).await.status, 200);
+    }
+    h.clock.advance_ms(200_000);
+    let e = election().await.json();
+    assert_eq!(e["rvp"], f.creds[3].0.as_str(), "re-elected among active agents: {e:#}");
+    let v = h
+        .get(&format!("/v1/content/{}/sources", f.cid), Some(&f.creds[4].1))
+        .await
+        .json();
+    assert!(
+        !kinds(&v).iter().any(|(_, _, w)| w == &f.creds[1].0),
+        "inactive agents are dropped from answers"
+    );
+    h.finish().await;
+}
+
+async fn serving_cap_puts_the_rest_on_the_bench(db: Db) {
+    let Some(h) = H::start_with(db, |c| c.peers_active_max = 2).await else {
+        return;
+    };
+    assert_eq!(h.import_csv(TOPO).await.status, 200);
+    let cid = h.publish_bytes("pkg", &data(5000, 1)).await;
+    let tok = h.token(10).await;
+    let mut ids = Vec::new();
+    for i in 0..5u64 {
+        let (id, cred) = h.enrol(&tok, &format!("p{i}")).await;
+        h.heartbeat(&cred, facts(&format!("10.20.0.{}", 10 + i), 1000 - i))
+            .await;
+        h.send(
+            "PUT",
+            "/v1/inventory",
+            Some(&cred),
+            &json!({"items": [{"content": cid, "complete": true}]}),
+        )
+        .await;
+        ids.push((id, cred));
+    }
+    let (_, asker) = h.enrol(&tok, "asker").await;
+    h.heartbeat(&asker, facts("10.20.0.99", 1)).await;
+    let e = h
+        .get(&format!("/v1/admin/sites/branch/content/{cid}/election"), Some(ADMIN))
+        .await
+        .json();
+    assert_eq!(e["rvp"], ids[0].0.as_str());
+    assert_eq!(e["serving"], json!([ids[0].0, ids[1].0]));
+    assert_eq!(e["bench"], json!([ids[2].0, ids[3].0, ids[4].0]));
+    let v = h.get(&format!("/v1/content/{cid}/sources"), Some(&asker)).await.json();
+    let peers: Vec<String> = kinds(&v).into_iter().filter(|k| k.0 != "origin").map(|k| k.2).collect();
+    assert_eq!(peers, vec![ids[0].0.clone(), ids[1].0.clone()]);
+    // A serving peer goes quiet: the first on the bench steps in.
+    h.clock.advance_ms(200_000);
+    for i in [0usize, 2, 3, 4] {
+        h.heartbeat(&ids[i].1, facts(&format!("10.20.0.{}", 10 + i), 1000 - i as u64))
+            .await;
+    }
+    h.clock.advance_ms(200_000);
+    let e = h
+        .get(&format!("/v1/admin/sites/branch/content/{cid}/election"), Some(ADMIN))
+        .await
+        .json();
+    assert_eq!(e["serving"], json!([ids[0].0, ids[2].0]));
+    h.finish().await;
+}
+
+async fn inventory_and_traffic(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let f = fleet(&h).await;
+    let cred = &f.creds[2].1;
+    let cid = &f.cid;
+    // Bad inventory: nothing written, earlier holdings intact.
+    let unknown = ContentId::of(b"nope").to_string();
+    let r = h
+        .send(
+            "PUT",
+            "/v1/inventory",
+            Some(cred),
+            &json!({"items": [{"content": cid, "complete": true}, {"content": unknown, "complete": true}]}),
+        )
+        .await;
+    assert_4xx(&r, 404, "not published");
+    let r = h
+        .send(
+            "PUT",
+            "/v1/inventory",
+            Some(cred),
+            &json!({"items": [{"content": cid, "ranges": [[0, 999999999]]}]}),
+        )
+        .await;
+    assert_4xx(&r, 400, "past the end");
+    let v = h
+        .get(&format!("/v1/content/{cid}/sources"), Some(&f.creds[4].1))
+        .await
+        .json();
+    let b1 = v["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["agent_id"] == f.creds[2].0.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(b1["held_percent"], 50);
+    // Replace: holds nothing now.
+    assert_eq!(
+        h.send(
+            "PUT",
+            "/v1/inventory",
+            Some(cred),
+            &json!({"items": [], "replace": true})
+        )
+        .await
+        .status,
+        200
+    );
+    let v = h
+        .get(&format!("/v1/content/{cid}/sources"), Some(&f.creds[4].1))
+        .await
+        .json();
+    assert!(!kinds(&v).iter().any(|k| k.2 == f.creds[2].0));
+    // Traffic adds up per site and link.
+    for _ in 0..2 {
+        let r = h
+            .send(
+                "POST",
+                "/v1/traffic",
+                Some(cred),
+                &json!({"lan_bytes": 1000, "wan_bytes": 10, "origin_bytes": 0}),
+            )
+            .await;
+        assert_eq!(r.status, 204, "{}", r.text());
+    }
+    h.send("POST", "/v1/traffic", Some(&f.creds[0].1), &json!({"origin_bytes": 5}))
+        .await;
+    assert_4xx(
+        &h.send("POST", "/v1/traffic", Some(cred), &json!({"lan_bytes": -1}))
+            .await,
+        400,
+        "not the JSON",
+    );
+    let t = h.get("/v1/admin/traffic", Some(ADMIN)).await.json();
+    assert_eq!(
+        t,
+        json!([{"site": "branch", "link": "lan", "bytes": 2000}, {"site": "branch", "link": "wan", "bytes": 20},
+               {"site": "hq", "link": "origin", "bytes": 5}])
+    );
+    h.finish().await;
+}
+
+async fn metrics_openapi_and_every_route(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let tok = h.token(1).await;
+    h.enrol(&tok, "pc").await;
+    let m = h.get("/metrics", None).await;
+    assert_eq!(m.status, 200);
+    let text = m.text();
+    assert!(text.contains("lowtide_agents{status=\"active\"} 1"), "{text}");
+    assert!(
+        text.contains("lowtide_http_requests_total{route=\"/v1/enroll\",status=\"200\"} 1"),
+        "{text}"
+    );
+    assert_eq!(h.get("/healthz", None).await.status, 200);
+    let doc = h.get("/openapi.json", None).await.json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    // Every documented route exists: the router answers with our JSON, not its empty 404/405.
+    let cid = ContentId::of(b"x").to_string();
+    for (method, path, ..) in lowtide_server::openapi::ROUTES {
+        let p = path.replace("{id}", &cid).replace("{site}", "hq");
+        let r = h.req(&method.to_uppercase(), &p, None, Some(b"{}".to_vec()), &[]).await;
+        assert!(
+            !r.body.is_empty() || r.status == 204,
+            "{method} {path}: {} with an empty body: not routed",
+            r.status
+        );
+        assert_ne!(r.status, 405, "{method} {path}");
+    }
+    h.finish().await;
+}
+
+async fn two_servers_share_one_database(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let other = common::Server::start(&h.db, h.clock.clone(), |_| {}).await;
+    let tok = h.token(10).await;
+    let (_, cred) = h.enrol(&tok, "pc").await;
+    // Heartbeat through the second server.
+    let url = format!("{}/v1/heartbeat", other.base);
+    let r = h
+        .http
+        .post(&url)
+        .bearer_auth(&cred)
+        .body(facts("10.20.0.5", 1).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A topology imported through the first reaches the second within its recheck interval.
+    assert_eq!(h.import_csv(TOPO).await.status, 200);
+    h.clock.advance_ms(lowtide_server::store::TOPOLOGY_RECHECK_MS + 1);
+    let r = h
+        .http
+        .post(&url)
+        .bearer_auth(&cred)
+        .body(facts("10.20.0.5", 1).to_string())
+        .send()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["site"], "branch");
+    // Elections raced from both servers agree on one RVP.
+    let cid = h.publish_bytes("pkg", b"shared").await;
+    let mut creds = Vec::new();
+    for i in 0..6 {
+        let (_, c) = h.enrol(&tok, &format!("p{i}")).await;
+        h.heartbeat(&c, facts(&format!("10.20.0.{}", 20 + i), 100 + i)).await;
+        creds.push(c);
+    }
+    let mut tasks = Vec::new();
+    for (i, c) in creds.iter().enumerate() {
+        let base = if i % 2 == 0 {
+            h.srv.base.clone()
+        } else {
+            other.base.clone()
+        };
+        let (http, c, cid) = (h.http.clone(), c.clone(), cid.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = http
+                .get(format!("{base}/v1/content/{cid}/sources"))
+                .bearer_auth(c)
+                .send()
+                .await
+                .unwrap();
+            let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+            v
+        }));
+    }
+    let mut rvps = std::collections::BTreeSet::new();
+    for t in tasks {
+        let v = t.await.unwrap();
+        let rvp = v["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["kind"] == "site_rvp")
+            .map(|s| s["agent_id"].clone());
+        if let Some(r) = rvp {
+            rvps.insert(r.to_string());
+        }
+    }
+    assert!(rvps.len() <= 1, "servers disagree on the RVP: {rvps:?}");
+    let e1 = h
+        .get(&format!("/v1/admin/sites/branch/content/{cid}/election"), Some(ADMIN))
+        .await
+        .json();
+    let e2: Value = serde_json::from_slice(
+        &h.http
+            .get(format!("{}/v1/admin/sites/branch/content/{cid}/election", other.base))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(e1["rvp"], e2["rvp"]);
+    other.stop().await;
+    h.finish().await;
+}
+
+both!(
+    enrol_heartbeat_and_list,
+    bad_credentials_are_refused_and_write_nothing,
+    malformed_and_oversized_bodies_are_refused,
+    topology_import_export_and_errors,
+    topology_proposal_from_agent_subnets,
+    publish_manifest_table_and_origin_ranges,
+    sources_are_ranked_with_reasons,
+    vpn_sites_never_serve,
+    rvp_is_re_elected_when_it_goes_inactive,
+    serving_cap_puts_the_rest_on_the_bench,
+    inventory_and_traffic,
+    metrics_openapi_and_every_route,
+    two_servers_share_one_database,
+);
