@@ -53,7 +53,16 @@ pub struct Monitor {
     /// For qdiscs whose statistics BPF cannot read (per-CPU); opened lazily.
     netlink: Mutex<Option<RtNetlink>>,
     /// Owns the programs and their links: dropping it detaches everything.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+}
+
+/// Kernel-side cost of one program, counted while BPF run-time statistics
+/// are enabled (`sysctl kernel.bpf_stats_enabled=1` or `aya::sys::enable_stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgramCost {
+    pub name: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
 }
 
 /// Diagnostics beyond the sample: what the programs have seen.
@@ -156,7 +165,7 @@ impl Monitor {
             record,
             own_ports,
             netlink: Mutex::new(None),
-            _ebpf: ebpf,
+            ebpf,
         })
     }
 
@@ -251,6 +260,22 @@ impl Monitor {
             qdisc_percpu: flags & FLAG_QDISC_PERCPU != 0,
             qdisc_child_seen: flags & FLAG_QDISC_CHILD != 0,
         }
+    }
+
+    /// Run counts and run time of the monitor's programs (zero unless BPF
+    /// statistics are enabled). One syscall per program.
+    pub fn program_costs(&self) -> Vec<ProgramCost> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some(ProgramCost {
+                    name: name.to_owned(),
+                    run_count: info.run_count(),
+                    run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                })
+            })
+            .collect()
     }
 
     fn netlink_sample(&self) -> Option<EgressSample> {
