@@ -39,12 +39,14 @@ struct {
 	__type(value, struct lt_egress);
 } egress SEC(".maps");
 
-/* UDP source ports of Lowtide's own traffic (value unused). */
+/* UDP source ports of Lowtide's own traffic: a 65536-bit bitmap, bit
+ * (port & 63) of entry (port >> 6). The verifier inlines array lookups, so
+ * the per-packet test is a load and a mask. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, LT_OWN_PORTS_MAX);
-	__type(key, __u16);
-	__type(value, __u8);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LT_OWN_PORT_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
 } own_ports SEC(".maps");
 
 static __always_inline struct lt_egress *record(void)
@@ -107,8 +109,10 @@ int BPF_PROG(lt_qdisc_dequeue, struct Qdisc *q, const struct netdev_queue *txq, 
 }
 
 /* Returns the UDP source port (network order) of an Ethernet/IPv4 or IPv6
- * frame, or 0 if the frame is not UDP. */
-static __always_inline __u16 udp_source_port(struct __sk_buff *skb)
+ * frame, or 0 if the frame is not UDP. Reads the headers in place when they
+ * are in the linear part of the skb (always, for locally sent UDP), else
+ * copies them out. */
+static __always_inline __u16 udp_source_port_slow(struct __sk_buff *skb)
 {
 	__u16 port = 0;
 	__u32 l4;
@@ -143,6 +147,47 @@ static __always_inline __u16 udp_source_port(struct __sk_buff *skb)
 	return port;
 }
 
+static __always_inline __u16 udp_source_port(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = data + ETH_HLEN;
+		if ((void *)(ip + 1) > end)
+			return udp_source_port_slow(skb);
+		if (ip->protocol != IPPROTO_UDP)
+			return 0;
+		if (ip->frag_off & bpf_htons(0x1fff))
+			return 0;
+		if (ip->ihl != 5) /* IP options: rare, take the careful path */
+			return udp_source_port_slow(skb);
+		struct udphdr *udp = (void *)(ip + 1);
+		if ((void *)(udp + 1) > end)
+			return udp_source_port_slow(skb);
+		return udp->source;
+	}
+	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = data + ETH_HLEN;
+		if ((void *)(ip6 + 1) > end)
+			return udp_source_port_slow(skb);
+		if (ip6->nexthdr != IPPROTO_UDP)
+			return 0;
+		struct udphdr *udp = (void *)(ip6 + 1);
+		if ((void *)(udp + 1) > end)
+			return udp_source_port_slow(skb);
+		return udp->source;
+	}
+	return 0;
+}
+
+static __always_inline int is_own_port(__u16 host_port)
+{
+	__u32 word = host_port >> 6;
+	__u64 *bits = bpf_map_lookup_elem(&own_ports, &word);
+	return bits && (*bits & (1ULL << (host_port & 63)));
+}
+
 SEC("classifier")
 int lt_egress_classify(struct __sk_buff *skb)
 {
@@ -154,8 +199,7 @@ int lt_egress_classify(struct __sk_buff *skb)
 	__u64 bytes = skb->len;
 	__u16 port = udp_source_port(skb);
 	if (port) {
-		__u16 host_port = bpf_ntohs(port);
-		if (bpf_map_lookup_elem(&own_ports, &host_port)) {
+		if (is_own_port(bpf_ntohs(port))) {
 			__sync_fetch_and_add(&r->own_bytes, bytes);
 			__sync_fetch_and_add(&r->own_packets, packets);
 			return TC_ACT_OK;

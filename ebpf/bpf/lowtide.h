@@ -8,8 +8,8 @@
 
 #include <linux/types.h>
 
-/* Most UDP source ports user space may mark as Lowtide's own. */
-#define LT_OWN_PORTS_MAX 64
+/* The own-port bitmap: 65536 bits in 64-bit words. */
+#define LT_OWN_PORT_WORDS 1024
 
 /* flags */
 /* The root qdisc keeps per-CPU statistics (lockless qdiscs such as

@@ -52,8 +52,6 @@ pub enum MonitorError {
     Btf(#[from] aya::BtfError),
     #[error("cannot mmap the BPF map {map}: {source}")]
     Mmap { map: &'static str, source: io::Error },
-    #[error("own-port table is full ({max} ports); remove a port first")]
-    OwnPortsFull { max: u32 },
     #[error("rtnetlink request about interface index {ifindex} failed: {source}")]
     Netlink { ifindex: u32, source: io::Error },
 }

@@ -39,7 +39,6 @@ use std::net::IpAddr;
 
 pub use error::{MonitorError, KERNEL_MIN};
 pub use iface::netns_inode;
-pub use maps::OWN_PORTS_MAX;
 pub use monitor::{Monitor, MonitorStats, ProgramCost};
 pub use netlink::{NetlinkMonitor, QdiscStats};
 pub use sample::{EgressSample, SampleSource, TrafficSplit};

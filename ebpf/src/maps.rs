@@ -2,8 +2,9 @@
 
 use std::sync::atomic::AtomicU64;
 
-/// `LT_OWN_PORTS_MAX` in `bpf/lowtide.h`.
-pub const OWN_PORTS_MAX: u32 = 64;
+/// `LT_OWN_PORT_WORDS` in `bpf/lowtide.h`: the own-port bitmap's 64-bit words.
+pub(crate) const OWN_PORT_WORDS: u32 = 1024;
+const _: () = assert!(OWN_PORT_WORDS as usize * 64 == 1 << 16);
 
 /// `LT_FLAG_QDISC_PERCPU`: the root qdisc keeps per-CPU statistics.
 pub(crate) const FLAG_QDISC_PERCPU: u64 = 1;

@@ -15,12 +15,12 @@ use std::ptr::NonNull;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Mutex;
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, Map, MapData};
 use aya::programs::{BtfTracePoint, SchedClassifier, TcAttachType};
 use aya::{Btf, Ebpf, EbpfLoader};
 
 use crate::error::{MonitorError, KERNEL_MIN};
-use crate::maps::{EgressRecord, EGRESS_RECORD_BYTES, FLAG_QDISC_CHILD, FLAG_QDISC_PERCPU, OWN_PORTS_MAX};
+use crate::maps::{EgressRecord, EGRESS_RECORD_BYTES, FLAG_QDISC_CHILD, FLAG_QDISC_PERCPU, OWN_PORT_WORDS};
 use crate::netlink::{sample_from, RtNetlink};
 use crate::sample::{EgressSample, SampleSource, TrafficSplit};
 
@@ -49,7 +49,8 @@ pub struct Monitor {
     ifindex: u32,
     netns_inode: u64,
     record: MappedRecord,
-    own_ports: HashMap<MapData, u16, u8>,
+    /// The own-port bitmap (`LT_OWN_PORT_WORDS` words of 64 ports).
+    own_ports: Array<MapData, u64>,
     /// For qdiscs whose statistics BPF cannot read (per-CPU); opened lazily.
     netlink: Mutex<Option<RtNetlink>>,
     /// Owns the programs and their links: dropping it detaches everything.
@@ -154,7 +155,7 @@ impl Monitor {
             what: "map",
             name: MAP_OWN_PORTS,
         })?;
-        let own_ports = HashMap::try_from(own_ports_map).map_err(|source| MonitorError::Map {
+        let own_ports = Array::try_from(own_ports_map).map_err(|source| MonitorError::Map {
             map: MAP_OWN_PORTS,
             source,
         })?;
@@ -182,30 +183,29 @@ impl Monitor {
         self.netns_inode
     }
 
-    /// Marks UDP source port `port` as Lowtide's own traffic (at most
-    /// [`OWN_PORTS_MAX`] ports). One syscall; not for the fast path.
+    /// Marks UDP source port `port` as Lowtide's own. Two syscalls; not for
+    /// the fast path.
     pub fn add_own_port(&mut self, port: u16) -> Result<(), MonitorError> {
-        let full = self.own_ports.keys().filter(|k| k.is_ok()).count() as u32 >= OWN_PORTS_MAX;
-        if full && self.own_ports.get(&port, 0).is_err() {
-            return Err(MonitorError::OwnPortsFull { max: OWN_PORTS_MAX });
-        }
-        self.own_ports.insert(port, 1, 0).map_err(|source| MonitorError::Map {
-            map: MAP_OWN_PORTS,
-            source,
-        })
+        self.update_own_port(port, true)
     }
 
-    /// Stops counting UDP source port `port` as Lowtide's own. Removing a
-    /// port that was not added is not an error.
+    /// Stops counting UDP source port `port` as Lowtide's own (a port that
+    /// was never added is left as it is).
     pub fn remove_own_port(&mut self, port: u16) -> Result<(), MonitorError> {
-        match self.own_ports.remove(&port) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(source) => Err(MonitorError::Map {
-                map: MAP_OWN_PORTS,
-                source,
-            }),
-        }
+        self.update_own_port(port, false)
+    }
+
+    fn update_own_port(&mut self, port: u16, own: bool) -> Result<(), MonitorError> {
+        let map_error = |source| MonitorError::Map {
+            map: MAP_OWN_PORTS,
+            source,
+        };
+        let word = u32::from(port >> 6);
+        debug_assert!(word < OWN_PORT_WORDS);
+        let bit = 1u64 << (port & 63);
+        let bits = self.own_ports.get(&word, 0).map_err(map_error)?;
+        let bits = if own { bits | bit } else { bits & !bit };
+        self.own_ports.set(word, bits, 0).map_err(map_error)
     }
 
     /// The current figures, read from shared memory with no syscall (a few
