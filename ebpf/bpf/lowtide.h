@@ -15,8 +15,8 @@
 /* The root qdisc keeps per-CPU statistics (lockless qdiscs such as
  * pfifo_fast): its backlog cannot be read from BPF, use rtnetlink. */
 #define LT_FLAG_QDISC_PERCPU 1ULL
-/* Events were seen from a child qdisc (multiqueue root such as mq): the
- * backlog published is only that of the root qdisc. */
+/* Events were seen from a child qdisc (multiqueue root such as mq, whose
+ * totals the kernel sums only when dumping): use rtnetlink for the backlog. */
 #define LT_FLAG_QDISC_CHILD 2ULL
 
 /* One watched interface: entry 0 of the `egress` array (BPF_F_MMAPABLE). */

@@ -77,7 +77,7 @@ pub struct MonitorStats {
     pub updated_ns: u64,
     /// The root qdisc keeps per-CPU statistics, so backlogs come from netlink.
     pub qdisc_percpu: bool,
-    /// Events came from children of a multiqueue root (e.g. `mq`), which are not summed.
+    /// Events came from children of a multiqueue root (e.g. `mq`), so backlogs come from netlink.
     pub qdisc_child_seen: bool,
 }
 
@@ -209,8 +209,9 @@ impl Monitor {
     }
 
     /// The current figures, read from shared memory with no syscall (a few
-    /// nanoseconds), except for qdiscs with per-CPU statistics, whose backlog
-    /// is then read through rtnetlink.
+    /// nanoseconds), except when the root qdisc keeps per-CPU statistics
+    /// (pfifo_fast) or is multiqueue (mq): from the first event that shows
+    /// it, the queue figures come from rtnetlink (`backlog_source` says so).
     pub fn sample(&self) -> EgressSample {
         let r = self.record.get();
         let traffic = Some(TrafficSplit {
@@ -219,7 +220,10 @@ impl Monitor {
             other_bytes: r.other_bytes.load(Ordering::Relaxed),
             other_packets: r.other_packets.load(Ordering::Relaxed),
         });
-        if r.flags.load(Ordering::Relaxed) & FLAG_QDISC_PERCPU != 0 {
+        // Per-CPU statistics (lockless roots such as pfifo_fast) and multiqueue
+        // roots (mq: one child per tx queue, totals summed only at dump time)
+        // cannot be read from BPF; rtnetlink sums them as `tc -s` does.
+        if r.flags.load(Ordering::Relaxed) & (FLAG_QDISC_PERCPU | FLAG_QDISC_CHILD) != 0 {
             if let Some(mut s) = self.netlink_sample() {
                 s.traffic = traffic;
                 return s;

@@ -71,6 +71,11 @@ struct Pair {
 
 impl Pair {
     fn new() -> Self {
+        Self::with_tx_queues(1)
+    }
+
+    /// `tx_queues` > 1 makes `va` multiqueue, so that it can take an `mq` root.
+    fn with_tx_queues(tx_queues: u32) -> Self {
         let id = format!("{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
         let pair = Self {
             a: format!("ltmon-a-{id}"),
@@ -99,9 +104,25 @@ impl Pair {
             ]);
             run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
+        let queues = tx_queues.to_string();
         run(&[
-            "ip", "-n", &pair.a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", &pair.b,
-            "address", MAC_B,
+            "ip",
+            "-n",
+            &pair.a,
+            "link",
+            "add",
+            "va",
+            "numtxqueues",
+            &queues,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vb",
+            "netns",
+            &pair.b,
+            "address",
+            MAC_B,
         ]);
         run(&["ip", "-n", &pair.a, "addr", "add", &format!("{ADDR_A}/24"), "dev", "va"]);
         run(&["ip", "-n", &pair.b, "addr", "add", &format!("{ADDR_B}/24"), "dev", "vb"]);
@@ -323,5 +344,48 @@ fn attach_reports_missing_interface_and_route() {
         let m = EgressMonitor::attach_toward(IpAddr::V4(ADDR_B)).unwrap();
         assert!(m.degraded().is_none(), "{:?}", m.degraded());
         assert_eq!(m.ifname(), "va");
+    });
+}
+
+#[test]
+fn multiqueue_root_backlog_comes_from_netlink() {
+    if !is_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pair = Pair::with_tx_queues(2);
+    run(&[
+        "tc", "-n", &pair.a, "qdisc", "replace", "dev", "va", "root", "handle", "1:", "mq",
+    ]);
+    for child in ["1:1", "1:2"] {
+        let mut tbf = vec![
+            "tc", "-n", &pair.a, "qdisc", "replace", "dev", "va", "parent", child, "tbf",
+        ];
+        tbf.extend_from_slice(TBF);
+        run(&tbf);
+    }
+    in_netns(&pair.a, || {
+        let mut monitor = Monitor::attach("va").expect("attach");
+        monitor.add_own_port(OWN_PORT).unwrap();
+        let sent = blast(OWN_PORT, OWN_DATAGRAMS);
+        assert!(monitor.stats().qdisc_child_seen, "{:?}", monitor.stats());
+        let bpf = monitor.sample();
+        let tc = pair.tc_root_qdisc();
+        eprintln!("bpf {bpf:?}\ntc {tc}");
+        assert_eq!(tc["kind"], "mq");
+        // The queue figures are the mq totals, read through rtnetlink.
+        assert_eq!(bpf.backlog_source, SampleSource::Netlink);
+        let tc_backlog_packets = json_u64(&tc, "qlen");
+        assert!(tc_backlog_packets >= 10, "queue should stand: {tc}");
+        assert_close("backlog packets", bpf.backlog_packets, tc_backlog_packets, 2);
+        assert_close(
+            "backlog bytes",
+            bpf.backlog_bytes,
+            json_u64(&tc, "backlog"),
+            2 * FRAME_BYTES,
+        );
+        assert_close("drops", bpf.drops, json_u64(&tc, "drops"), 2);
+        // The classifier does not care what the qdisc is.
+        assert_eq!(bpf.traffic.unwrap().own_packets, sent as u64);
     });
 }
