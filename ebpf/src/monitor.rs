@@ -62,6 +62,8 @@ pub struct Monitor {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProgramCost {
     pub name: String,
+    /// The kernel's id of the loaded program (as `bpftool prog` lists it).
+    pub id: u32,
     pub run_count: u64,
     pub run_time_ns: u64,
 }
@@ -275,6 +277,7 @@ impl Monitor {
                 let info = program.info().ok()?;
                 Some(ProgramCost {
                     name: name.to_owned(),
+                    id: info.id(),
                     run_count: info.run_count(),
                     run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
                 })

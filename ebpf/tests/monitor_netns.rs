@@ -37,8 +37,6 @@ const TBF: &[&str] = &["rate", "8kbit", "burst", "1600", "limit", "30000"];
 /// Polls while waiting for the qdisc to dequeue once more (not a timing assertion).
 const WAIT_POLLS_MAX: u32 = 200;
 const WAIT_POLL: Duration = Duration::from_millis(50);
-/// Program name as the kernel keeps it (16 bytes with NUL).
-const CLASSIFIER_KERNEL_NAME: &str = "lt_egress_class";
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -194,10 +192,10 @@ fn json_u64(v: &serde_json::Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or_else(|| panic!("tc JSON has no {key}: {v}"))
 }
 
-fn loaded_classifiers() -> usize {
+fn loaded(ids: &[u32]) -> usize {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .filter(|p| p.name_as_str() == Some(CLASSIFIER_KERNEL_NAME))
+        .filter(|p| ids.contains(&p.id()))
         .count()
 }
 
@@ -218,16 +216,16 @@ fn monitor_matches_tc_and_splits_own_traffic() {
     let mut tbf = vec!["tc", "-n", &pair.a, "qdisc", "add", "dev", "va", "root", "tbf"];
     tbf.extend_from_slice(TBF);
     run(&tbf);
-    let classifiers_before = loaded_classifiers();
-
-    in_netns(&pair.a, || {
+    let program_ids = in_netns(&pair.a, || {
         let mut monitor = Monitor::attach_toward(IpAddr::V4(ADDR_B)).expect("attach the BPF monitor");
         assert_eq!(monitor.ifname(), "va");
         assert_eq!(monitor.netns_inode(), lowtide_ebpf::netns_inode().unwrap());
         monitor.add_own_port(OWN_PORT).unwrap();
         let mut netlink = NetlinkMonitor::attach_toward(IpAddr::V4(ADDR_B)).expect("netlink monitor");
         assert_eq!(netlink.ifname(), "va");
-        assert_eq!(loaded_classifiers(), classifiers_before + 1);
+        let ids: Vec<u32> = monitor.program_costs().iter().map(|p| p.id).collect();
+        assert_eq!(ids.len(), 3, "two tracepoints and the classifier");
+        assert_eq!(loaded(&ids), 3);
 
         let idle = monitor.sample();
         assert_eq!(idle.backlog_source, SampleSource::Bpf);
@@ -310,13 +308,18 @@ fn monitor_matches_tc_and_splits_own_traffic() {
         assert_eq!(after.own_packets, before.own_packets);
         assert_eq!(after.other_packets, before.other_packets + extra as u64);
         drop(monitor);
+        ids
     });
 
-    // Dropping the monitor detached the classifier (the kernel frees it after an RCU grace period).
+    // Dropping the monitor detached and unloaded its programs (the kernel
+    // frees them after an RCU grace period).
     let mut polls = 0;
-    while loaded_classifiers() > classifiers_before {
+    while loaded(&program_ids) > 0 {
         polls += 1;
-        assert!(polls < WAIT_POLLS_MAX, "the tcx classifier is still loaded after drop");
+        assert!(
+            polls < WAIT_POLLS_MAX,
+            "programs {program_ids:?} still loaded after drop"
+        );
         std::thread::sleep(WAIT_POLL);
     }
 }
