@@ -392,3 +392,77 @@ fn multiqueue_root_backlog_comes_from_netlink() {
         assert_eq!(bpf.traffic.unwrap().own_packets, sent as u64);
     });
 }
+
+/// Clears capabilities from this thread's effective set (capabilities are
+/// per thread; the permitted set is kept, other threads are unaffected).
+fn drop_effective_capabilities(caps: &[u32]) {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset with a v3 header and two data words, as the ABI requires.
+    unsafe {
+        assert_eq!(
+            libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+            0,
+            "capget"
+        );
+        for &cap in caps {
+            data[(cap / 32) as usize].effective &= !(1 << (cap % 32));
+        }
+        assert_eq!(libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()), 0, "capset");
+    }
+}
+
+#[test]
+fn without_bpf_capabilities_the_monitor_falls_back_to_netlink() {
+    if !is_root() {
+        return;
+    }
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pair = Pair::new();
+    let mut tbf = vec!["tc", "-n", &pair.a, "qdisc", "add", "dev", "va", "root", "tbf"];
+    tbf.extend_from_slice(TBF);
+    run(&tbf);
+    in_netns(&pair.a, || {
+        drop_effective_capabilities(&[CAP_SYS_ADMIN, CAP_BPF, CAP_PERFMON]);
+        let err = Monitor::attach("va").err().expect("no BPF without CAP_BPF");
+        assert!(
+            matches!(&err, MonitorError::NotPermitted { missing } if missing.contains("CAP_BPF") && missing.contains("CAP_PERFMON")),
+            "{err}"
+        );
+        let mut monitor = EgressMonitor::attach_toward(IpAddr::V4(ADDR_B)).expect("the netlink fallback");
+        assert!(
+            matches!(monitor.degraded(), Some(MonitorError::NotPermitted { .. })),
+            "{:?}",
+            monitor.degraded().map(ToString::to_string)
+        );
+        monitor.add_own_port(OWN_PORT).expect("a no-op without BPF");
+        blast(OWN_PORT, OWN_DATAGRAMS);
+        let s = monitor.sample().expect("netlink sample");
+        let tc = pair.tc_root_qdisc();
+        assert_eq!(s.backlog_source, SampleSource::Netlink);
+        assert_eq!(s.traffic, None, "no split without the classifier");
+        let tc_backlog_packets = json_u64(&tc, "qlen");
+        assert!(tc_backlog_packets >= 10, "queue should stand: {tc}");
+        assert_close("backlog packets", s.backlog_packets, tc_backlog_packets, 2);
+        assert_close("drops", s.drops, json_u64(&tc, "drops"), 2);
+    });
+}
