@@ -12,6 +12,9 @@ const PROGRAMS: &[&str] = &["egress"];
 const HEADERS: &[&str] = &["kernel.h", "lowtide.h"];
 
 fn main() {
+    if env::var_os("CARGO_FEATURE_BPF").is_none() {
+        return; // no BPF monitor, nothing to compile
+    }
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let clang = env::var("LOWTIDE_BPF_CLANG").unwrap_or_else(|_| "clang-19".to_owned());
     println!("cargo:rerun-if-env-changed=LOWTIDE_BPF_CLANG");

@@ -33,14 +33,17 @@ pub enum MonitorError {
     NoRoute { peer: IpAddr, source: io::Error },
     #[error("cannot read this thread's network namespace ({path}): {source}")]
     Netns { path: &'static str, source: io::Error },
+    #[cfg(feature = "bpf")]
     #[error("loading the BPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
+    #[cfg(feature = "bpf")]
     #[error("BPF program {program} failed to load or attach on {ifname}: {source}")]
     Program {
         program: &'static str,
         ifname: String,
         source: aya::programs::ProgramError,
     },
+    #[cfg(feature = "bpf")]
     #[error("BPF map {map}: {source}")]
     Map {
         map: &'static str,
@@ -48,6 +51,7 @@ pub enum MonitorError {
     },
     #[error("BPF object has no {what} named {name} (build mismatch)")]
     Missing { what: &'static str, name: &'static str },
+    #[cfg(feature = "bpf")]
     #[error("cannot read kernel BTF: {0}")]
     Btf(#[from] aya::BtfError),
     #[error("cannot mmap the BPF map {map}: {source}")]

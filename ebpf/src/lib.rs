@@ -20,6 +20,9 @@
 //! - [`EgressMonitor`]: tries the first, falls back to the second, and keeps
 //!   the reason.
 //!
+//! The `bpf` feature (default) brings the BPF monitor, aya, and clang at build
+//! time; without it the crate is [`EgressSample`] and [`NetlinkMonitor`] only.
+//!
 //! Not here: the controller that uses these figures (`lowtide-engine`), and
 //! any queue that is not on this host (a bottleneck on a router further along
 //! shows only in the one-way delay).
@@ -30,19 +33,24 @@
 
 mod error;
 mod iface;
+#[cfg(feature = "bpf")]
 mod maps;
+#[cfg(feature = "bpf")]
 mod monitor;
 mod netlink;
 mod sample;
 
+#[cfg(feature = "bpf")]
 use std::net::IpAddr;
 
 pub use error::{MonitorError, KERNEL_MIN};
 pub use iface::netns_inode;
+#[cfg(feature = "bpf")]
 pub use monitor::{Monitor, MonitorStats, ProgramCost};
 pub use netlink::{NetlinkMonitor, QdiscStats};
 pub use sample::{EgressSample, SampleSource, TrafficSplit};
 
+#[cfg(feature = "bpf")]
 /// A BPF monitor if one can be attached, the netlink fallback otherwise.
 pub enum EgressMonitor {
     Bpf(Box<Monitor>),
@@ -53,6 +61,7 @@ pub enum EgressMonitor {
     },
 }
 
+#[cfg(feature = "bpf")]
 impl EgressMonitor {
     /// Watches the interface toward `peer`, with BPF if possible. Fails only
     /// when neither monitor can be had (e.g. no route toward `peer`).

@@ -1,3 +1,4 @@
+#![cfg(feature = "bpf")]
 //! The monitor against `tc -s qdisc` in network namespaces this test creates:
 //! a veth pair between namespaces A and B, a very slow TBF on A's egress so
 //! that the queue stands still while both are read, and UDP traffic sent from
