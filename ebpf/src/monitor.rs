@@ -468,4 +468,11 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("CAP_BPF") && text.contains("NetlinkMonitor"), "{text}");
     }
+
+    #[test]
+    fn monitor_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Monitor>();
+        check::<crate::EgressMonitor>();
+    }
 }

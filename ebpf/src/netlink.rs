@@ -128,8 +128,9 @@ impl RtNetlink {
     pub(crate) fn root_qdisc(&mut self, ifindex: u32) -> io::Result<QdiscStats> {
         let mut body = vec![0u8; TCMSG_LEN];
         body[4..8].copy_from_slice(&ifindex.to_ne_bytes());
-        body[12..16].copy_from_slice(&TC_H_ROOT.to_ne_bytes()); // tcm_parent
-                                                                // Without NLM_F_ECHO the kernel sends no reply to a single get and recv blocks.
+        // tcm_parent = root, tcm_handle = 0: the root qdisc, whatever its handle.
+        body[12..16].copy_from_slice(&TC_H_ROOT.to_ne_bytes());
+        // Without NLM_F_ECHO the kernel sends no reply to a single get and recv blocks.
         let reply = self.request(RTM_GETQDISC, NLM_F_REQUEST | NLM_F_ECHO, &body, RTM_NEWQDISC)?;
         parse_qdisc(&reply)
     }
