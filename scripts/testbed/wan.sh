@@ -17,6 +17,7 @@
 #   wan.sh up   [--name NAME] [--rate 20mbit] [--rtt-ms 40] [--queue-ms 200 | --limit BYTES]
 #               [--burst BYTES] [--bottleneck router|sender] [--senders 1|2]
 #   wan.sh run  [same options] -- COMMAND [ARGS...]   # up, run COMMAND with LT_* set, always down
+#               (COMMAND runs with stdin from /dev/null; INT/TERM are passed on to it)
 #   wan.sh down --name NAME
 #   wan.sh status --name NAME
 #
@@ -230,8 +231,14 @@ case "$cmd" in
     set -a
     eval "$envs"
     set +a
+    # In the background so that INT/TERM reach this shell at once (bash
+    # defers traps until a foreground child ends): forward them, tear down.
+    "${rest[@]}" &
+    child=$!
+    trap 'kill -TERM "$child" 2>/dev/null; exit 143' TERM
+    trap 'kill -INT "$child" 2>/dev/null; exit 130' INT
     status=0
-    "${rest[@]}" || status=$?
+    wait "$child" || status=$?
     exit $status ;;
   *) die "unknown command $cmd" ;;
 esac
