@@ -403,7 +403,12 @@ mod tests {
     #[test]
     fn route_lookup_of_loopback_is_lo() {
         let mut nl = RtNetlink::open().unwrap();
-        let oif = nl.route_oif(IpAddr::from([127, 0, 0, 1])).unwrap();
-        assert_eq!(crate::iface::name_of(oif).unwrap(), "lo");
+        for peer in [
+            IpAddr::from([127, 0, 0, 1]),
+            IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        ] {
+            let oif = nl.route_oif(peer).unwrap();
+            assert_eq!(crate::iface::name_of(oif).unwrap(), "lo", "{peer}");
+        }
     }
 }
