@@ -35,6 +35,9 @@ const OTHER_DATAGRAMS: usize = 40;
 /// 8 kbit/s: one frame leaves every ~1 s, so the queue stands still between
 /// two reads. The byte limit holds ~28 frames; the rest is dropped.
 const TBF: &[&str] = &["rate", "8kbit", "burst", "1600", "limit", "30000"];
+/// Packets the kernel itself sends on a fresh link (one IGMPv3 membership
+/// report of 54 bytes is seen; robustness allows a retransmission or two).
+const KERNEL_NOISE_PACKETS_MAX: u64 = 4;
 /// Polls while waiting for the qdisc to dequeue once more (not a timing assertion).
 const WAIT_POLLS_MAX: u32 = 200;
 const WAIT_POLL: Duration = Duration::from_millis(50);
@@ -286,7 +289,7 @@ fn monitor_matches_tc_and_splits_own_traffic() {
         assert_eq!(t.own_packets, own_sent as u64);
         assert_eq!(t.own_bytes, own_sent as u64 * FRAME_BYTES);
         assert!(
-            (other_sent as u64..=other_sent as u64 + 2).contains(&t.other_packets),
+            (other_sent as u64..=other_sent as u64 + KERNEL_NOISE_PACKETS_MAX).contains(&t.other_packets),
             "other packets {} for {other_sent} sent",
             t.other_packets
         );
