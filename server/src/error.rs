@@ -53,6 +53,9 @@ pub enum Error {
     },
     #[error("{0}")]
     Upstream(String),
+    /// A failure inside the server; the operation was not applied.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -76,7 +79,7 @@ impl Error {
             Self::Invalid { .. } => 422,
             Self::Upstream(_) => 502,
             Self::Db(sqlx::Error::PoolTimedOut) => 503,
-            Self::Db(_) | Self::Migrate(_) | Self::Io { .. } => 500,
+            Self::Db(_) | Self::Migrate(_) | Self::Io { .. } | Self::Internal(_) => 500,
         }
     }
 }

@@ -45,6 +45,10 @@ pub const INVENTORY_ITEMS_MAX: usize = 10_000;
 pub const AGENT_ADDRESSES_MAX: usize = 64;
 /// Longest hostname, site override or token note.
 pub const TEXT_FIELD_CHARS_MAX: usize = 255;
+/// Most heartbeats written in one statement.
+pub const HEARTBEAT_BATCH_MAX: usize = 64;
+/// Most heartbeats waiting for the writer; further requests wait to enqueue.
+pub const HEARTBEAT_QUEUE_MAX: usize = 4096;
 /// Largest byte count one traffic report may add (1 PiB).
 pub const TRAFFIC_REPORT_BYTES_MAX: u64 = 1 << 50;
 
@@ -65,6 +69,97 @@ pub struct Store {
     write: AnyPool,
     backend: Backend,
     topo: Arc<Mutex<TopoCache>>,
+    hb_tx: tokio::sync::mpsc::Sender<HbItem>,
+}
+
+/// One heartbeat waiting for the writer.
+struct HbItem {
+    row: HbRow,
+    /// `Ok(true)` recorded, `Ok(false)` refused (unknown, forged or revoked), `Err` database failure.
+    reply: tokio::sync::oneshot::Sender<Result<bool, String>>,
+}
+
+struct HbRow {
+    agent_id: String,
+    secret_hash: String,
+    now_ms: i64,
+    hostname: String,
+    addresses: String,
+    subnets: String,
+    site: Option<String>,
+    site_override: Option<String>,
+    port: i64,
+    disk_free_bytes: i64,
+    disk_usable_bytes: i64,
+    chassis: &'static str,
+    os_type: &'static str,
+    uptime_secs: i64,
+    preferred: i64,
+}
+
+/// Columns of one heartbeat row in the batched UPDATE.
+const HB_COLUMNS: usize = 15;
+
+/// Record heartbeats in batches: whatever queued while the last batch was being
+/// written goes in the next single `UPDATE ... FROM (VALUES ...)` statement. At low
+/// load a batch is one heartbeat and nothing waits; under load it saves a database
+/// round trip and a commit per heartbeat. Per process, so several servers can run.
+async fn heartbeat_writer(pool: AnyPool, mut rx: tokio::sync::mpsc::Receiver<HbItem>) {
+    let mut batch = Vec::with_capacity(HEARTBEAT_BATCH_MAX);
+    while rx.recv_many(&mut batch, HEARTBEAT_BATCH_MAX).await > 0 {
+        let result = write_heartbeats(&pool, &batch).await;
+        for item in batch.drain(..) {
+            let r = match &result {
+                Ok(ids) => Ok(ids.contains(&item.row.agent_id)),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = item.reply.send(r);
+        }
+    }
+}
+
+async fn write_heartbeats(pool: &AnyPool, batch: &[HbItem]) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let mut sql = String::from(
+        "UPDATE agents SET last_seen_ms = v.column3, hostname = v.column4, addresses = v.column5, subnets = v.column6, \
+         site_id = v.column7, site_override = v.column8, port = v.column9, disk_free_bytes = v.column10, \
+         disk_usable_bytes = v.column11, chassis = v.column12, os_type = v.column13, uptime_secs = v.column14, \
+         preferred = v.column15 FROM (VALUES ",
+    );
+    for i in 0..batch.len() {
+        sql.push_str(if i == 0 { "(" } else { ", (" });
+        for c in 0..HB_COLUMNS {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", i * HB_COLUMNS + c + 1));
+        }
+        sql.push(')');
+    }
+    sql.push_str(
+        ") AS v WHERE agents.id = v.column1 AND agents.secret_hash = v.column2 AND agents.revoked_ms IS NULL RETURNING agents.id",
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for item in batch {
+        let r = &item.row;
+        q = q
+            .bind(r.agent_id.clone())
+            .bind(r.secret_hash.clone())
+            .bind(r.now_ms)
+            .bind(r.hostname.clone())
+            .bind(r.addresses.clone())
+            .bind(r.subnets.clone())
+            .bind(r.site.clone())
+            .bind(r.site_override.clone())
+            .bind(r.port)
+            .bind(r.disk_free_bytes)
+            .bind(r.disk_usable_bytes)
+            .bind(r.chassis)
+            .bind(r.os_type)
+            .bind(r.uptime_secs)
+            .bind(r.preferred);
+    }
+    let rows = q.fetch_all(pool).await?;
+    rows.iter().map(|r| r.try_get::<String, _>(0)).collect()
 }
 
 struct TopoCache {
@@ -528,10 +623,13 @@ impl Store {
             false,
         )]);
         migrator.run(&write).await?;
+        let (hb_tx, hb_rx) = tokio::sync::mpsc::channel(HEARTBEAT_QUEUE_MAX);
+        tokio::spawn(heartbeat_writer(write.clone(), hb_rx));
         let store = Self {
             read,
             write,
             backend,
+            hb_tx,
             topo: Arc::new(Mutex::new(TopoCache {
                 version: None,
                 checked_ms: i64::MIN,
@@ -885,33 +983,33 @@ impl Store {
             .site_for(&facts.addresses, facts.site_override.as_deref())
             .map(str::to_string);
         let join = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(" ");
-        let n = sqlx::query(
-            "UPDATE agents SET last_seen_ms = $3, hostname = $4, addresses = $5, subnets = $6, site_id = $7, site_override = $8, \
-             port = $9, disk_free_bytes = $10, disk_usable_bytes = $11, chassis = $12, os_type = $13, uptime_secs = $14, preferred = $15 \
-             WHERE id = $1 AND secret_hash = $2 AND revoked_ms IS NULL",
-        )
-        .bind(agent_id)
-        .bind(secret_hash(secret))
-        .bind(now_ms)
-        .bind(&facts.hostname)
-        .bind(join(&mut facts.addresses.iter().map(|a| a.to_string())))
-        .bind(join(&mut facts.subnets.iter().map(|n| n.trunc().to_string())))
-        .bind(&site)
-        .bind(&facts.site_override)
-        .bind(i64::from(facts.port))
-        .bind(to_i64(facts.disk_free_bytes))
-        .bind(to_i64(facts.disk_usable_bytes))
-        .bind(facts.chassis.as_str())
-        .bind(facts.os_type.as_str())
-        .bind(to_i64(facts.uptime_secs))
-        .bind(i64::from(facts.preferred))
-        .execute(&self.write)
-        .await?
-        .rows_affected();
-        if n == 0 {
-            return Err(self.refusal(agent_id, secret).await);
+        let row = HbRow {
+            agent_id: agent_id.to_string(),
+            secret_hash: secret_hash(secret),
+            now_ms,
+            hostname: facts.hostname.clone(),
+            addresses: join(&mut facts.addresses.iter().map(|a| a.to_string())),
+            subnets: join(&mut facts.subnets.iter().map(|n| n.trunc().to_string())),
+            site: site.clone(),
+            site_override: facts.site_override.clone(),
+            port: i64::from(facts.port),
+            disk_free_bytes: to_i64(facts.disk_free_bytes),
+            disk_usable_bytes: to_i64(facts.disk_usable_bytes),
+            chassis: facts.chassis.as_str(),
+            os_type: facts.os_type.as_str(),
+            uptime_secs: to_i64(facts.uptime_secs),
+            preferred: i64::from(facts.preferred),
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let stopped = || Error::Internal("the heartbeat writer has stopped; restart the server".into());
+        self.hb_tx.send(HbItem { row, reply }).await.map_err(|_| stopped())?;
+        match answer.await.map_err(|_| stopped())? {
+            Ok(true) => Ok((agent_id.to_string(), site)),
+            Ok(false) => Err(self.refusal(agent_id, secret).await),
+            Err(e) => Err(Error::Internal(format!(
+                "database error while recording a heartbeat: {e}"
+            ))),
         }
-        Ok((agent_id.to_string(), site))
     }
 
     pub async fn update_inventory(&self, agent: &AgentAuth, inv: &Inventory, now_ms: i64) -> Result<usize> {
@@ -1256,10 +1354,17 @@ impl Store {
     // ---- sources and elections ----
 
     /// Active agents of `site` with what each holds of `content`, sorted for that content.
-    async fn candidates(&self, site: &str, content: &ContentId, active_since_ms: i64) -> Result<Vec<Candidate>> {
+    /// Also returns the recorded RVP of the site for the content, if any (read in the same query).
+    async fn candidates(
+        &self,
+        site: &str,
+        content: &ContentId,
+        active_since_ms: i64,
+    ) -> Result<(Vec<Candidate>, Option<String>)> {
         let rows = sqlx::query(
             "SELECT a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, a.uptime_secs, \
-             a.disk_usable_bytes, h.bytes, h.ranges \
+             a.disk_usable_bytes, h.bytes, h.ranges, \
+             (SELECT r.agent_id FROM rvp r WHERE r.site_id = $2 AND r.content_id = $1) AS rvp \
              FROM agents a LEFT JOIN holdings h ON h.agent_id = a.id AND h.content_id = $1 \
              WHERE a.site_id = $2 AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3 LIMIT $4",
         )
@@ -1290,20 +1395,24 @@ impl Store {
                     .unwrap_or_default(),
             });
         }
+        let current = match rows.first() {
+            Some(r) => r.try_get::<Option<String>, _>(11)?,
+            None => None,
+        };
         ranking::sort_candidates(&mut out);
-        Ok(out)
+        Ok((out, current))
     }
 
     /// The RVP of `site` for `content` among `sorted`, electing (and recording) a new one when
     /// there is none or the recorded one is no longer an active member of the site.
-    async fn rvp(&self, site: &str, content: &ContentId, sorted: &[Candidate], now_ms: i64) -> Result<Option<String>> {
-        let current: Option<String> = sqlx::query("SELECT agent_id FROM rvp WHERE site_id = $1 AND content_id = $2")
-            .bind(site)
-            .bind(content.to_string())
-            .fetch_optional(&self.read)
-            .await?
-            .map(|r| r.try_get(0))
-            .transpose()?;
+    async fn rvp(
+        &self,
+        site: &str,
+        content: &ContentId,
+        sorted: &[Candidate],
+        current: Option<String>,
+        now_ms: i64,
+    ) -> Result<Option<String>> {
         let Some(choice) = ranking::elect(sorted, current.as_deref()) else {
             return Ok(None);
         };
@@ -1362,8 +1471,8 @@ impl Store {
                 bench: vec![],
             });
         }
-        let sorted = self.candidates(site, content, active_since_ms).await?;
-        let rvp = self.rvp(site, content, &sorted, now_ms).await?;
+        let (sorted, current) = self.candidates(site, content, active_since_ms).await?;
+        let rvp = self.rvp(site, content, &sorted, current, now_ms).await?;
         let (serving, bench) = ranking::serving_and_bench(&sorted, rvp.as_deref(), cap);
         Ok(Election {
             site: site.into(),
@@ -1410,8 +1519,8 @@ impl Store {
             }
         };
         if let Some(s) = site.filter(|s| s.kind.serves()) {
-            let sorted = self.candidates(&s.id, content, active_since_ms).await?;
-            let rvp = self.rvp(&s.id, content, &sorted, now_ms).await?;
+            let (sorted, current) = self.candidates(&s.id, content, active_since_ms).await?;
+            let rvp = self.rvp(&s.id, content, &sorted, current, now_ms).await?;
             you_are_rvp = rvp.as_deref() == Some(agent.id.as_str());
             let (serving, _bench) = ranking::serving_and_bench(&sorted, rvp.as_deref(), cap);
             for c in serving.iter().filter(|c| c.agent_id != agent.id) {
@@ -1445,8 +1554,8 @@ impl Store {
         while let Some(p) = up {
             hops += 1;
             if p.kind.serves() {
-                let sorted = self.candidates(&p.id, content, active_since_ms).await?;
-                if let Some(r) = self.rvp(&p.id, content, &sorted, now_ms).await? {
+                let (sorted, current) = self.candidates(&p.id, content, active_since_ms).await?;
+                if let Some(r) = self.rvp(&p.id, content, &sorted, current, now_ms).await? {
                     if let Some(c) = sorted.iter().find(|c| c.agent_id == r) {
                         let (pct, _) = held(c);
                         let which = if hops == 1 { "parent site" } else { "ancestor site" };
