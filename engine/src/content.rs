@@ -116,10 +116,20 @@ impl<'de> serde::Deserialize<'de> for ContentId {
 pub enum VerifyError {
     /// The bytes of a block do not hash to the table's entry: whoever sent them lied or corrupted them.
     #[error("block {block} of content {content} ({len} bytes at offset {offset}) does not match its hash")]
-    BlockMismatch { content: ContentId, block: u64, offset: u64, len: usize },
+    BlockMismatch {
+        content: ContentId,
+        block: u64,
+        offset: u64,
+        len: usize,
+    },
     /// A block arrived with the wrong length.
     #[error("block {block} of content {content} has {got} bytes; it must have {expected}")]
-    BlockLength { content: ContentId, block: u64, got: usize, expected: u64 },
+    BlockLength {
+        content: ContentId,
+        block: u64,
+        got: usize,
+        expected: u64,
+    },
     /// A block index past the end of the content.
     #[error("block {block} is out of range: content {content} has {count} blocks")]
     BlockOutOfRange { content: ContentId, block: u64, count: u64 },
@@ -234,7 +244,8 @@ impl BlockTable {
 
     /// Hash an in-memory buffer.
     pub fn from_bytes(data: &[u8], block_chunks_log: u8) -> Self {
-        Self::compute(data, data.len() as u64, block_chunks_log).expect("reading from a slice of the stated size cannot fail")
+        Self::compute(data, data.len() as u64, block_chunks_log)
+            .expect("reading from a slice of the stated size cannot fail")
     }
 
     /// The content id this table hashes to.
@@ -251,7 +262,10 @@ impl BlockTable {
         if &self.root == id {
             Ok(())
         } else {
-            Err(VerifyError::TableMismatch { expected: *id, actual: self.root })
+            Err(VerifyError::TableMismatch {
+                expected: *id,
+                actual: self.root,
+            })
         }
     }
 
@@ -259,16 +273,30 @@ impl BlockTable {
     pub fn verify_block(&self, index: u64, data: &[u8]) -> Result<(), VerifyError> {
         let g = &self.geometry;
         if index >= g.block_count() {
-            return Err(VerifyError::BlockOutOfRange { content: self.root, block: index, count: g.block_count() });
+            return Err(VerifyError::BlockOutOfRange {
+                content: self.root,
+                block: index,
+                count: g.block_count(),
+            });
         }
         let expected = g.block_len(index);
         if data.len() as u64 != expected {
-            return Err(VerifyError::BlockLength { content: self.root, block: index, got: data.len(), expected });
+            return Err(VerifyError::BlockLength {
+                content: self.root,
+                block: index,
+                got: data.len(),
+                expected,
+            });
         }
         if block_cv(g, index, data) == self.cvs[index as usize] {
             Ok(())
         } else {
-            Err(VerifyError::BlockMismatch { content: self.root, block: index, offset: g.block_range(index).start, len: data.len() })
+            Err(VerifyError::BlockMismatch {
+                content: self.root,
+                block: index,
+                offset: g.block_range(index).start,
+                len: data.len(),
+            })
         }
     }
 
@@ -357,12 +385,23 @@ mod tests {
     use proptest::prelude::*;
 
     fn data(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 10) as u8).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 10) as u8)
+            .collect()
     }
 
     #[test]
     fn table_root_is_the_blake3_hash() {
-        for len in [0, 1, 1024, 16 * 1024, 16 * 1024 + 1, 5 * 16 * 1024 + 77, 1 << 20, (1 << 20) + 3 * 1024 + 5] {
+        for len in [
+            0,
+            1,
+            1024,
+            16 * 1024,
+            16 * 1024 + 1,
+            5 * 16 * 1024 + 77,
+            1 << 20,
+            (1 << 20) + 3 * 1024 + 5,
+        ] {
             let d = data(len, 7);
             for log in [0u8, 2, 4, 6] {
                 let t = BlockTable::from_bytes(&d, log);
@@ -391,8 +430,14 @@ mod tests {
     fn verify_block_rejects_wrong_length_and_index() {
         let d = data(40_000, 1);
         let t = BlockTable::from_bytes(&d, 4);
-        assert!(matches!(t.verify_block(0, &d[..100]), Err(VerifyError::BlockLength { .. })));
-        assert!(matches!(t.verify_block(3, &d[..100]), Err(VerifyError::BlockOutOfRange { .. })));
+        assert!(matches!(
+            t.verify_block(0, &d[..100]),
+            Err(VerifyError::BlockLength { .. })
+        ));
+        assert!(matches!(
+            t.verify_block(3, &d[..100]),
+            Err(VerifyError::BlockOutOfRange { .. })
+        ));
     }
 
     #[test]
@@ -403,9 +448,18 @@ mod tests {
         assert_eq!(BlockTable::decode_verified(&enc, &t.root()).unwrap(), t);
         let last = enc.len() - 1;
         enc[last] ^= 0x80;
-        assert!(matches!(BlockTable::decode_verified(&enc, &t.root()), Err(VerifyError::TableMismatch { .. })));
-        assert!(matches!(BlockTable::decode(&enc[..10]), Err(VerifyError::TableMalformed(_))));
-        assert!(matches!(BlockTable::decode(&enc[..enc.len() - 1]), Err(VerifyError::TableMalformed(_))));
+        assert!(matches!(
+            BlockTable::decode_verified(&enc, &t.root()),
+            Err(VerifyError::TableMismatch { .. })
+        ));
+        assert!(matches!(
+            BlockTable::decode(&enc[..10]),
+            Err(VerifyError::TableMalformed(_))
+        ));
+        assert!(matches!(
+            BlockTable::decode(&enc[..enc.len() - 1]),
+            Err(VerifyError::TableMalformed(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,183 @@
+//! The portable driver: `sendmmsg`/`recvmmsg` on a non-blocking socket, with
+//! UDP GSO and GRO when the kernel has them. Chosen when io_uring is missing
+//! or disabled (`kernel.io_uring_disabled`), or when asked for.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use super::udp::{is_transient_send_error, split_gro, Driver, MsgSlot, Socket, BATCH_BYTES_MAX};
+use crate::session::Transmit;
+
+/// Transmit slots per `sendmmsg`.
+pub const TX_SLOTS: usize = 16;
+/// Receive slots per `recvmmsg`.
+pub const RX_SLOTS: usize = 16;
+/// Most `recvmmsg` rounds in one `recv` call before returning to the loop.
+const RX_ROUNDS_MAX: usize = 8;
+
+pub struct Portable {
+    sock: Socket,
+    tx: Vec<MsgSlot>,
+    rx: Vec<MsgSlot>,
+    mmsg: Vec<libc::mmsghdr>,
+}
+
+impl Portable {
+    pub fn new(sock: Socket) -> Self {
+        Self {
+            sock,
+            tx: (0..TX_SLOTS).map(|_| MsgSlot::new(BATCH_BYTES_MAX)).collect(),
+            rx: (0..RX_SLOTS).map(|_| MsgSlot::new(BATCH_BYTES_MAX)).collect(),
+            // SAFETY: all-zero mmsghdr is valid; fields are set before each call.
+            mmsg: vec![unsafe { std::mem::zeroed() }; TX_SLOTS.max(RX_SLOTS)],
+        }
+    }
+
+    /// Send slot `i` one datagram at a time (the kernel refused GSO for it).
+    fn send_split(&mut self, i: usize, t: &Transmit) -> io::Result<()> {
+        let seg = t.segment_size.unwrap_or(t.len);
+        let fd = self.sock.as_raw_fd();
+        let mut at = 0;
+        while at < t.len {
+            let end = (at + seg).min(t.len);
+            let (ss, slen) = super::udp::to_sockaddr(t.dst);
+            // SAFETY: the buffer range is within the slot; ss is a valid address.
+            let r = unsafe {
+                libc::sendto(
+                    fd,
+                    self.tx[i].buf[at..end].as_ptr() as *const libc::c_void,
+                    end - at,
+                    0,
+                    &ss as *const _ as *const libc::sockaddr,
+                    slen,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    self.sock.wait_writable()?;
+                    continue;
+                }
+                if !is_transient_send_error(&e) {
+                    return Err(e);
+                }
+            }
+            at = end;
+        }
+        Ok(())
+    }
+}
+
+impl Driver for Portable {
+    fn name(&self) -> &'static str {
+        "portable"
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.sock.local
+    }
+
+    fn tx_slots(&self) -> usize {
+        TX_SLOTS
+    }
+
+    fn tx_buf(&mut self, i: usize) -> &mut [u8] {
+        &mut self.tx[i].buf
+    }
+
+    fn send(&mut self, batch: &[Transmit]) -> io::Result<()> {
+        let gso = self.sock.gso;
+        let mut start = 0;
+        while start < batch.len() {
+            let n = batch.len() - start;
+            for k in 0..n {
+                let t = &batch[start + k];
+                let seg = if gso { t.segment_size.map(|s| s as u16) } else { None };
+                let slot = &mut self.tx[start + k];
+                slot.prepare_send(t.dst, t.len, seg);
+                self.mmsg[k].msg_hdr = slot.hdr;
+                self.mmsg[k].msg_len = 0;
+            }
+            if !gso && batch[start].segment_size.is_some() {
+                self.send_split(start, &batch[start])?;
+                start += 1;
+                continue;
+            }
+            // SAFETY: mmsg[..n] point at slots in never-resized Vecs that outlive the call.
+            let r = unsafe { libc::sendmmsg(self.sock.as_raw_fd(), self.mmsg.as_mut_ptr(), n as u32, 0) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) => self.sock.wait_writable()?,
+                    Some(libc::EIO) | Some(libc::EINVAL) if batch[start].segment_size.is_some() => {
+                        // The device cannot segment: send this run datagram by datagram.
+                        self.send_split(start, &batch[start])?;
+                        start += 1;
+                    }
+                    _ if is_transient_send_error(&e) => start += 1,
+                    _ => return Err(e),
+                }
+            } else {
+                start += r as usize;
+            }
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, timeout: Option<Duration>, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+        let mut delivered = 0;
+        if timeout != Some(Duration::ZERO) && !self.sock.wait_readable(timeout)? {
+            return Ok(0);
+        }
+        for _ in 0..RX_ROUNDS_MAX {
+            for k in 0..RX_SLOTS {
+                self.rx[k].prepare_recv();
+                self.mmsg[k].msg_hdr = self.rx[k].hdr;
+                self.mmsg[k].msg_len = 0;
+            }
+            // SAFETY: mmsg[..RX_SLOTS] point at slots in never-resized Vecs that outlive the call.
+            let r = unsafe {
+                libc::recvmmsg(
+                    self.sock.as_raw_fd(),
+                    self.mmsg.as_mut_ptr(),
+                    RX_SLOTS as u32,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
+                    break;
+                }
+                if e.raw_os_error() == Some(libc::ECONNREFUSED) {
+                    continue;
+                }
+                return Err(e);
+            }
+            for k in 0..r as usize {
+                let len = self.mmsg[k].msg_len as usize;
+                // The kernel updated msg_controllen in the mmsghdr copy; reflect it in the slot.
+                self.rx[k].hdr.msg_controllen = self.mmsg[k].msg_hdr.msg_controllen;
+                let (from, seg) = self.rx[k].received();
+                if let Some(from) = from {
+                    delivered += split_gro(from, &self.rx[k].buf[..len], seg, f);
+                }
+            }
+            if (r as usize) < RX_SLOTS {
+                break;
+            }
+        }
+        Ok(delivered)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "portable driver (sendmmsg/recvmmsg), UDP GSO {}, GRO {}",
+            if self.sock.gso { "on" } else { "off" },
+            if self.sock.gro { "on" } else { "off" }
+        )
+    }
+}

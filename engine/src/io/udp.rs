@@ -1,0 +1,339 @@
+//! UDP socket set-up and message helpers shared by the real drivers:
+//! binding with large buffers, UDP GSO (`UDP_SEGMENT`) and GRO (`UDP_GRO`),
+//! address conversion, and the [`Driver`] trait both drivers implement.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use crate::session::Transmit;
+
+/// Socket buffer we ask for (root may exceed `net.core.*mem_max` with the FORCE options).
+pub const SOCKET_BUFFER_BYTES: usize = 32 << 20;
+/// Largest datagram or GSO run / GRO super-datagram.
+pub const BATCH_BYTES_MAX: usize = 65535;
+/// `IPPROTO_UDP` level option numbers (linux/udp.h).
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+
+/// What every real driver offers the endpoint loop.
+pub trait Driver {
+    /// "io_uring" or "portable", for logs.
+    fn name(&self) -> &'static str;
+    fn local_addr(&self) -> SocketAddr;
+    /// How many transmits one `send` call takes.
+    fn tx_slots(&self) -> usize;
+    /// Buffer of transmit slot `i` (holds one datagram or one GSO run).
+    fn tx_buf(&mut self, i: usize) -> &mut [u8];
+    /// Send slots `0..batch.len()`, slot `i` holding `batch[i]`. Blocks until the kernel took them.
+    fn send(&mut self, batch: &[Transmit]) -> io::Result<()>;
+    /// Wait up to `timeout` (None: forever, zero: poll) for datagrams and hand each to `on_datagram`.
+    /// Returns the number of datagrams delivered.
+    fn recv(&mut self, timeout: Option<Duration>, on_datagram: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
+    /// One line on what the driver does (GSO, GRO, zero-copy), for logs.
+    fn describe(&self) -> String;
+}
+
+/// A bound, non-blocking UDP socket with GSO/GRO detected.
+#[derive(Debug)]
+pub struct Socket {
+    fd: OwnedFd,
+    pub local: SocketAddr,
+    /// The kernel accepts `UDP_SEGMENT`.
+    pub gso: bool,
+    /// `UDP_GRO` is on: received datagrams may be coalesced.
+    pub gro: bool,
+}
+
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
+    // SAFETY: fd is a valid socket; the option value is a c_int that outlives the call.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &v as *const _ as *const libc::c_void,
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(|_| ())
+}
+
+impl Socket {
+    /// Bind `addr` (port 0 picks one) with large buffers, GRO on, and GSO if the kernel has it.
+    pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+        let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+        // SAFETY: plain socket(2) call; the fd is owned right after.
+        let raw = cvt(unsafe { libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) })?;
+        // SAFETY: raw is a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let bytes = SOCKET_BUFFER_BYTES as libc::c_int;
+        for (force, plain) in [
+            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        ] {
+            if setsockopt_int(raw, libc::SOL_SOCKET, force, bytes).is_err() {
+                let _ = setsockopt_int(raw, libc::SOL_SOCKET, plain, bytes);
+            }
+        }
+        if addr.is_ipv4() {
+            // Never fragment: datagrams are sized for the path MTU.
+            let _ = setsockopt_int(raw, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE);
+        }
+        let gro = setsockopt_int(raw, libc::IPPROTO_UDP, UDP_GRO, 1).is_ok();
+        let (sa, len) = to_sockaddr(addr);
+        // SAFETY: sa is a valid sockaddr of length len.
+        cvt(unsafe { libc::bind(raw, &sa as *const _ as *const libc::sockaddr, len) })?;
+        let mut out: libc::sockaddr_storage = unsafe { zeroed() };
+        let mut out_len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: out is large enough for any address.
+        cvt(unsafe { libc::getsockname(raw, &mut out as *mut _ as *mut libc::sockaddr, &mut out_len) })?;
+        let local = from_sockaddr(&out).ok_or_else(|| io::Error::other("getsockname returned an unknown family"))?;
+        let gso = Self::probe_gso(raw);
+        Ok(Self { fd, local, gso, gro })
+    }
+
+    fn probe_gso(fd: RawFd) -> bool {
+        let mut v: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: v and len are valid for the call.
+        unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_UDP,
+                UDP_SEGMENT,
+                &mut v as *mut _ as *mut libc::c_void,
+                &mut len,
+            ) == 0
+        }
+    }
+
+    /// Wait until readable (or `timeout`). Returns false on timeout.
+    pub fn wait_readable(&self, timeout: Option<Duration>) -> io::Result<bool> {
+        let mut p = libc::pollfd {
+            fd: self.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.map_or(-1, |d| {
+            d.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
+        });
+        // SAFETY: one valid pollfd.
+        match unsafe { libc::poll(&mut p, 1, ms) } {
+            -1 => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+            0 => Ok(false),
+            _ => Ok(true),
+        }
+    }
+
+    /// Wait until writable (the send buffer has room).
+    pub fn wait_writable(&self) -> io::Result<()> {
+        let mut p = libc::pollfd {
+            fd: self.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, 100) };
+        Ok(())
+    }
+}
+
+/// `sockaddr_storage` for an address.
+pub fn to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// The address in a `sockaddr_storage`, if it is IPv4 or IPv6.
+pub fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match ss.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: family says this is a sockaddr_in.
+            let a = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(a.sin_addr.s_addr.to_ne_bytes()),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: family says this is a sockaddr_in6.
+            let a = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Room for one `UDP_SEGMENT`/`UDP_GRO` control message (a u16 or int, padded).
+pub const CMSG_BYTES: usize = 32;
+
+/// One message slot: buffer, address, iovec, control space and msghdr.
+/// Slots live in a `Vec` that is never resized, so the msghdr's internal
+/// pointers stay valid while the kernel uses them.
+pub struct MsgSlot {
+    pub buf: Vec<u8>,
+    pub addr: libc::sockaddr_storage,
+    pub iov: libc::iovec,
+    pub control: [u64; CMSG_BYTES / 8],
+    pub hdr: libc::msghdr,
+}
+
+impl MsgSlot {
+    pub fn new(bytes: usize) -> Self {
+        Self {
+            buf: vec![0; bytes],
+            // SAFETY: all-zero is valid for these C structs.
+            addr: unsafe { zeroed() },
+            iov: libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
+            control: [0; CMSG_BYTES / 8],
+            hdr: unsafe { zeroed() },
+        }
+    }
+
+    /// Fill the header for sending `len` bytes to `dst`, with a GSO segment size if given.
+    pub fn prepare_send(&mut self, dst: SocketAddr, len: usize, segment: Option<u16>) {
+        let (ss, slen) = to_sockaddr(dst);
+        self.addr = ss;
+        self.iov = libc::iovec {
+            iov_base: self.buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: len,
+        };
+        self.hdr = unsafe { zeroed() };
+        self.hdr.msg_name = &mut self.addr as *mut _ as *mut libc::c_void;
+        self.hdr.msg_namelen = slen;
+        self.hdr.msg_iov = &mut self.iov;
+        self.hdr.msg_iovlen = 1;
+        if let Some(seg) = segment {
+            self.hdr.msg_control = self.control.as_mut_ptr() as *mut libc::c_void;
+            // SAFETY: CMSG_SPACE is a pure computation.
+            self.hdr.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as _;
+            // SAFETY: the control buffer is CMSG_BYTES long, enough for one u16 cmsg.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&self.hdr);
+                (*c).cmsg_level = libc::IPPROTO_UDP;
+                (*c).cmsg_type = UDP_SEGMENT;
+                (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg);
+            }
+        }
+    }
+
+    /// Fill the header for receiving into the whole buffer.
+    pub fn prepare_recv(&mut self) {
+        self.iov = libc::iovec {
+            iov_base: self.buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: self.buf.len(),
+        };
+        self.hdr = unsafe { zeroed() };
+        self.hdr.msg_name = &mut self.addr as *mut _ as *mut libc::c_void;
+        self.hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        self.hdr.msg_iov = &mut self.iov;
+        self.hdr.msg_iovlen = 1;
+        self.hdr.msg_control = self.control.as_mut_ptr() as *mut libc::c_void;
+        self.hdr.msg_controllen = CMSG_BYTES as _;
+    }
+
+    /// After a receive of `len` bytes: the sender and the GRO segment size (if coalesced).
+    pub fn received(&self) -> (Option<SocketAddr>, Option<usize>) {
+        let mut seg = None;
+        // SAFETY: the kernel filled msg_control/msg_controllen; the CMSG macros walk within it.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&self.hdr);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::IPPROTO_UDP && (*c).cmsg_type == UDP_GRO {
+                    seg = Some(std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int) as usize);
+                }
+                c = libc::CMSG_NXTHDR(&self.hdr, c);
+            }
+        }
+        (from_sockaddr(&self.addr), seg)
+    }
+}
+
+/// Hand each datagram of a (possibly GRO-coalesced) receive to `f`.
+pub fn split_gro(from: SocketAddr, data: &[u8], seg: Option<usize>, f: &mut dyn FnMut(SocketAddr, &[u8])) -> usize {
+    match seg {
+        Some(s) if s > 0 && s < data.len() => {
+            let mut n = 0;
+            for d in data.chunks(s) {
+                f(from, d);
+                n += 1;
+            }
+            n
+        }
+        _ => {
+            f(from, data);
+            1
+        }
+    }
+}
+
+/// True for send errors that concern one destination only (ICMP feedback) and must not stop the loop.
+pub fn is_transient_send_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EPERM | libc::EMSGSIZE)
+    )
+}

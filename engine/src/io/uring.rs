@@ -1,0 +1,285 @@
+//! The io_uring driver: sends GSO runs with `SENDMSG` (or `SENDMSG_ZC`), keeps
+//! [`RX_SLOTS`] `RECVMSG` operations with GRO armed at all times, and waits for
+//! both with one `io_uring_enter`.
+//!
+//! # Zero-copy
+//!
+//! With [`ZeroCopy::Auto`] (the default) the first sends go out with
+//! `SENDMSG_ZC` and ask the kernel to report whether it really avoided the
+//! copy (`IORING_SEND_ZC_REPORT_USAGE`). If most notifications say
+//! `IORING_NOTIF_USAGE_ZC_COPIED` — which is what loopback and veth always
+//! do — the driver switches to plain `SENDMSG`, which is cheaper when the
+//! kernel copies anyway, and logs it. A ZC buffer is reused only after its
+//! notification (`IORING_CQE_F_NOTIF`) arrives.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use io_uring::{cqueue, opcode, types, IoUring};
+
+use super::udp::{is_transient_send_error, split_gro, Driver, MsgSlot, Socket, BATCH_BYTES_MAX};
+use crate::session::Transmit;
+
+/// Transmit slots per `send` call.
+pub const TX_SLOTS: usize = 32;
+/// Receive operations kept armed.
+pub const RX_SLOTS: usize = 32;
+const RING_ENTRIES: u32 = 256;
+/// `IORING_SEND_ZC_REPORT_USAGE` (linux/io_uring.h; not exported by the io-uring crate).
+const IORING_SEND_ZC_REPORT_USAGE: u16 = 8;
+/// Set in a notification's result when the kernel copied after all.
+const IORING_NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
+/// Notifications looked at before deciding whether zero-copy pays.
+const ZC_PROBE_NOTIFS: u32 = 256;
+
+const TAG_TX: u64 = 1 << 32;
+const TAG_RX: u64 = 2 << 32;
+
+/// Zero-copy policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroCopy {
+    Off,
+    On,
+    /// Probe, and keep it only if the kernel really avoids the copy.
+    Auto,
+}
+
+pub struct Uring {
+    ring: IoUring,
+    sock: Socket,
+    tx: Vec<MsgSlot>,
+    rx: Vec<MsgSlot>,
+    /// Receives completed while waiting for sends: (slot, length).
+    ready: VecDeque<(usize, usize)>,
+    zc: ZeroCopy,
+    zc_active: bool,
+    zc_notifs: u32,
+    zc_copied: u32,
+    /// Log line when the zero-copy decision changes.
+    pub zc_note: Option<String>,
+}
+
+impl Uring {
+    /// Set up a ring on `sock`. Fails when io_uring is unavailable or disabled.
+    pub fn new(sock: Socket, zc: ZeroCopy) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .build(RING_ENTRIES)
+            .or_else(|_| IoUring::new(RING_ENTRIES))?;
+        let mut me = Self {
+            ring,
+            sock,
+            tx: (0..TX_SLOTS).map(|_| MsgSlot::new(BATCH_BYTES_MAX)).collect(),
+            rx: (0..RX_SLOTS).map(|_| MsgSlot::new(BATCH_BYTES_MAX)).collect(),
+            ready: VecDeque::new(),
+            zc,
+            zc_active: zc != ZeroCopy::Off,
+            zc_notifs: 0,
+            zc_copied: 0,
+            zc_note: None,
+        };
+        for i in 0..RX_SLOTS {
+            me.arm_rx(i)?;
+        }
+        me.ring.submit()?;
+        Ok(me)
+    }
+
+    fn arm_rx(&mut self, i: usize) -> io::Result<()> {
+        self.rx[i].prepare_recv();
+        let e = opcode::RecvMsg::new(types::Fd(self.sock.as_raw_fd()), &mut self.rx[i].hdr)
+            .build()
+            .user_data(TAG_RX | i as u64);
+        // SAFETY: the slot lives in a never-resized Vec and stays alive and untouched until its completion.
+        unsafe { self.ring.submission().push(&e) }.map_err(|_| io::Error::other("io_uring submission queue full"))
+    }
+
+    /// Reap completions. Returns (sends completed, notifications completed, errors of sends).
+    fn reap(&mut self, sends: &mut usize, notifs: &mut usize) -> io::Result<()> {
+        let mut rearm = Vec::new();
+        let mut send_err = None;
+        for cqe in self.ring.completion() {
+            let tag = cqe.user_data();
+            let res = cqe.result();
+            if tag & TAG_RX != 0 {
+                let i = (tag & 0xffff_ffff) as usize;
+                if res >= 0 {
+                    self.ready.push_back((i, res as usize));
+                } else {
+                    rearm.push(i);
+                }
+            } else if tag & TAG_TX != 0 {
+                if cqueue::notif(cqe.flags()) {
+                    *notifs += 1;
+                    self.zc_notifs += 1;
+                    if res as u32 & IORING_NOTIF_USAGE_ZC_COPIED != 0 {
+                        self.zc_copied += 1;
+                    }
+                } else {
+                    *sends += 1;
+                    if cqueue::more(cqe.flags()) {
+                        // A notification follows for this zero-copy send.
+                    } else if self.zc_active {
+                        // Zero-copy send without a notification (it failed): count it as done.
+                        *notifs += 1;
+                    }
+                    if res < 0 {
+                        let e = io::Error::from_raw_os_error(-res);
+                        if !is_transient_send_error(&e) && e.raw_os_error() != Some(libc::EAGAIN) {
+                            send_err = Some(e);
+                        }
+                    }
+                }
+            }
+        }
+        for i in rearm {
+            self.arm_rx(i)?;
+        }
+        if let Some(e) = send_err {
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn decide_zc(&mut self) {
+        if self.zc == ZeroCopy::Auto && self.zc_active && self.zc_notifs >= ZC_PROBE_NOTIFS {
+            if self.zc_copied * 10 >= self.zc_notifs * 9 {
+                self.zc_active = false;
+                self.zc_note = Some(format!(
+                    "zero-copy send: the kernel copied {} of {} sends on this route (loopback/veth do); using plain sends",
+                    self.zc_copied, self.zc_notifs
+                ));
+            } else {
+                self.zc = ZeroCopy::On;
+                self.zc_note = Some(format!(
+                    "zero-copy send: {} of {} sends avoided the copy; keeping it",
+                    self.zc_notifs - self.zc_copied,
+                    self.zc_notifs
+                ));
+            }
+        }
+    }
+
+    /// True while zero-copy sends are in use.
+    pub fn zero_copy_active(&self) -> bool {
+        self.zc_active
+    }
+}
+
+impl Driver for Uring {
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.sock.local
+    }
+
+    fn tx_slots(&self) -> usize {
+        TX_SLOTS
+    }
+
+    fn tx_buf(&mut self, i: usize) -> &mut [u8] {
+        &mut self.tx[i].buf
+    }
+
+    fn send(&mut self, batch: &[Transmit]) -> io::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let fd = types::Fd(self.sock.as_raw_fd());
+        let zc = self.zc_active;
+        let gso = self.sock.gso;
+        let mut expected = 0usize;
+        for (i, t) in batch.iter().enumerate() {
+            let seg = if gso { t.segment_size.map(|s| s as u16) } else { None };
+            if !gso && t.segment_size.is_some() {
+                return Err(io::Error::other(
+                    "UDP GSO is unavailable on this kernel; use the portable driver",
+                ));
+            }
+            self.tx[i].prepare_send(t.dst, t.len, seg);
+            let hdr = &self.tx[i].hdr as *const libc::msghdr;
+            let e = if zc {
+                opcode::SendMsgZc::new(fd, hdr)
+                    .ioprio(IORING_SEND_ZC_REPORT_USAGE)
+                    .build()
+            } else {
+                opcode::SendMsg::new(fd, hdr).build()
+            };
+            // SAFETY: the slot lives in a never-resized Vec and is not touched until its completion (and notification) arrives.
+            unsafe { self.ring.submission().push(&e.user_data(TAG_TX | i as u64)) }
+                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+            expected += 1;
+        }
+        let (mut sends, mut notifs) = (0, 0);
+        let mut result = Ok(());
+        while sends < expected || (zc && notifs < expected) {
+            self.ring.submit_and_wait(1)?;
+            if let Err(e) = self.reap(&mut sends, &mut notifs) {
+                result = Err(e);
+            }
+        }
+        self.decide_zc();
+        result
+    }
+
+    fn recv(&mut self, timeout: Option<Duration>, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+        let (mut s, mut n) = (0, 0);
+        self.reap(&mut s, &mut n)?;
+        if self.ready.is_empty() && timeout != Some(Duration::ZERO) {
+            let ts;
+            let args;
+            let r = match timeout {
+                Some(d) => {
+                    ts = types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos());
+                    args = types::SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(1, &args)
+                }
+                None => self.ring.submit_and_wait(1),
+            };
+            match r {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            self.reap(&mut s, &mut n)?;
+        }
+        let mut delivered = 0;
+        while let Some((i, len)) = self.ready.pop_front() {
+            let (from, seg) = self.rx[i].received();
+            if let Some(from) = from {
+                delivered += split_gro(from, &self.rx[i].buf[..len], seg, f);
+            }
+            self.arm_rx(i)?;
+        }
+        self.ring.submit()?;
+        Ok(delivered)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "io_uring driver (SENDMSG{} + {} armed RECVMSG), UDP GSO {}, GRO {}",
+            match self.zc {
+                ZeroCopy::Off => "",
+                ZeroCopy::On => "_ZC",
+                ZeroCopy::Auto => " with zero-copy probe",
+            },
+            RX_SLOTS,
+            if self.sock.gso { "on" } else { "off" },
+            if self.sock.gro { "on" } else { "off" }
+        )
+    }
+}
+
+/// True if io_uring can be used: not disabled by `kernel.io_uring_disabled` and a ring can be made.
+pub fn available() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .map(|s| s.trim() == "0")
+        .unwrap_or(true)
+        && IoUring::new(2).is_ok()
+}

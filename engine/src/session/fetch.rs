@@ -1,0 +1,973 @@
+//! The fetching side: one content from one or more sources at once.
+//!
+//! # How a fetch runs
+//!
+//! 1. Each source gets a session: a hello `Request` (no ranges), answered by
+//!    `Accept` with the server's nonce, size and completeness. Sources that do
+//!    not answer after [`FetchConfig::connect_tries_max`] hellos are dropped.
+//! 2. Without a block table, the first accepting source is asked for it
+//!    (stream 1); it is verified against the content id before anything else
+//!    is trusted. A source whose table does not verify is dropped.
+//! 3. Blocks are handed out in runs to sources with room in their request
+//!    window (the window is flow control: a server only sends what was
+//!    requested). Every block is verified on arrival; a source that sends a
+//!    bad block is dropped and the block is requested elsewhere.
+//! 4. A source that sends nothing for a while loses its blocks to the others
+//!    (and is dropped after [`FetchConfig::stall_strikes_max`] stalls); a
+//!    block that does not arrive in time is re-requested. When every block is
+//!    handed out, idle sources duplicate the oldest outstanding blocks of
+//!    others (end game); the first copy to verify wins and the rest are cancelled.
+//!
+//! Verified blocks leave as [`Event::Block`] for the driver to store.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+
+use super::Transmit;
+use crate::content::{BlockTable, ContentId, Geometry, VerifyError};
+use crate::ranges::{BlockSet, SpanSet};
+use crate::session::serve::REQUEST_BACKGROUND;
+use crate::time::Time;
+use crate::wire::{self, DeploymentKey, Kind, Packet, RejectReason, WireRange};
+
+/// Bounds and knobs of a fetch.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Most sources at once.
+    pub sources_max: usize,
+    /// Request window per source before its rate is known.
+    pub window_bytes_initial: u64,
+    pub window_bytes_min: u64,
+    pub window_bytes_max: u64,
+    /// A source's window covers this much time at its measured rate.
+    pub window_time: Duration,
+    /// Longest run of blocks in one requested range.
+    pub run_blocks_max: u64,
+    /// Acknowledge at least every this many data packets.
+    pub ack_every_packets: u32,
+    /// Longest an acknowledgement waits.
+    pub ack_delay: Duration,
+    pub connect_retry: Duration,
+    pub connect_tries_max: u32,
+    /// A source with outstanding blocks that sends nothing for this long stalls.
+    pub stall_timeout: Duration,
+    pub stall_strikes_max: u32,
+    /// Least time a requested block may take before it is requested again.
+    pub block_timeout_min: Duration,
+    /// How long a `NotHave` answer keeps a source from being asked for those blocks.
+    pub not_have_retry: Duration,
+    /// Largest block table accepted (bounds memory against a lying `Accept`).
+    pub table_bytes_max: u64,
+    /// Ask servers for the background (scavenger) protocol.
+    pub background: bool,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            sources_max: 32,
+            window_bytes_initial: 4 << 20,
+            window_bytes_min: 512 << 10,
+            window_bytes_max: 32 << 20,
+            window_time: Duration::from_millis(250),
+            run_blocks_max: 256,
+            ack_every_packets: 16,
+            ack_delay: Duration::from_micros(500),
+            connect_retry: Duration::from_millis(250),
+            connect_tries_max: 5,
+            stall_timeout: Duration::from_secs(1),
+            stall_strikes_max: 3,
+            block_timeout_min: Duration::from_secs(2),
+            not_have_retry: Duration::from_secs(2),
+            table_bytes_max: 64 << 20,
+            background: false,
+        }
+    }
+}
+
+/// Why a source was dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DropReason {
+    #[error("refused the request ({0:?})")]
+    Rejected(RejectReason),
+    #[error("did not answer")]
+    NoAnswer,
+    #[error("stopped sending")]
+    Stalled,
+    #[error("sent a bad block: {0}")]
+    BadBlock(VerifyError),
+    #[error("sent a bad block table: {0}")]
+    BadTable(VerifyError),
+    #[error("announced a size or block size that contradicts the verified block table")]
+    WrongGeometry,
+    #[error("closed the session")]
+    Closed,
+    #[error("removed by the caller")]
+    Removed,
+}
+
+/// What the driver must act on.
+#[derive(Debug)]
+pub enum Event {
+    /// The block table is verified (first time only): persist it beside the data.
+    TableVerified(BlockTable),
+    /// A verified block: store it, then hand the buffer back with [`Fetch::recycle`].
+    Block {
+        index: u64,
+        data: Vec<u8>,
+        from: SocketAddr,
+    },
+    SourceDropped {
+        addr: SocketAddr,
+        reason: DropReason,
+    },
+    /// Every block is held.
+    Complete,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting { next_try: Time, tries: u32 },
+    Active,
+    Gone,
+}
+
+/// Per-source figures, for status displays and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceStats {
+    pub addr: SocketAddr,
+    pub active: bool,
+    pub payload_bytes: u64,
+    pub blocks_verified: u64,
+    pub outstanding_blocks: u64,
+    pub rate_bytes_per_s: u64,
+}
+
+#[derive(Debug)]
+struct Source {
+    addr: SocketAddr,
+    session: u32,
+    phase: Phase,
+    nonce: u64,
+    complete: bool,
+    /// Geometry announced in the source's `Accept` (trusted only once the table verifies).
+    accepted: Option<Geometry>,
+    lacks: Option<BlockSet>,
+    lacks_until: Time,
+    outstanding: u64,
+    // Acknowledgement state.
+    recv_pns: SpanSet,
+    largest_pn: Option<u64>,
+    largest_recv: Time,
+    largest_send_ts: u32,
+    unacked: u32,
+    ack_at: Option<Time>,
+    // Liveness and rate.
+    last_data: Time,
+    strikes: u32,
+    payload_bytes: u64,
+    blocks_verified: u64,
+    rate_since: Time,
+    rate_bytes: u64,
+    rate: u64,
+    // Outgoing control.
+    want_request: Vec<(u64, u32)>,
+    want_cancel: Vec<(u64, u32)>,
+    want_table: bool,
+    want_close: bool,
+}
+
+impl Source {
+    fn window_blocks(&self, cfg: &FetchConfig, g: &Geometry) -> u64 {
+        let bytes = if self.rate == 0 {
+            cfg.window_bytes_initial
+        } else {
+            ((self.rate as f64 * cfg.window_time.as_secs_f64()) as u64)
+                .clamp(cfg.window_bytes_min, cfg.window_bytes_max)
+        };
+        (bytes / g.block_bytes()).max(1)
+    }
+
+    fn may_have(&self, now: Time, b: u64) -> bool {
+        self.complete
+            || self
+                .lacks
+                .as_ref()
+                .is_none_or(|l| now >= self.lacks_until || !l.contains(b))
+    }
+}
+
+#[derive(Debug)]
+struct InFlight {
+    sources: Vec<usize>,
+    requested_at: Time,
+}
+
+#[derive(Debug)]
+struct Pending {
+    buf: Vec<u8>,
+    got: SpanSet,
+    received: u64,
+    /// Bit i set: source i contributed bytes.
+    from: u64,
+}
+
+/// Most sources: pending blocks record contributors in a 64-bit mask.
+pub const SOURCES_MAX: usize = 64;
+/// Most spare block buffers kept for reuse.
+const SPARE_BUFFERS_MAX: usize = 256;
+
+/// A fetch of one content.
+pub struct Fetch {
+    key: DeploymentKey,
+    content: ContentId,
+    cfg: FetchConfig,
+    table: Option<BlockTable>,
+    /// Blocks held and verified.
+    have: BlockSet,
+    /// Blocks held or in flight: the complement is what is free to hand out.
+    taken: BlockSet,
+    inflight: BTreeMap<u64, InFlight>,
+    pending: BTreeMap<u64, Pending>,
+    table_fetch: Option<(usize, Vec<u8>, SpanSet)>,
+    sources: Vec<Source>,
+    events: VecDeque<Event>,
+    spare: Vec<Vec<u8>>,
+    rng: rand::rngs::SmallRng,
+    complete_sent: bool,
+    next_tick: Time,
+}
+
+/// How often stall and block timers are checked.
+const TICK: Duration = Duration::from_millis(20);
+
+impl Fetch {
+    /// Start a fetch. `known` is the verified block table and the blocks already held, if any.
+    pub fn new(
+        key: DeploymentKey,
+        content: ContentId,
+        cfg: FetchConfig,
+        known: Option<(BlockTable, BlockSet)>,
+        seed: u64,
+    ) -> Self {
+        let (table, have) = match known {
+            Some((t, h)) => (Some(t), h),
+            None => (None, BlockSet::new(0)),
+        };
+        let taken = have.clone();
+        Self {
+            key,
+            content,
+            cfg,
+            table,
+            have,
+            taken,
+            inflight: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            table_fetch: None,
+            sources: Vec::new(),
+            events: VecDeque::new(),
+            spare: Vec::new(),
+            rng: rand::rngs::SmallRng::seed_from_u64(seed),
+            complete_sent: false,
+            next_tick: Time::ZERO,
+        }
+    }
+
+    pub fn content(&self) -> ContentId {
+        self.content
+    }
+
+    pub fn table(&self) -> Option<&BlockTable> {
+        self.table.as_ref()
+    }
+
+    pub fn have(&self) -> &BlockSet {
+        &self.have
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.table.is_some() && self.have.is_full()
+    }
+
+    /// Bytes held and verified.
+    pub fn bytes_held(&self) -> u64 {
+        match &self.table {
+            Some(t) => {
+                let g = t.geometry();
+                let last = g.block_count() - 1;
+                self.have.count() * g.block_bytes()
+                    - if self.have.contains(last) {
+                        g.block_bytes() - g.block_len(last)
+                    } else {
+                        0
+                    }
+            }
+            None => 0,
+        }
+    }
+
+    pub fn sources(&self) -> Vec<SourceStats> {
+        self.sources
+            .iter()
+            .map(|s| SourceStats {
+                addr: s.addr,
+                active: s.phase == Phase::Active,
+                payload_bytes: s.payload_bytes,
+                blocks_verified: s.blocks_verified,
+                outstanding_blocks: s.outstanding,
+                rate_bytes_per_s: s.rate,
+            })
+            .collect()
+    }
+
+    /// Number of sources not dropped.
+    pub fn live_sources(&self) -> usize {
+        self.sources.iter().filter(|s| s.phase != Phase::Gone).count()
+    }
+
+    /// Add a source; returns false if it is already there or the source table is full.
+    pub fn add_source(&mut self, now: Time, addr: SocketAddr) -> bool {
+        if self.sources.iter().any(|s| s.addr == addr && s.phase != Phase::Gone) {
+            return false;
+        }
+        let slot = self.sources.iter().position(|s| s.phase == Phase::Gone);
+        if slot.is_none() && self.sources.len() >= self.cfg.sources_max.min(SOURCES_MAX) {
+            return false;
+        }
+        let session = self.rng.gen::<u32>() | 1;
+        let src = Source {
+            addr,
+            session,
+            phase: Phase::Connecting {
+                next_try: now,
+                tries: 0,
+            },
+            nonce: 0,
+            complete: false,
+            accepted: None,
+            lacks: None,
+            lacks_until: Time::ZERO,
+            outstanding: 0,
+            recv_pns: SpanSet::new(),
+            largest_pn: None,
+            largest_recv: Time::ZERO,
+            largest_send_ts: 0,
+            unacked: 0,
+            ack_at: None,
+            last_data: now,
+            strikes: 0,
+            payload_bytes: 0,
+            blocks_verified: 0,
+            rate_since: now,
+            rate_bytes: 0,
+            rate: 0,
+            want_request: Vec::new(),
+            want_cancel: Vec::new(),
+            want_table: false,
+            want_close: false,
+        };
+        match slot {
+            Some(i) => self.sources[i] = src,
+            None => self.sources.push(src),
+        }
+        true
+    }
+
+    /// Stop using a source.
+    pub fn remove_source(&mut self, addr: SocketAddr) {
+        if let Some(i) = self
+            .sources
+            .iter()
+            .position(|s| s.addr == addr && s.phase != Phase::Gone)
+        {
+            self.drop_source(i, DropReason::Removed);
+        }
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Give a block buffer back for reuse.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < SPARE_BUFFERS_MAX {
+            self.spare.push(buf);
+        }
+    }
+
+    fn source_of(&self, from: SocketAddr, session: u32) -> Option<usize> {
+        self.sources
+            .iter()
+            .position(|s| s.session == session && s.addr == from && s.phase != Phase::Gone)
+    }
+
+    /// Handle a packet meant for the fetching side (Accept, Reject, Data, NotHave, Close).
+    pub fn handle(&mut self, now: Time, from: SocketAddr, packet: &Packet<'_>) {
+        let Some(i) = self.source_of(from, packet.session()) else {
+            return;
+        };
+        match packet {
+            Packet::Accept { fixed, .. } => self.on_accept(now, i, fixed),
+            Packet::Reject { fixed, .. } => {
+                self.drop_source(i, DropReason::Rejected(RejectReason::from_u8(fixed.reason)))
+            }
+            Packet::Data { fixed, payload, .. } => self.on_data(now, i, fixed, payload),
+            Packet::NotHave { fixed, ranges, .. } if fixed.stream == wire::STREAM_CONTENT => {
+                self.on_not_have(now, i, ranges)
+            }
+            Packet::Close { .. } => self.drop_source(i, DropReason::Closed),
+            _ => {}
+        }
+        self.schedule(now);
+    }
+
+    fn on_accept(&mut self, now: Time, i: usize, fixed: &wire::AcceptFixed) {
+        if ContentId(fixed.content) != self.content {
+            return;
+        }
+        let Ok(geometry) = Geometry::new(fixed.size.get(), fixed.block_chunks_log) else {
+            self.drop_source(i, DropReason::WrongGeometry);
+            return;
+        };
+        if let Some(t) = &self.table {
+            if t.geometry() != geometry {
+                self.drop_source(i, DropReason::WrongGeometry);
+                return;
+            }
+        }
+        let s = &mut self.sources[i];
+        if !matches!(s.phase, Phase::Connecting { .. }) {
+            return;
+        }
+        s.phase = Phase::Active;
+        s.nonce = fixed.nonce.get();
+        s.complete = fixed.flags & wire::ACCEPT_COMPLETE != 0;
+        s.last_data = now;
+        s.rate_since = now;
+        s.accepted = Some(geometry);
+        if self.table.is_none() && self.table_fetch.is_none() {
+            self.start_table_fetch(i);
+        }
+    }
+
+    /// Ask source `i` for the block table, sized by the geometry it announced.
+    fn start_table_fetch(&mut self, i: usize) {
+        let Some(geometry) = self.sources[i].accepted else {
+            return;
+        };
+        let len = 16 + 32 * geometry.block_count();
+        if len > self.cfg.table_bytes_max {
+            self.drop_source(i, DropReason::WrongGeometry);
+            return;
+        }
+        self.table_fetch = Some((i, vec![0; len as usize], SpanSet::new()));
+        self.sources[i].want_table = true;
+    }
+
+    fn on_not_have(&mut self, now: Time, i: usize, ranges: &[WireRange]) {
+        let Some(t) = &self.table else { return };
+        let count = t.geometry().block_count();
+        let s = &mut self.sources[i];
+        let lacks = s.lacks.get_or_insert_with(|| BlockSet::new(count));
+        s.lacks_until = now + self.cfg.not_have_retry;
+        let mut blocks = Vec::new();
+        for r in ranges {
+            let start = r.start.get().min(count);
+            let end = start.saturating_add(r.count.get() as u64).min(count);
+            for b in start..end {
+                lacks.insert(b);
+                blocks.push(b);
+            }
+        }
+        for b in blocks {
+            self.unassign(b, i);
+        }
+    }
+
+    fn on_data(&mut self, now: Time, i: usize, fixed: &wire::DataFixed, payload: &[u8]) {
+        let pn = fixed.pn.get();
+        {
+            let s = &mut self.sources[i];
+            if s.phase != Phase::Active {
+                return;
+            }
+            let expected = s.largest_pn.map_or(0, |l| l + 1);
+            s.recv_pns.insert(pn..pn + 1);
+            if s.largest_pn.is_none_or(|l| pn > l) {
+                s.largest_pn = Some(pn);
+                s.largest_recv = now;
+                s.largest_send_ts = fixed.send_ts_us.get();
+            }
+            s.unacked += 1;
+            if pn != expected || s.unacked >= self.cfg.ack_every_packets {
+                s.ack_at = Some(now);
+            } else if s.ack_at.is_none() {
+                s.ack_at = Some(now + self.cfg.ack_delay);
+            }
+            s.last_data = now;
+            s.strikes = 0;
+            s.payload_bytes += payload.len() as u64;
+            s.rate_bytes += payload.len() as u64;
+            let dt = now.since(s.rate_since);
+            if dt >= Duration::from_millis(50) {
+                let sample = (s.rate_bytes as f64 / dt.as_secs_f64()) as u64;
+                s.rate = if s.rate == 0 { sample } else { (s.rate * 3 + sample) / 4 };
+                s.rate_since = now;
+                s.rate_bytes = 0;
+            }
+        }
+        let offset = fixed.offset.get();
+        match fixed.stream {
+            wire::STREAM_TABLE => self.on_table_data(i, offset, payload),
+            wire::STREAM_CONTENT => self.on_content_data(i, offset, payload),
+            _ => {}
+        }
+    }
+
+    fn on_table_data(&mut self, i: usize, offset: u64, payload: &[u8]) {
+        let Some((src, buf, got)) = &mut self.table_fetch else {
+            return;
+        };
+        if *src != i {
+            return;
+        }
+        let end = offset.saturating_add(payload.len() as u64);
+        if end > buf.len() as u64 {
+            return;
+        }
+        buf[offset as usize..end as usize].copy_from_slice(payload);
+        got.insert(offset..end);
+        if !got.covers(0..buf.len() as u64) {
+            return;
+        }
+        let (src, buf, _) = self.table_fetch.take().expect("checked above");
+        match BlockTable::decode_verified(&buf, &self.content) {
+            Ok(t) => {
+                let count = t.geometry().block_count();
+                self.have = BlockSet::new(count);
+                self.taken = BlockSet::new(count);
+                self.table = Some(t.clone());
+                self.events.push_back(Event::TableVerified(t));
+            }
+            Err(e) => self.drop_source(src, DropReason::BadTable(e)),
+        }
+    }
+
+    fn on_content_data(&mut self, i: usize, offset: u64, payload: &[u8]) {
+        let Some(g) = self.table.as_ref().map(|t| t.geometry()) else {
+            return;
+        };
+        let end = offset.saturating_add(payload.len() as u64).min(g.size);
+        let mut at = offset;
+        while at < end {
+            let b = at / g.block_bytes();
+            let r = g.block_range(b);
+            let piece_end = end.min(r.end);
+            let piece = &payload[(at - offset) as usize..(piece_end - offset) as usize];
+            if !self.have.contains(b) && self.inflight.get(&b).is_some_and(|f| f.sources.contains(&i)) {
+                let block_len = (r.end - r.start) as usize;
+                let spare = &mut self.spare;
+                let p = self.pending.entry(b).or_insert_with(|| {
+                    let mut buf = spare.pop().unwrap_or_default();
+                    buf.resize(block_len, 0);
+                    Pending {
+                        buf,
+                        got: SpanSet::new(),
+                        received: 0,
+                        from: 0,
+                    }
+                });
+                let rel = (at - r.start) as usize;
+                p.buf[rel..rel + piece.len()].copy_from_slice(piece);
+                p.received += p.got.insert(rel as u64..(rel + piece.len()) as u64);
+                p.from |= 1 << i;
+                if p.received == block_len as u64 {
+                    self.finish_block(b, i);
+                }
+            }
+            at = piece_end;
+        }
+    }
+
+    /// Block `b` is complete, its last bytes from source `last`: verify it.
+    fn finish_block(&mut self, b: u64, last: usize) {
+        let p = self.pending.remove(&b).expect("finish_block on a pending block");
+        let table = self.table.as_ref().expect("blocks only arrive with a table");
+        let flight = self.inflight.remove(&b);
+        match table.verify_block(b, &p.buf) {
+            Ok(()) => {
+                self.have.insert(b);
+                self.taken.insert(b);
+                let from = self.sources[last].addr;
+                self.sources[last].blocks_verified += 1;
+                for &s in flight.iter().flat_map(|f| f.sources.iter()) {
+                    self.sources[s].outstanding = self.sources[s].outstanding.saturating_sub(1);
+                    if p.from & (1 << s) == 0 {
+                        self.sources[s].want_cancel.push((b, 1));
+                    }
+                }
+                self.events.push_back(Event::Block {
+                    index: b,
+                    data: p.buf,
+                    from,
+                });
+            }
+            Err(e) => {
+                for &s in flight.iter().flat_map(|f| f.sources.iter()) {
+                    self.sources[s].outstanding = self.sources[s].outstanding.saturating_sub(1);
+                }
+                self.taken.remove(b);
+                self.recycle(p.buf);
+                if p.from.count_ones() == 1 {
+                    self.drop_source(p.from.trailing_zeros() as usize, DropReason::BadBlock(e));
+                }
+            }
+        }
+    }
+
+    /// Take block `b` away from source `i` (it stalled, lacks it, or was dropped).
+    fn unassign(&mut self, b: u64, i: usize) {
+        let Some(f) = self.inflight.get_mut(&b) else { return };
+        let Some(pos) = f.sources.iter().position(|&s| s == i) else {
+            return;
+        };
+        f.sources.swap_remove(pos);
+        self.sources[i].outstanding = self.sources[i].outstanding.saturating_sub(1);
+        if f.sources.is_empty() {
+            self.inflight.remove(&b);
+            if !self.have.contains(b) {
+                self.taken.remove(b);
+            }
+        }
+    }
+
+    fn drop_source(&mut self, i: usize, reason: DropReason) {
+        if self.sources[i].phase == Phase::Gone {
+            return;
+        }
+        let mine: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| f.sources.contains(&i))
+            .map(|(b, _)| *b)
+            .collect();
+        for b in mine {
+            self.unassign(b, i);
+        }
+        // Partial blocks that hold bytes from this source are suspect.
+        let bit = 1u64 << i;
+        let suspect: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.from & bit != 0)
+            .map(|(b, _)| *b)
+            .collect();
+        for b in suspect {
+            if let Some(p) = self.pending.remove(&b) {
+                self.recycle(p.buf);
+            }
+        }
+        if let Some((src, _, _)) = &self.table_fetch {
+            if *src == i {
+                self.table_fetch = None;
+            }
+        }
+        let s = &mut self.sources[i];
+        s.phase = Phase::Gone;
+        s.outstanding = 0;
+        s.want_request.clear();
+        s.want_cancel.clear();
+        s.want_table = false;
+        s.want_close = true;
+        self.events.push_back(Event::SourceDropped { addr: s.addr, reason });
+    }
+
+    /// Hand out free blocks to sources with room in their window.
+    fn schedule(&mut self, now: Time) {
+        if self.table.is_none() {
+            if self.table_fetch.is_none() {
+                // No table yet and nobody asked for it (its source was dropped): ask the next active source.
+                if let Some(i) = self
+                    .sources
+                    .iter()
+                    .position(|s| s.phase == Phase::Active && s.accepted.is_some())
+                {
+                    self.start_table_fetch(i);
+                }
+            }
+            return;
+        }
+        if self.is_complete() {
+            if !self.complete_sent {
+                self.complete_sent = true;
+                self.events.push_back(Event::Complete);
+                for s in self.sources.iter_mut().filter(|s| s.phase != Phase::Gone) {
+                    s.phase = Phase::Gone;
+                    s.want_close = true;
+                }
+            }
+            return;
+        }
+        let g = self.table.as_ref().expect("checked").geometry();
+        let count = g.block_count();
+        for i in 0..self.sources.len() {
+            if self.sources[i].phase != Phase::Active {
+                continue;
+            }
+            let window = self.sources[i].window_blocks(&self.cfg, &g);
+            let mut room = window.saturating_sub(self.sources[i].outstanding);
+            // Only top up when a useful amount is free, so requests carry long runs.
+            if room < (window / 4).max(1) {
+                continue;
+            }
+            let mut runs: Vec<(u64, u32)> = Vec::new();
+            let mut at = 0;
+            while room > 0 && runs.len() < wire::RANGES_MAX {
+                let Some(b) = self.taken.next_missing(at) else { break };
+                if !self.sources[i].may_have(now, b) {
+                    at = b + 1;
+                    continue;
+                }
+                let mut end = b;
+                while end < count
+                    && end - b < room.min(self.cfg.run_blocks_max)
+                    && !self.taken.contains(end)
+                    && self.sources[i].may_have(now, end)
+                {
+                    end += 1;
+                }
+                for blk in b..end {
+                    self.taken.insert(blk);
+                    self.inflight.insert(
+                        blk,
+                        InFlight {
+                            sources: vec![i],
+                            requested_at: now,
+                        },
+                    );
+                }
+                room -= end - b;
+                runs.push((b, (end - b) as u32));
+                at = end;
+            }
+            // End game: nothing free, so duplicate the oldest blocks that only one other source has.
+            if runs.is_empty() && self.sources[i].outstanding == 0 {
+                let dup: Vec<u64> = self
+                    .inflight
+                    .iter()
+                    .filter(|(b, f)| f.sources.len() == 1 && f.sources[0] != i && self.sources[i].may_have(now, **b))
+                    .map(|(b, _)| *b)
+                    .take(room.min(self.cfg.run_blocks_max) as usize)
+                    .collect();
+                for b in dup {
+                    let extends = runs.last().is_some_and(|(s, c)| s + *c as u64 == b);
+                    if extends {
+                        runs.last_mut().expect("checked").1 += 1;
+                    } else if runs.len() < wire::RANGES_MAX {
+                        runs.push((b, 1));
+                    } else {
+                        break;
+                    }
+                    self.inflight.get_mut(&b).expect("listed above").sources.push(i);
+                }
+            }
+            let added: u64 = runs.iter().map(|(_, c)| *c as u64).sum();
+            self.sources[i].outstanding += added;
+            self.sources[i].want_request.extend(runs);
+        }
+    }
+
+    /// Write the next control datagram (hello, request, cancel, ack, close) into `buf`.
+    pub fn poll_transmit(&mut self, now: Time, buf: &mut [u8]) -> Option<Transmit> {
+        let background = if self.cfg.background { REQUEST_BACKGROUND } else { 0 };
+        for s in self.sources.iter_mut() {
+            let request = |buf: &mut [u8], s: &Source, stream: u8, ranges: &[WireRange], window: u64| {
+                let f = wire::RequestFixed {
+                    content: self.content.0,
+                    nonce_echo: s.nonce.into(),
+                    reserved: [0; 8],
+                    window_bytes: (window.min(u32::MAX as u64) as u32).into(),
+                    stream,
+                    flags: background,
+                    range_count: 0.into(),
+                };
+                wire::encode_request(&self.key, buf, s.session, &f, ranges)
+            };
+            if s.want_close {
+                s.want_close = false;
+                let n = wire::encode_close(&self.key, buf, s.session, 0);
+                return Some(Transmit {
+                    dst: s.addr,
+                    len: n,
+                    segment_size: None,
+                });
+            }
+            match s.phase {
+                Phase::Connecting { next_try, tries } if next_try <= now => {
+                    // Hello: a request without ranges. Sent again with backoff until accepted.
+                    let n = request(buf, s, wire::STREAM_CONTENT, &[], self.cfg.window_bytes_initial);
+                    let backoff = self.cfg.connect_retry * 2u32.pow(tries.min(10));
+                    s.phase = Phase::Connecting {
+                        next_try: now + backoff,
+                        tries: tries + 1,
+                    };
+                    return Some(Transmit {
+                        dst: s.addr,
+                        len: n,
+                        segment_size: None,
+                    });
+                }
+                Phase::Active => {}
+                _ => continue,
+            }
+            if s.ack_at.is_some_and(|t| t <= now) {
+                s.ack_at = None;
+                s.unacked = 0;
+                let largest = s.largest_pn.unwrap_or(0);
+                let ranges: Vec<WireRange> = s
+                    .recv_pns
+                    .iter()
+                    .rev()
+                    .take(wire::RANGES_MAX)
+                    .map(|r| WireRange {
+                        start: r.start.into(),
+                        count: ((r.end - r.start).min(u32::MAX as u64) as u32).into(),
+                    })
+                    .collect();
+                let f = wire::AckFixed {
+                    nonce_echo: s.nonce.into(),
+                    largest: largest.into(),
+                    ack_delay_us: (now.since(s.largest_recv).as_micros() as u32).into(),
+                    echo_send_ts_us: s.largest_send_ts.into(),
+                    recv_ts_us: s.largest_recv.wire_us().into(),
+                    range_count: 0.into(),
+                    reserved: [0; 2],
+                };
+                let n = wire::encode_ack(&self.key, buf, s.session, &f, &ranges);
+                return Some(Transmit {
+                    dst: s.addr,
+                    len: n,
+                    segment_size: None,
+                });
+            }
+            if s.want_table {
+                s.want_table = false;
+                let n = request(buf, s, wire::STREAM_TABLE, &[], self.cfg.window_bytes_initial);
+                return Some(Transmit {
+                    dst: s.addr,
+                    len: n,
+                    segment_size: None,
+                });
+            }
+            if !s.want_cancel.is_empty() {
+                let take = s.want_cancel.len().min(wire::RANGES_MAX);
+                let ranges = wire::wire_ranges(s.want_cancel.drain(..take));
+                let n = wire::encode_ranges(&self.key, buf, Kind::Cancel, s.session, wire::STREAM_CONTENT, &ranges);
+                return Some(Transmit {
+                    dst: s.addr,
+                    len: n,
+                    segment_size: None,
+                });
+            }
+            if !s.want_request.is_empty() {
+                let take = s.want_request.len().min(wire::RANGES_MAX);
+                let ranges = wire::wire_ranges(s.want_request.drain(..take));
+                let n = request(buf, s, wire::STREAM_CONTENT, &ranges, self.cfg.window_bytes_max);
+                return Some(Transmit {
+                    dst: s.addr,
+                    len: n,
+                    segment_size: None,
+                });
+            }
+        }
+        None
+    }
+
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let mut t: Option<Time> = None;
+        let mut at = |x: Time| t = Some(t.map_or(x, |t| t.min(x)));
+        for s in &self.sources {
+            match s.phase {
+                Phase::Connecting { next_try, .. } => at(next_try),
+                Phase::Active => {
+                    if let Some(a) = s.ack_at {
+                        at(a);
+                    }
+                }
+                Phase::Gone => {}
+            }
+        }
+        if !self.inflight.is_empty() || self.sources.iter().any(|s| s.phase == Phase::Active) {
+            at(self.next_tick);
+        }
+        t
+    }
+
+    pub fn handle_timeout(&mut self, now: Time) {
+        for i in 0..self.sources.len() {
+            if let Phase::Connecting { tries, next_try } = self.sources[i].phase {
+                if tries >= self.cfg.connect_tries_max && next_try <= now {
+                    self.drop_source(i, DropReason::NoAnswer);
+                }
+            }
+        }
+        if now >= self.next_tick {
+            self.next_tick = now + TICK;
+            self.check_stalls(now);
+        }
+        self.schedule(now);
+    }
+
+    fn check_stalls(&mut self, now: Time) {
+        let block_bytes = self.table.as_ref().map(|t| t.geometry().block_bytes()).unwrap_or(1);
+        for i in 0..self.sources.len() {
+            let s = &self.sources[i];
+            let waiting = s.outstanding > 0 || self.table_fetch.as_ref().is_some_and(|(src, _, _)| *src == i);
+            if s.phase != Phase::Active || !waiting || now.since(s.last_data) < self.cfg.stall_timeout {
+                continue;
+            }
+            let strikes = s.strikes + 1;
+            if strikes >= self.cfg.stall_strikes_max {
+                self.drop_source(i, DropReason::Stalled);
+                continue;
+            }
+            self.sources[i].strikes = strikes;
+            self.sources[i].last_data = now;
+            let mine: Vec<u64> = self
+                .inflight
+                .iter()
+                .filter(|(_, f)| f.sources.contains(&i))
+                .map(|(b, _)| *b)
+                .collect();
+            for b in mine {
+                self.unassign(b, i);
+            }
+            if self.table_fetch.as_ref().is_some_and(|(src, _, _)| *src == i) {
+                self.sources[i].want_table = true; // the table request or its data was lost: ask again
+            }
+        }
+        // Blocks that take far longer than the source's rate explains are requested again.
+        let late: Vec<(u64, usize)> = self
+            .inflight
+            .iter()
+            .flat_map(|(b, f)| f.sources.iter().map(move |s| (*b, *s, f.requested_at)))
+            .filter(|(_, s, at)| {
+                let src = &self.sources[*s];
+                let drain = if src.rate > 0 {
+                    Duration::from_secs_f64((src.outstanding * block_bytes) as f64 / src.rate as f64 * 2.0)
+                } else {
+                    Duration::ZERO
+                };
+                now.since(*at) > self.cfg.block_timeout_min.max(drain)
+            })
+            .map(|(b, s, _)| (b, s))
+            .collect();
+        for (b, s) in late {
+            self.unassign(b, s);
+        }
+    }
+}

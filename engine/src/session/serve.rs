@@ -1,0 +1,562 @@
+//! The serving side: answers fetchers' requests with data.
+//!
+//! A session starts when a fetcher's first `Request` names content this
+//! server holds; the server answers `Accept` with a random nonce and sends no
+//! data until the fetcher echoes it (address validation, see [`crate::wire`]).
+//! Requested block ranges are queued; blocks the server does not hold are
+//! answered with `NotHave`. Data leaves in GSO-sized runs of equal datagrams,
+//! as far as the session's congestion window, its pacer and the fetcher's
+//! requests allow. Lost data goes to the front of the queue.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+
+use super::pacer::Pacer;
+use super::recovery::Recovery;
+use super::{Library, Transmit, GSO_SEGMENTS_MAX, PAYLOAD_BYTES_DEFAULT};
+use crate::cc::{AckSample, Controller, LossSample};
+use crate::content::{ContentId, Geometry};
+use crate::time::Time;
+use crate::wire::{self, DeploymentKey, Kind, Packet, RejectReason, WireRange, DATA_HEADER_BYTES};
+
+/// Builds a controller for a new session; `background` is the fetcher's request flag.
+pub type ControllerFactory = Arc<dyn Fn(bool) -> Box<dyn Controller> + Send + Sync>;
+
+/// `RequestFixed::flags`: the fetcher asks for the background (scavenger) protocol.
+pub const REQUEST_BACKGROUND: u8 = 1;
+
+/// Bounds and knobs of a server.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Payload bytes per data datagram.
+    pub payload_bytes: usize,
+    /// Most concurrent sessions; further requests get `Reject(Busy)`.
+    pub sessions_max: usize,
+    /// Most queued ranges per session; a request beyond it is ignored (the fetcher re-requests).
+    pub queue_ranges_max: usize,
+    /// Most queued control packets; beyond it new ones are dropped (the peer retries).
+    pub control_queue_max: usize,
+    /// A session with no packet from its fetcher for this long is dropped.
+    pub idle_timeout: Duration,
+    /// Consecutive probe timeouts after which a session is dropped.
+    pub pto_count_max: u32,
+    /// Pacer bucket, as time at the pacing rate.
+    pub pacing_burst: Duration,
+    /// Most datagrams per GSO run.
+    pub gso_segments_max: usize,
+    pub controller: ControllerFactory,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("payload_bytes", &self.payload_bytes)
+            .field("sessions_max", &self.sessions_max)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            payload_bytes: PAYLOAD_BYTES_DEFAULT,
+            sessions_max: 256,
+            queue_ranges_max: 4096,
+            control_queue_max: 1024,
+            idle_timeout: Duration::from_secs(10),
+            pto_count_max: 10,
+            pacing_burst: Duration::from_millis(1),
+            gso_segments_max: GSO_SEGMENTS_MAX,
+            controller: Arc::new(|_| Box::new(crate::cc::foreground::Foreground::new())),
+        }
+    }
+}
+
+/// Counters of a server since it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    pub packets_sent: u64,
+    pub payload_bytes_sent: u64,
+    pub payload_bytes_resent: u64,
+    pub sessions_opened: u64,
+    pub sessions_dropped_idle: u64,
+    pub requests_rejected: u64,
+    pub read_errors: u64,
+}
+
+struct Session {
+    peer: SocketAddr,
+    id: u32,
+    content: ContentId,
+    geometry: Geometry,
+    nonce: u64,
+    validated: bool,
+    /// Retransmissions first, then new data: (stream, byte range).
+    resend: VecDeque<(u8, Range<u64>)>,
+    queue: VecDeque<(u8, Range<u64>)>,
+    recovery: Recovery,
+    cc: Box<dyn Controller>,
+    pacer: Pacer,
+    last_recv: Time,
+    app_limited: bool,
+    dead: bool,
+}
+
+impl Session {
+    fn has_data(&self) -> bool {
+        self.validated && !self.dead && (!self.resend.is_empty() || !self.queue.is_empty())
+    }
+
+    /// Next chunk of at most `max` bytes, taken from the front of the resend or send queue.
+    fn take_chunk(&mut self, max: u64) -> Option<(u8, Range<u64>, bool)> {
+        let (q, resent) = if !self.resend.is_empty() {
+            (&mut self.resend, true)
+        } else {
+            (&mut self.queue, false)
+        };
+        let (stream, r) = q.front_mut()?;
+        let stream = *stream;
+        let end = (r.start + max).min(r.end);
+        let chunk = r.start..end;
+        r.start = end;
+        if r.is_empty() {
+            q.pop_front();
+        }
+        Some((stream, chunk, resent))
+    }
+
+    /// Put an unsent chunk back at the front.
+    fn untake(&mut self, stream: u8, chunk: Range<u64>, resent: bool) {
+        let q = if resent { &mut self.resend } else { &mut self.queue };
+        match q.front_mut() {
+            Some((s, r)) if *s == stream && r.start == chunk.end => r.start = chunk.start,
+            _ => q.push_front((stream, chunk)),
+        }
+    }
+
+    fn pacing_rate(&self) -> Option<u64> {
+        self.cc.pacing_rate(self.recovery.srtt)
+    }
+}
+
+/// The serving endpoint.
+pub struct Server {
+    key: DeploymentKey,
+    config: ServerConfig,
+    sessions: Vec<Session>,
+    control: VecDeque<(SocketAddr, Vec<u8>)>,
+    rr: usize,
+    rng: rand::rngs::SmallRng,
+    stats: ServerStats,
+}
+
+impl Server {
+    /// `seed` makes nonces reproducible in simulation; drivers pass a random one.
+    pub fn new(key: DeploymentKey, config: ServerConfig, seed: u64) -> Self {
+        Self {
+            key,
+            config,
+            sessions: Vec::new(),
+            control: VecDeque::new(),
+            rr: 0,
+            rng: rand::rngs::SmallRng::seed_from_u64(seed),
+            stats: ServerStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Handle a packet meant for the serving side (Request, Ack, Cancel, Close). Others are ignored.
+    pub fn handle(&mut self, now: Time, from: SocketAddr, packet: &Packet<'_>, lib: &dyn Library) {
+        match packet {
+            Packet::Request { session, fixed, ranges } => self.on_request(now, from, *session, fixed, ranges, lib),
+            Packet::Ack { session, fixed, ranges } => {
+                if let Some(s) = self.find(from, *session) {
+                    s.last_recv = now;
+                    if fixed.nonce_echo.get() == s.nonce {
+                        s.validated = true;
+                    }
+                    Self::on_ack(now, s, fixed, ranges);
+                }
+            }
+            Packet::Cancel { session, fixed, ranges } => {
+                if let Some(s) = self.find(from, *session) {
+                    s.last_recv = now;
+                    if fixed.stream == wire::STREAM_CONTENT {
+                        let g = s.geometry;
+                        for r in ranges.iter() {
+                            let bytes = byte_range(&g, r);
+                            remove_range(&mut s.queue, &bytes);
+                            remove_range(&mut s.resend, &bytes);
+                        }
+                    }
+                }
+            }
+            Packet::Close { session, .. } => {
+                self.sessions.retain(|s| !(s.peer == from && s.id == *session));
+            }
+            _ => {}
+        }
+    }
+
+    fn find(&mut self, from: SocketAddr, id: u32) -> Option<&mut Session> {
+        self.sessions.iter_mut().find(|s| s.peer == from && s.id == id)
+    }
+
+    fn push_control(&mut self, to: SocketAddr, pkt: Vec<u8>) {
+        if self.control.len() < self.config.control_queue_max {
+            self.control.push_back((to, pkt));
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        id: u32,
+        fixed: &wire::RequestFixed,
+        ranges: &[WireRange],
+        lib: &dyn Library,
+    ) {
+        let content = ContentId(fixed.content);
+        let mut buf = [0u8; 256];
+        let existing = self.sessions.iter().position(|s| s.peer == from && s.id == id);
+        if let Some(i) = existing {
+            let s = &self.sessions[i];
+            if s.content != content {
+                return; // a session id reused for other content: ignore
+            }
+            if !s.validated && fixed.nonce_echo.get() != s.nonce {
+                // Our Accept was lost: the fetcher says hello again.
+                if let Some((geometry, complete)) = lib.info(&content) {
+                    let n = self.encode_accept(&mut buf, id, &content, geometry, complete, s.nonce);
+                    self.push_control(from, buf[..n].to_vec());
+                }
+                return;
+            }
+        }
+        let idx = match existing {
+            Some(i) => i,
+            None => {
+                let Some((geometry, complete)) = lib.info(&content) else {
+                    self.stats.requests_rejected += 1;
+                    let n = wire::encode_reject(&self.key, &mut buf, id, &content, RejectReason::NotFound);
+                    self.push_control(from, buf[..n].to_vec());
+                    return;
+                };
+                if self.sessions.len() >= self.config.sessions_max {
+                    self.stats.requests_rejected += 1;
+                    let n = wire::encode_reject(&self.key, &mut buf, id, &content, RejectReason::Busy);
+                    self.push_control(from, buf[..n].to_vec());
+                    return;
+                }
+                let nonce = self.rng.gen::<u64>() | 1;
+                let n = self.encode_accept(&mut buf, id, &content, geometry, complete, nonce);
+                self.push_control(from, buf[..n].to_vec());
+                self.stats.sessions_opened += 1;
+                let background = fixed.flags & REQUEST_BACKGROUND != 0;
+                self.sessions.push(Session {
+                    peer: from,
+                    id,
+                    content,
+                    geometry,
+                    nonce,
+                    validated: false,
+                    resend: VecDeque::new(),
+                    queue: VecDeque::new(),
+                    recovery: Recovery::new(),
+                    cc: (self.config.controller)(background),
+                    pacer: Pacer::new(),
+                    last_recv: now,
+                    app_limited: false,
+                    dead: false,
+                });
+                // Ranges in the very first request are queued but not sent before validation.
+                self.sessions.len() - 1
+            }
+        };
+        let queue_max = self.config.queue_ranges_max;
+        let s = &mut self.sessions[idx];
+        s.last_recv = now;
+        if fixed.nonce_echo.get() == s.nonce {
+            s.validated = true;
+        }
+        if fixed.stream == wire::STREAM_TABLE {
+            let table_len = 16 + 32 * s.geometry.block_count();
+            if s.queue.iter().all(|(st, _)| *st != wire::STREAM_TABLE) {
+                s.queue.push_back((wire::STREAM_TABLE, 0..table_len));
+            }
+            return;
+        }
+        let g = s.geometry;
+        let mut missing: Vec<(u64, u32)> = Vec::new();
+        for r in ranges {
+            let end = (r.start.get().saturating_add(r.count.get() as u64)).min(g.block_count());
+            let mut b = r.start.get();
+            while b < end {
+                // Queue runs of held blocks; collect runs of missing ones for NotHave.
+                let held = lib.has_block(&s.content, b);
+                let run_start = b;
+                while b < end && lib.has_block(&s.content, b) == held {
+                    b += 1;
+                }
+                if held {
+                    if s.queue.len() < queue_max {
+                        let bytes = g.block_range(run_start).start..g.block_range(b - 1).end;
+                        s.queue.push_back((wire::STREAM_CONTENT, bytes));
+                    }
+                } else if missing.len() < wire::RANGES_MAX {
+                    missing.push((run_start, (b - run_start) as u32));
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let n = wire::encode_ranges(
+                &self.key,
+                &mut buf[..],
+                Kind::NotHave,
+                id,
+                wire::STREAM_CONTENT,
+                &wire::wire_ranges(missing),
+            );
+            let pkt = buf[..n].to_vec();
+            self.push_control(from, pkt);
+        }
+    }
+
+    fn encode_accept(
+        &self,
+        buf: &mut [u8],
+        id: u32,
+        content: &ContentId,
+        geometry: Geometry,
+        complete: bool,
+        nonce: u64,
+    ) -> usize {
+        let accept = wire::AcceptFixed {
+            content: content.0,
+            nonce: nonce.into(),
+            size: geometry.size.into(),
+            block_chunks_log: geometry.block_chunks_log,
+            flags: if complete { wire::ACCEPT_COMPLETE } else { 0 },
+            payload_max: (self.config.payload_bytes as u16).into(),
+            reserved: [0; 4],
+        };
+        wire::encode_accept(&self.key, buf, id, &accept)
+    }
+
+    fn on_ack(now: Time, s: &mut Session, fixed: &wire::AckFixed, ranges: &[WireRange]) {
+        let largest = fixed.largest.get();
+        let ack_delay = Duration::from_micros(fixed.ack_delay_us.get() as u64);
+        let out = s.recovery.on_ack(
+            now,
+            largest,
+            ack_delay,
+            ranges
+                .iter()
+                .map(|r| r.start.get()..r.start.get().saturating_add(r.count.get() as u64)),
+        );
+        let owd = (fixed.recv_ts_us.get().wrapping_sub(fixed.echo_send_ts_us.get()) as i32) as i64;
+        if out.acked_bytes > 0 {
+            s.cc.on_ack(
+                now,
+                &AckSample {
+                    acked_bytes: out.acked_bytes,
+                    rtt: out.rtt,
+                    srtt: s.recovery.srtt,
+                    min_rtt: s.recovery.min_rtt,
+                    one_way_delay_us: out.rtt.map(|_| owd),
+                    in_flight: s.recovery.in_flight(),
+                    app_limited: s.app_limited,
+                },
+            );
+        }
+        if !out.lost.is_empty() {
+            Self::requeue_lost(now, s, out.lost, out.lost_bytes, out.largest_lost_sent, false);
+        }
+    }
+
+    fn requeue_lost(now: Time, s: &mut Session, lost: Vec<(u8, Range<u64>)>, bytes: u64, largest: Time, timeout: bool) {
+        s.cc.on_loss(
+            now,
+            &LossSample {
+                lost_bytes: bytes,
+                largest_lost_sent: largest,
+                timeout,
+            },
+        );
+        for (stream, r) in lost.into_iter().rev() {
+            s.resend.push_front((stream, r));
+        }
+    }
+
+    /// Write the next datagram (or GSO run of datagrams) into `buf`.
+    /// `buf` must hold `gso_segments_max` full datagrams.
+    pub fn poll_transmit(&mut self, now: Time, lib: &dyn Library, buf: &mut [u8]) -> Option<Transmit> {
+        if let Some((dst, pkt)) = self.control.pop_front() {
+            buf[..pkt.len()].copy_from_slice(&pkt);
+            return Some(Transmit {
+                dst,
+                len: pkt.len(),
+                segment_size: None,
+            });
+        }
+        let n = self.sessions.len();
+        for k in 0..n {
+            let i = (self.rr + k) % n;
+            if let Some(t) = self.transmit_session(now, i, lib, buf) {
+                self.rr = (i + 1) % n;
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    fn transmit_session(&mut self, now: Time, i: usize, lib: &dyn Library, buf: &mut [u8]) -> Option<Transmit> {
+        let cfg = &self.config;
+        let key = &self.key;
+        let s = &mut self.sessions[i];
+        if !s.has_data() || s.recovery.is_full() {
+            return None;
+        }
+        let payload_max = cfg.payload_bytes as u64;
+        let full = DATA_HEADER_BYTES as u64 + payload_max;
+        let window = s.cc.window();
+        let rate = s.pacing_rate();
+        let mut budget = window.saturating_sub(s.recovery.in_flight());
+        if s.recovery.in_flight() == 0 {
+            budget = budget.max(full);
+        }
+        if let Some(rate) = rate {
+            let burst = ((rate as f64 * cfg.pacing_burst.as_secs_f64()) as u64).max(2 * full);
+            budget = budget.min(s.pacer.available(now, rate, burst));
+        }
+        let segs_max = cfg.gso_segments_max.min((buf.len() as u64 / full) as usize);
+        let mut len = 0usize;
+        let mut seg_size = 0usize;
+        let mut count = 0usize;
+        while count < segs_max && budget > 0 {
+            let Some((stream, chunk, resent)) = s.take_chunk(payload_max) else {
+                break;
+            };
+            let plen = (chunk.end - chunk.start) as usize;
+            let dlen = DATA_HEADER_BYTES + plen;
+            if (dlen as u64) > budget || (count > 0 && dlen > seg_size) {
+                s.untake(stream, chunk, resent);
+                break;
+            }
+            let at = len;
+            let payload = &mut buf[at + DATA_HEADER_BYTES..at + dlen];
+            if lib.read(&s.content, stream, chunk.start, payload).is_err() {
+                // The store lost the data (evicted or disk error): stop serving this session.
+                self.stats.read_errors += 1;
+                s.dead = true;
+                break;
+            }
+            let pn = s.recovery.on_sent(now, stream, chunk.start, plen as u32, dlen as u32);
+            let fixed = wire::DataFixed {
+                pn: pn.into(),
+                offset: chunk.start.into(),
+                send_ts_us: now.wire_us().into(),
+                stream,
+                reserved: [0; 3],
+            };
+            wire::seal_data(key, &mut buf[at..], s.id, &fixed, plen);
+            s.cc.on_sent(now, dlen as u64);
+            s.pacer.consume(dlen as u64);
+            budget = budget.saturating_sub(dlen as u64);
+            self.stats.packets_sent += 1;
+            self.stats.payload_bytes_sent += plen as u64;
+            if resent {
+                self.stats.payload_bytes_resent += plen as u64;
+            }
+            len += dlen;
+            count += 1;
+            if count == 1 {
+                seg_size = dlen;
+            } else if dlen < seg_size {
+                break; // a short datagram ends a GSO run
+            }
+        }
+        s.app_limited = !s.has_data() && s.recovery.in_flight() < window;
+        (count > 0).then(|| Transmit {
+            dst: s.peer,
+            len,
+            segment_size: (count > 1).then_some(seg_size),
+        })
+    }
+
+    /// When `handle_timeout` must next be called.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let full = (DATA_HEADER_BYTES + self.config.payload_bytes) as u64;
+        self.sessions
+            .iter()
+            .flat_map(|s| {
+                let pace = (s.has_data() && s.recovery.in_flight() + full <= s.cc.window())
+                    .then(|| s.pacing_rate().map(|r| s.pacer.next_send(full, r)))
+                    .flatten();
+                [s.recovery.timeout(), Some(s.last_recv + self.config.idle_timeout), pace]
+            })
+            .flatten()
+            .min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Time) {
+        let idle = self.config.idle_timeout;
+        let pto_max = self.config.pto_count_max;
+        let before = self.sessions.len();
+        self.sessions
+            .retain(|s| now.since(s.last_recv) < idle && s.recovery.pto_count() <= pto_max && !s.dead);
+        self.stats.sessions_dropped_idle += (before - self.sessions.len()) as u64;
+        for s in &mut self.sessions {
+            if s.recovery.timeout().is_some_and(|t| t <= now) {
+                let out = s.recovery.on_timeout(now);
+                if !out.lost.is_empty() {
+                    Self::requeue_lost(now, s, out.lost, out.lost_bytes, out.largest_lost_sent, true);
+                }
+            }
+        }
+    }
+}
+
+fn byte_range(g: &Geometry, r: &WireRange) -> Range<u64> {
+    let count = g.block_count();
+    let first = r.start.get().min(count);
+    let end = first.saturating_add(r.count.get() as u64).min(count);
+    if first >= end {
+        return 0..0;
+    }
+    g.block_range(first).start..g.block_range(end - 1).end
+}
+
+/// Remove the byte range `cut` from every content range in `q`.
+fn remove_range(q: &mut VecDeque<(u8, Range<u64>)>, cut: &Range<u64>) {
+    if cut.is_empty() {
+        return;
+    }
+    let mut out = VecDeque::with_capacity(q.len());
+    for (stream, r) in q.drain(..) {
+        if stream != wire::STREAM_CONTENT || r.end <= cut.start || r.start >= cut.end {
+            out.push_back((stream, r));
+            continue;
+        }
+        if r.start < cut.start {
+            out.push_back((stream, r.start..cut.start));
+        }
+        if r.end > cut.end {
+            out.push_back((stream, cut.end..r.end));
+        }
+    }
+    *q = out;
+}
