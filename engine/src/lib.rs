@@ -17,6 +17,7 @@
 
 pub mod cc;
 pub mod content;
+pub mod endpoint;
 pub mod io;
 pub mod ranges;
 pub mod session;

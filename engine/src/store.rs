@@ -362,11 +362,18 @@ impl Store {
 
     /// Verify and write block `index` of `id`. It counts as held after the next [`commit`](Self::commit).
     pub fn write_block(&mut self, id: &ContentId, index: u64, data: &[u8]) -> Result<(), StoreError> {
+        let e = self.entries.get(id).ok_or(StoreError::Unknown(*id))?;
+        e.table.verify_block(index, data)?;
+        self.write_verified_block(id, index, data)
+    }
+
+    /// Write block `index` that the caller has already verified against a table
+    /// verified for the same id (a [`crate::session::fetch::Fetch`] does), saving a second hash.
+    pub fn write_verified_block(&mut self, id: &ContentId, index: u64, data: &[u8]) -> Result<(), StoreError> {
         let e = self.entries.get_mut(id).ok_or(StoreError::Unknown(*id))?;
         if e.have.contains(index) {
             return Ok(());
         }
-        e.table.verify_block(index, data)?;
         let off = e.table.geometry().block_range(index).start;
         let dpath = e.dir.join("data");
         e.data.write_all_at(data, off).map_err(|source| {

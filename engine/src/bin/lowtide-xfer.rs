@@ -1,0 +1,258 @@
+//! `lowtide-xfer`: move bytes with the Lowtide engine, without a server.
+//!
+//! ```text
+//! lowtide-xfer add   --store DIR FILE...                 hash files into a store, print their ids
+//! lowtide-xfer serve --store DIR --listen ADDR [--add FILE]...
+//! lowtide-xfer fetch --store DIR --from ADDR [--from ADDR]... ID [--to PATH]
+//! ```
+//!
+//! Every packet is authenticated with the deployment key from `LOWTIDE_KEY`
+//! (or `--key`); both ends need the same one. The agent will own these
+//! commands later; this one exists to test and benchmark the engine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use lowtide_engine::content::{ContentId, BLOCK_CHUNKS_LOG_DEFAULT};
+use lowtide_engine::endpoint::{DriverChoice, Endpoint, EndpointConfig, FetchNews};
+use lowtide_engine::io::uring::ZeroCopy;
+use lowtide_engine::session::fetch::FetchConfig;
+use lowtide_engine::store::Store;
+use lowtide_engine::time::Clock;
+use lowtide_engine::wire::DeploymentKey;
+
+#[derive(Parser)]
+#[command(
+    name = "lowtide-xfer",
+    version,
+    about = "Serve and fetch content with the Lowtide engine"
+)]
+struct Cli {
+    /// Deployment key (any passphrase; both ends must use the same).
+    #[arg(long, env = "LOWTIDE_KEY", hide_env_values = true, global = true)]
+    key: Option<String>,
+    /// Content store directory.
+    #[arg(long, global = true, default_value = "./lowtide-store")]
+    store: PathBuf,
+    /// Store size limit, in MiB.
+    #[arg(long, global = true, default_value_t = 1 << 20)]
+    store_limit_mib: u64,
+    /// I/O driver: auto, uring or portable.
+    #[arg(long, global = true, default_value = "auto")]
+    driver: DriverChoice,
+    /// Zero-copy send with io_uring: auto (probe, keep it only if the kernel really avoids copies), on, off.
+    #[arg(long, global = true, default_value = "auto", value_parser = parse_zc)]
+    zero_copy: ZeroCopy,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+fn parse_zc(s: &str) -> Result<ZeroCopy, String> {
+    match s {
+        "auto" => Ok(ZeroCopy::Auto),
+        "on" => Ok(ZeroCopy::On),
+        "off" => Ok(ZeroCopy::Off),
+        _ => Err(format!("unknown zero-copy mode {s:?}: use auto, on or off")),
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Hash files into the store and print their content ids.
+    Add { files: Vec<PathBuf> },
+    /// Serve the store's content on a UDP address until interrupted.
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Files to add before serving.
+        #[arg(long)]
+        add: Vec<PathBuf>,
+    },
+    /// Fetch content by id from one or more servers.
+    Fetch {
+        id: ContentId,
+        #[arg(long = "from", required = true)]
+        from: Vec<SocketAddr>,
+        /// Local address to bind.
+        #[arg(long, default_value = "0.0.0.0:0")]
+        bind: SocketAddr,
+        /// Copy the finished content here.
+        #[arg(long)]
+        to: Option<PathBuf>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout_secs: u64,
+        /// Write a JSON summary here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// No progress lines.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOWTIDE_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lowtide-xfer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn key(cli: &Cli) -> anyhow::Result<DeploymentKey> {
+    match &cli.key {
+        Some(k) if !k.is_empty() => Ok(DeploymentKey::derive(k.as_bytes())),
+        _ => bail!("no deployment key: set LOWTIDE_KEY (or --key) to the same passphrase on both ends"),
+    }
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    let mut store = Store::open(&cli.store, cli.store_limit_mib << 20)
+        .with_context(|| format!("opening store {}", cli.store.display()))?;
+    match &cli.cmd {
+        Cmd::Add { files } => {
+            for f in files {
+                let t = store
+                    .import(f, BLOCK_CHUNKS_LOG_DEFAULT)
+                    .with_context(|| format!("adding {}", f.display()))?;
+                println!("{}  {}", t.root(), f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Serve { listen, add } => {
+            for f in add {
+                let t = store
+                    .import(f, BLOCK_CHUNKS_LOG_DEFAULT)
+                    .with_context(|| format!("adding {}", f.display()))?;
+                println!("{}  {}", t.root(), f.display());
+            }
+            let cfg = EndpointConfig {
+                driver: cli.driver,
+                zero_copy: cli.zero_copy,
+                ..Default::default()
+            };
+            let mut ep = Endpoint::bind(*listen, key(&cli)?, store, cfg)?;
+            install_signals();
+            eprintln!("serving on {} ({})", ep.local_addr(), ep.driver_description());
+            while !STOP.load(Ordering::Relaxed) {
+                ep.poll(Duration::from_millis(200))?;
+            }
+            let s = ep.server.stats();
+            eprintln!(
+                "served {} payload bytes in {} packets ({} resent), {} sessions; dropped datagrams: {}",
+                s.payload_bytes_sent,
+                s.packets_sent,
+                s.payload_bytes_resent,
+                s.sessions_opened,
+                ep.drops.total()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Fetch {
+            id,
+            from,
+            bind,
+            to,
+            timeout_secs,
+            json,
+            quiet,
+        } => {
+            let cfg = EndpointConfig {
+                driver: cli.driver,
+                zero_copy: cli.zero_copy,
+                ..Default::default()
+            };
+            let mut ep = Endpoint::bind(*bind, key(&cli)?, store, cfg)?;
+            install_signals();
+            let clock = Clock::new();
+            ep.start_fetch(*id, None, from, FetchConfig::default())?;
+            let deadline = clock.now() + Duration::from_secs(*timeout_secs);
+            let mut next_report = clock.now();
+            let mut complete = false;
+            while !STOP.load(Ordering::Relaxed) {
+                ep.poll(Duration::from_millis(100))?;
+                for n in ep.take_news() {
+                    match n {
+                        FetchNews::Complete { .. } => complete = true,
+                        FetchNews::SourceDropped { addr, reason, .. } => eprintln!("source {addr} dropped: {reason}"),
+                    }
+                }
+                if complete || ep.fetching() == 0 {
+                    break;
+                }
+                let now = clock.now();
+                if now >= deadline {
+                    bail!("timed out after {timeout_secs} s; what was verified is kept and the next fetch resumes from it");
+                }
+                if !quiet && now >= next_report {
+                    next_report = now + Duration::from_secs(1);
+                    for p in ep.progress() {
+                        let live = p.sources.iter().filter(|s| s.active).count();
+                        eprintln!(
+                            "{}: {} / {} MiB from {live} source(s), {:.0} Mbit/s",
+                            p.content.short(),
+                            p.bytes_held >> 20,
+                            p.size.map_or("?".into(), |s| (s >> 20).to_string()),
+                            p.sources.iter().map(|s| s.rate_bytes_per_s).sum::<u64>() as f64 * 8.0 / 1e6
+                        );
+                    }
+                }
+                if ep.progress().iter().any(|p| p.live_sources == 0) {
+                    bail!("every source was dropped (see above); check the addresses, the key (LOWTIDE_KEY) and that the servers hold {id}");
+                }
+            }
+            if !complete {
+                bail!("interrupted; what was verified is kept and the next fetch resumes from it");
+            }
+            let secs = clock.now().since(lowtide_engine::time::Time::ZERO).as_secs_f64();
+            let size = ep.store.table(id).map_or(0, |t| t.geometry().size);
+            eprintln!(
+                "fetched {} ({size} bytes) in {secs:.2} s: {:.2} Gbit/s with the {} driver",
+                id.short(),
+                size as f64 * 8.0 / secs / 1e9,
+                ep.driver_name()
+            );
+            if let Some(to) = to {
+                ep.store
+                    .export(id, to)
+                    .with_context(|| format!("writing {}", to.display()))?;
+            }
+            if let Some(j) = json {
+                let v = serde_json::json!({
+                    "content": id.to_string(), "bytes": size, "seconds": secs,
+                    "goodput_gbps": size as f64 * 8.0 / secs / 1e9, "driver": ep.driver_name(),
+                    "dropped_datagrams": ep.drops.total(),
+                });
+                std::fs::write(j, serde_json::to_vec_pretty(&v)?)
+                    .with_context(|| format!("writing {}", j.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn install_signals() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}

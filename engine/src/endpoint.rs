@@ -1,0 +1,396 @@
+//! An endpoint: one UDP socket, one driver, a [`Server`] over a [`Store`],
+//! and any number of [`Fetch`]es whose verified blocks go into that store.
+//! This is what the agent and the `lowtide-xfer` command run.
+//!
+//! [`Endpoint::poll`] is one turn of the loop: send what the sessions have,
+//! wait for datagrams or the next timer, hand datagrams to the sessions,
+//! store verified blocks, commit them to disk in batches, run timers.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::content::{BlockTable, ContentId};
+use crate::io::portable::Portable;
+use crate::io::udp::{Driver, Socket};
+use crate::io::uring::{self, Uring, ZeroCopy};
+use crate::session::fetch::{DropReason, Event, Fetch, FetchConfig, SourceStats};
+use crate::session::serve::{Server, ServerConfig};
+use crate::session::Transmit;
+use crate::store::{Store, StoreError};
+use crate::time::{Clock, Time};
+use crate::wire::{self, DeploymentKey, DropCounters, Packet};
+
+/// Which driver to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverChoice {
+    /// io_uring when available, else portable.
+    Auto,
+    Uring,
+    Portable,
+}
+
+impl std::str::FromStr for DriverChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "uring" | "io_uring" => Ok(Self::Uring),
+            "portable" => Ok(Self::Portable),
+            _ => Err(format!("unknown driver {s:?}: use auto, uring or portable")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EndpointConfig {
+    pub driver: DriverChoice,
+    pub zero_copy: ZeroCopy,
+    pub server: ServerConfig,
+    /// Commit written blocks to disk after this many...
+    pub commit_blocks: usize,
+    /// ...or after this long, whichever comes first.
+    pub commit_interval: Duration,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        Self {
+            driver: DriverChoice::Auto,
+            zero_copy: ZeroCopy::Auto,
+            server: ServerConfig::default(),
+            commit_blocks: 2048,
+            commit_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What happened to a fetch, for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchNews {
+    SourceDropped {
+        content: ContentId,
+        addr: SocketAddr,
+        reason: DropReason,
+    },
+    /// Every block is verified and committed to disk.
+    Complete { content: ContentId },
+}
+
+/// Progress of one fetch.
+#[derive(Debug, Clone)]
+pub struct FetchProgress {
+    pub content: ContentId,
+    pub bytes_held: u64,
+    pub size: Option<u64>,
+    pub sources: Vec<SourceStats>,
+    /// Sources not dropped (connecting or active).
+    pub live_sources: usize,
+}
+
+pub struct Endpoint {
+    driver: Box<dyn Driver>,
+    key: DeploymentKey,
+    clock: Clock,
+    cfg: EndpointConfig,
+    pub server: Server,
+    pub store: Store,
+    fetches: Vec<Fetch>,
+    pub drops: DropCounters,
+    batch: Vec<Transmit>,
+    news: Vec<FetchNews>,
+    last_commit: Time,
+    seed: u64,
+}
+
+/// Why an endpoint could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("io_uring was asked for but is unavailable ({0}); use --driver portable or auto")]
+    NoUring(io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into b.
+    let _ = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 8, 0) };
+    u64::from_ne_bytes(b)
+}
+
+impl Endpoint {
+    pub fn bind(
+        addr: SocketAddr,
+        key: DeploymentKey,
+        store: Store,
+        cfg: EndpointConfig,
+    ) -> Result<Self, EndpointError> {
+        let sock = Socket::bind(addr).map_err(|source| EndpointError::Bind { addr, source })?;
+        let driver: Box<dyn Driver> = match cfg.driver {
+            DriverChoice::Portable => Box::new(Portable::new(sock)),
+            DriverChoice::Uring => Box::new(Uring::new(sock, cfg.zero_copy).map_err(EndpointError::NoUring)?),
+            DriverChoice::Auto if uring::available() => match Uring::new(sock, cfg.zero_copy) {
+                Ok(u) => Box::new(u),
+                Err(e) => {
+                    tracing::warn!("io_uring unavailable ({e}); using the portable driver");
+                    Box::new(Portable::new(
+                        Socket::bind(addr).map_err(|source| EndpointError::Bind { addr, source })?,
+                    ))
+                }
+            },
+            DriverChoice::Auto => {
+                tracing::info!(
+                    "io_uring is disabled on this kernel (kernel.io_uring_disabled); using the portable driver"
+                );
+                Box::new(Portable::new(sock))
+            }
+        };
+        tracing::info!("UDP {} with the {}", driver.local_addr(), driver.describe());
+        let seed = random_seed();
+        Ok(Self {
+            server: Server::new(key.clone(), cfg.server.clone(), seed),
+            driver,
+            key,
+            clock: Clock::new(),
+            cfg,
+            store,
+            fetches: Vec::new(),
+            drops: DropCounters::default(),
+            batch: Vec::new(),
+            news: Vec::new(),
+            last_commit: Time::ZERO,
+            seed,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.driver.local_addr()
+    }
+
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.name()
+    }
+
+    pub fn driver_description(&self) -> String {
+        self.driver.describe()
+    }
+
+    pub fn now(&self) -> Time {
+        self.clock.now()
+    }
+
+    /// Start fetching `id` from `sources`. With a `table` (from the server), every
+    /// block already in the store is kept; without one, the table is fetched from a source.
+    pub fn start_fetch(
+        &mut self,
+        id: ContentId,
+        table: Option<BlockTable>,
+        sources: &[SocketAddr],
+        cfg: FetchConfig,
+    ) -> Result<(), StoreError> {
+        if let Some(t) = &table {
+            t.verify_root(&id)?;
+            self.store.begin(t)?;
+        }
+        let known = self
+            .store
+            .table(&id)
+            .map(|t| (t.clone(), self.store.have(&id).expect("table implies entry").clone()));
+        self.store.pin(id);
+        self.seed = self.seed.wrapping_add(1);
+        let mut f = Fetch::new(self.key.clone(), id, cfg, known, self.seed);
+        let now = self.clock.now();
+        for s in sources {
+            f.add_source(now, *s);
+        }
+        if f.is_complete() {
+            self.news.push(FetchNews::Complete { content: id });
+            self.store.unpin(&id);
+            return Ok(());
+        }
+        self.fetches.push(f);
+        Ok(())
+    }
+
+    /// Add a source to a running fetch.
+    pub fn add_source(&mut self, id: &ContentId, addr: SocketAddr) -> bool {
+        let now = self.clock.now();
+        self.fetches
+            .iter_mut()
+            .find(|f| f.content() == *id)
+            .is_some_and(|f| f.add_source(now, addr))
+    }
+
+    pub fn progress(&self) -> Vec<FetchProgress> {
+        self.fetches
+            .iter()
+            .map(|f| FetchProgress {
+                content: f.content(),
+                bytes_held: f.bytes_held(),
+                size: f.table().map(|t| t.geometry().size),
+                sources: f.sources(),
+                live_sources: f.live_sources(),
+            })
+            .collect()
+    }
+
+    /// News since the last call.
+    pub fn take_news(&mut self) -> Vec<FetchNews> {
+        std::mem::take(&mut self.news)
+    }
+
+    pub fn fetching(&self) -> usize {
+        self.fetches.len()
+    }
+
+    /// One turn of the loop, waiting at most `wait_max` for something to happen.
+    pub fn poll(&mut self, wait_max: Duration) -> io::Result<()> {
+        let now = self.clock.now();
+        let more = self.transmit(now)?;
+        let next = self
+            .fetches
+            .iter()
+            .filter_map(|f| f.poll_timeout())
+            .chain(self.server.poll_timeout())
+            .min();
+        let wait = if more {
+            Duration::ZERO
+        } else {
+            next.map_or(wait_max, |t| t.since(now)).min(wait_max)
+        };
+        self.receive(wait)?;
+        let now = self.clock.now();
+        if self.server.poll_timeout().is_some_and(|t| t <= now) {
+            self.server.handle_timeout(now);
+        }
+        for f in self.fetches.iter_mut() {
+            if f.poll_timeout().is_some_and(|t| t <= now) {
+                f.handle_timeout(now);
+            }
+        }
+        self.drain_events(now)?;
+        Ok(())
+    }
+
+    /// Send until the sessions have nothing more or the driver's batch is full.
+    /// Returns true if a full batch went out (there may be more right away).
+    fn transmit(&mut self, now: Time) -> io::Result<bool> {
+        let slots = self.driver.tx_slots();
+        self.batch.clear();
+        while self.batch.len() < slots {
+            let i = self.batch.len();
+            let buf = self.driver.tx_buf(i);
+            let mut t = None;
+            for f in self.fetches.iter_mut() {
+                t = f.poll_transmit(now, buf);
+                if t.is_some() {
+                    break;
+                }
+            }
+            if t.is_none() {
+                t = self.server.poll_transmit(now, &self.store, buf);
+            }
+            match t {
+                Some(t) => self.batch.push(t),
+                None => break,
+            }
+        }
+        let full = self.batch.len() == slots;
+        if !self.batch.is_empty() {
+            self.driver.send(&self.batch)?;
+        }
+        Ok(full)
+    }
+
+    fn receive(&mut self, wait: Duration) -> io::Result<()> {
+        let Self {
+            driver,
+            key,
+            clock,
+            server,
+            store,
+            fetches,
+            drops,
+            ..
+        } = self;
+        let now = clock.now();
+        let mut on_datagram = |from: SocketAddr, bytes: &[u8]| {
+            let packet = match wire::decode(key, bytes) {
+                Ok(p) => p,
+                Err(e) => {
+                    drops.count(&e);
+                    return;
+                }
+            };
+            match packet {
+                Packet::Request { .. } | Packet::Ack { .. } | Packet::Cancel { .. } => {
+                    server.handle(now, from, &packet, &*store)
+                }
+                Packet::Close { .. } => {
+                    server.handle(now, from, &packet, &*store);
+                    for f in fetches.iter_mut() {
+                        f.handle(now, from, &packet);
+                    }
+                }
+                _ => {
+                    for f in fetches.iter_mut() {
+                        f.handle(now, from, &packet);
+                    }
+                }
+            }
+        };
+        driver.recv(Some(wait), &mut on_datagram)?;
+        Ok(())
+    }
+
+    fn drain_events(&mut self, now: Time) -> io::Result<()> {
+        let mut done = Vec::new();
+        for (k, f) in self.fetches.iter_mut().enumerate() {
+            let id = f.content();
+            while let Some(e) = f.poll_event() {
+                match e {
+                    Event::TableVerified(t) => {
+                        self.store.begin(&t).map_err(io::Error::other)?;
+                        self.store.pin(id);
+                    }
+                    Event::Block { index, data, .. } => {
+                        self.store
+                            .write_verified_block(&id, index, &data)
+                            .map_err(io::Error::other)?;
+                        f.recycle(data);
+                    }
+                    Event::SourceDropped { addr, reason } => {
+                        tracing::warn!("source {addr} dropped for {}: {reason}", id.short());
+                        self.news.push(FetchNews::SourceDropped {
+                            content: id,
+                            addr,
+                            reason,
+                        });
+                    }
+                    Event::Complete => done.push(k),
+                }
+            }
+        }
+        let due = now.since(self.last_commit) >= self.cfg.commit_interval;
+        for f in &self.fetches {
+            let id = f.content();
+            if self.store.uncommitted(&id) >= self.cfg.commit_blocks || (due && self.store.uncommitted(&id) > 0) {
+                self.store.commit(&id).map_err(io::Error::other)?;
+            }
+        }
+        if due {
+            self.last_commit = now;
+        }
+        for k in done.into_iter().rev() {
+            let f = self.fetches.remove(k);
+            let id = f.content();
+            self.store.commit(&id).map_err(io::Error::other)?;
+            self.store.unpin(&id);
+            self.news.push(FetchNews::Complete { content: id });
+        }
+        Ok(())
+    }
+}
