@@ -6,8 +6,10 @@
 //! wait for datagrams or the next timer, hand datagrams to the sessions,
 //! store verified blocks, commit them to disk in batches, run timers.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::content::{BlockTable, ContentId};
@@ -17,7 +19,7 @@ use crate::io::uring::{self, Uring, ZeroCopy};
 use crate::session::fetch::{DropReason, Event, Fetch, FetchConfig, SourceStats};
 use crate::session::serve::{Server, ServerConfig};
 use crate::session::Transmit;
-use crate::store::{Store, StoreError};
+use crate::store::{CommitJob, Store, StoreError};
 use crate::time::{Clock, Time};
 use crate::wire::{self, DeploymentKey, DropCounters, Packet};
 
@@ -101,6 +103,29 @@ pub struct Endpoint {
     news: Vec<FetchNews>,
     last_commit: Time,
     seed: u64,
+    /// Commit jobs go to a worker thread so `fdatasync` never stalls the network loop.
+    commit_tx: mpsc::Sender<CommitJob>,
+    commit_rx: mpsc::Receiver<Result<CommitJob, StoreError>>,
+    commits_in_flight: HashMap<ContentId, usize>,
+    /// Fetches whose last blocks are being committed: complete once their jobs are done.
+    finishing: Vec<ContentId>,
+}
+
+fn spawn_committer() -> (mpsc::Sender<CommitJob>, mpsc::Receiver<Result<CommitJob, StoreError>>) {
+    let (tx, jobs) = mpsc::channel::<CommitJob>();
+    let (done, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("lowtide-commit".into())
+        .spawn(move || {
+            for job in jobs {
+                let r = job.run().map(|()| job);
+                if done.send(r).is_err() {
+                    break;
+                }
+            }
+        })
+        .expect("spawning the commit thread");
+    (tx, rx)
 }
 
 /// Why an endpoint could not be set up.
@@ -150,7 +175,12 @@ impl Endpoint {
         };
         tracing::info!("UDP {} with the {}", driver.local_addr(), driver.describe());
         let seed = random_seed();
+        let (commit_tx, commit_rx) = spawn_committer();
         Ok(Self {
+            commit_tx,
+            commit_rx,
+            commits_in_flight: HashMap::new(),
+            finishing: Vec::new(),
             server: Server::new(key.clone(), cfg.server.clone(), seed),
             driver,
             key,
@@ -242,8 +272,9 @@ impl Endpoint {
         std::mem::take(&mut self.news)
     }
 
+    /// Fetches not yet complete (including those whose last blocks are being committed).
     pub fn fetching(&self) -> usize {
-        self.fetches.len()
+        self.fetches.len() + self.finishing.len()
     }
 
     /// One turn of the loop, waiting at most `wait_max` for something to happen.
@@ -375,10 +406,10 @@ impl Endpoint {
             }
         }
         let due = now.since(self.last_commit) >= self.cfg.commit_interval;
-        for f in &self.fetches {
-            let id = f.content();
+        for k in 0..self.fetches.len() {
+            let id = self.fetches[k].content();
             if self.store.uncommitted(&id) >= self.cfg.commit_blocks || (due && self.store.uncommitted(&id) > 0) {
-                self.store.commit(&id).map_err(io::Error::other)?;
+                self.send_commit(&id)?;
             }
         }
         if due {
@@ -387,10 +418,61 @@ impl Endpoint {
         for k in done.into_iter().rev() {
             let f = self.fetches.remove(k);
             let id = f.content();
-            self.store.commit(&id).map_err(io::Error::other)?;
-            self.store.unpin(&id);
-            self.news.push(FetchNews::Complete { content: id });
+            self.send_commit(&id)?;
+            self.finishing.push(id);
+        }
+        self.reap_commits(false)
+    }
+
+    fn send_commit(&mut self, id: &ContentId) -> io::Result<()> {
+        if let Some(job) = self.store.take_commit(id).map_err(io::Error::other)? {
+            *self.commits_in_flight.entry(*id).or_default() += 1;
+            self.commit_tx
+                .send(job)
+                .map_err(|_| io::Error::other("the commit thread stopped"))?;
         }
         Ok(())
+    }
+
+    /// Apply finished commit jobs; with `wait`, block until none is in flight.
+    fn reap_commits(&mut self, wait: bool) -> io::Result<()> {
+        loop {
+            let r = if wait && self.commits_in_flight.values().any(|n| *n > 0) {
+                self.commit_rx
+                    .recv()
+                    .map_err(|_| io::Error::other("the commit thread stopped"))?
+            } else {
+                match self.commit_rx.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                }
+            };
+            let job = r.map_err(io::Error::other)?;
+            if let Some(n) = self.commits_in_flight.get_mut(&job.id) {
+                *n -= 1;
+            }
+            self.store.commit_done(&job);
+        }
+        let mut k = 0;
+        while k < self.finishing.len() {
+            let id = self.finishing[k];
+            if self.commits_in_flight.get(&id).copied().unwrap_or(0) == 0 {
+                self.finishing.swap_remove(k);
+                self.store.unpin(&id);
+                self.news.push(FetchNews::Complete { content: id });
+            } else {
+                k += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait until every written block is committed (for an orderly shutdown).
+    pub fn flush_commits(&mut self) -> io::Result<()> {
+        let ids: Vec<ContentId> = self.fetches.iter().map(|f| f.content()).collect();
+        for id in ids {
+            self.send_commit(&id)?;
+        }
+        self.reap_commits(true)
     }
 }

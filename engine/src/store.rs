@@ -90,6 +90,31 @@ struct Entry {
     written: Vec<u64>,
 }
 
+/// Blocks to make durable: sync the data file, then append and sync their journal records.
+#[derive(Debug)]
+pub struct CommitJob {
+    pub id: ContentId,
+    data: File,
+    journal: File,
+    dir: PathBuf,
+    pub blocks: Vec<u64>,
+}
+
+impl CommitJob {
+    pub fn run(&self) -> Result<(), StoreError> {
+        let dpath = self.dir.join("data");
+        self.data.sync_data().map_err(io_err(&dpath))?;
+        let mut rec = Vec::with_capacity(self.blocks.len() * RECORD_BYTES);
+        for &i in &self.blocks {
+            rec.extend_from_slice(&i.to_le_bytes());
+            rec.extend_from_slice(&(i ^ JOURNAL_CHECK).to_le_bytes());
+        }
+        let jpath = self.dir.join("journal");
+        (&self.journal).write_all(&rec).map_err(io_err(&jpath))?;
+        self.journal.sync_data().map_err(io_err(&jpath))
+    }
+}
+
 /// Summary of one content in the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ItemInfo {
@@ -401,25 +426,39 @@ impl Store {
 
     /// Make written blocks durable and report them as held. Returns how many were committed.
     pub fn commit(&mut self, id: &ContentId) -> Result<usize, StoreError> {
+        let Some(job) = self.take_commit(id)? else { return Ok(0) };
+        job.run()?;
+        let n = job.blocks.len();
+        self.commit_done(&job);
+        Ok(n)
+    }
+
+    /// Hand the blocks written since the last commit to a [`CommitJob`], which can
+    /// run on another thread (the sync takes milliseconds the network loop cannot wait).
+    /// Jobs of one content must run in the order they were taken.
+    pub fn take_commit(&mut self, id: &ContentId) -> Result<Option<CommitJob>, StoreError> {
         let e = self.entries.get_mut(id).ok_or(StoreError::Unknown(*id))?;
         if e.written.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
         let dpath = e.dir.join("data");
-        e.data.sync_data().map_err(io_err(&dpath))?;
-        let mut rec = Vec::with_capacity(e.written.len() * RECORD_BYTES);
-        for &i in &e.written {
-            rec.extend_from_slice(&i.to_le_bytes());
-            rec.extend_from_slice(&(i ^ JOURNAL_CHECK).to_le_bytes());
-        }
         let jpath = e.dir.join("journal");
-        e.journal.write_all(&rec).map_err(io_err(&jpath))?;
-        e.journal.sync_data().map_err(io_err(&jpath))?;
-        let n = e.written.len();
-        for i in e.written.drain(..) {
-            e.have.insert(i);
+        Ok(Some(CommitJob {
+            id: *id,
+            data: e.data.try_clone().map_err(io_err(&dpath))?,
+            journal: e.journal.try_clone().map_err(io_err(&jpath))?,
+            dir: e.dir.clone(),
+            blocks: std::mem::take(&mut e.written),
+        }))
+    }
+
+    /// Record a job that ran successfully: its blocks are now held.
+    pub fn commit_done(&mut self, job: &CommitJob) {
+        if let Some(e) = self.entries.get_mut(&job.id) {
+            for &i in &job.blocks {
+                e.have.insert(i);
+            }
         }
-        Ok(n)
     }
 
     /// Add a whole local file (copied into the store). Returns its table.

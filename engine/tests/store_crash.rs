@@ -48,7 +48,9 @@ fn store_crash_child_writer() {
             continue;
         }
         let r = g.block_range(b);
-        store.write_block(&id, b, &data[r.start as usize..r.end as usize]).unwrap();
+        store
+            .write_block(&id, b, &data[r.start as usize..r.end as usize])
+            .unwrap();
         if done % 16 == 15 {
             store.commit(&id).unwrap();
         }
@@ -58,7 +60,13 @@ fn store_crash_child_writer() {
 
 fn spawn_child(dir: &Path) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "store_crash_child_writer", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "store_crash_child_writer",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -101,10 +109,16 @@ fn store_resumes_after_sigkill_mid_write() {
             kills += 1;
         }
         let held = check_held_blocks_verify(dir.path(), &id, &data);
-        assert!(held >= held_before, "held blocks went from {held_before} to {held}: committed blocks were lost");
+        assert!(
+            held >= held_before,
+            "held blocks went from {held_before} to {held}: committed blocks were lost"
+        );
         held_before = held;
     }
-    assert!(kills >= 3, "the writer finished too early to be killed mid-write ({kills} kills)");
+    assert!(
+        kills >= 3,
+        "the writer finished too early to be killed mid-write ({kills} kills)"
+    );
     // A last writer, not killed, finishes from where the others stopped.
     let status = spawn_child(dir.path()).wait().unwrap();
     assert!(status.success());
@@ -124,8 +138,14 @@ fn store_refuses_content_beyond_its_limit_and_evicts_unpinned() {
     store.begin(&ta).unwrap();
     store.pin(ta.root());
     let err = store.begin(&tb).unwrap_err().to_string();
-    assert!(err.contains("store is full") && err.contains("raise the cache limit"), "{err}");
-    assert!(store.contains(&ta.root()), "a refused begin must not evict pinned content");
+    assert!(
+        err.contains("store is full") && err.contains("raise the cache limit"),
+        "{err}"
+    );
+    assert!(
+        store.contains(&ta.root()),
+        "a refused begin must not evict pinned content"
+    );
     store.unpin(&ta.root());
     store.begin(&tb).unwrap();
     assert!(!store.contains(&ta.root()) && store.contains(&tb.root()));
@@ -140,14 +160,20 @@ fn store_verify_forgets_blocks_damaged_on_disk() {
     std::fs::write(&path, &data).unwrap();
     let t = store.import(&path, 4).unwrap();
     let id = t.root();
-    let f = std::fs::OpenOptions::new().write(true).open(store.data_path(&id).unwrap()).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(store.data_path(&id).unwrap())
+        .unwrap();
     use std::os::unix::fs::FileExt;
     f.write_all_at(b"X", 5 * 16384 + 7).unwrap();
     assert_eq!(store.verify(&id).unwrap(), vec![5]);
     drop(store);
     let store = Store::open(dir.path(), 1 << 30).unwrap();
     let have = store.have(&id).unwrap();
-    assert!(!have.contains(5) && have.count() == have.len() - 1, "the forgotten block stays forgotten after reopen");
+    assert!(
+        !have.contains(5) && have.count() == have.len() - 1,
+        "the forgotten block stays forgotten after reopen"
+    );
 }
 
 #[test]

@@ -65,6 +65,9 @@ pub struct Uring {
 impl Uring {
     /// Set up a ring on `sock`. Fails when io_uring is unavailable or disabled.
     pub fn new(sock: Socket, zc: ZeroCopy) -> io::Result<Self> {
+        // A blocking socket lets io_uring park a send that finds the buffer full and retry it
+        // when there is room; on a non-blocking one it would complete with EAGAIN and be lost.
+        sock.set_nonblocking(false)?;
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()

@@ -21,8 +21,9 @@ pub const PACKET_THRESHOLD: u64 = 3;
 pub const GRANULARITY: Duration = Duration::from_millis(1);
 /// Round trip assumed before the first sample.
 pub const RTT_INITIAL: Duration = Duration::from_millis(100);
-/// Longest a fetcher may delay an acknowledgement.
-pub const ACK_DELAY_MAX: Duration = Duration::from_millis(2);
+/// Longest a fetcher may delay an acknowledgement, with room for a receiver
+/// that is busy hashing and storing a batch.
+pub const ACK_DELAY_MAX: Duration = Duration::from_millis(5);
 /// Most packets remembered in flight (bounds memory: 256 Ki × 40 B = 10 MiB).
 pub const SENT_PACKETS_MAX: usize = 1 << 18;
 
