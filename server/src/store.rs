@@ -45,6 +45,10 @@ pub const INVENTORY_ITEMS_MAX: usize = 10_000;
 pub const AGENT_ADDRESSES_MAX: usize = 64;
 /// Longest hostname, site override or token note.
 pub const TEXT_FIELD_CHARS_MAX: usize = 255;
+/// How long a cached content row is trusted (a retirement on another server shows within this).
+pub const CONTENT_RECHECK_MS: i64 = 1000;
+/// Most content rows cached per process.
+pub const CONTENT_CACHE_MAX: usize = 4096;
 /// Most heartbeats written in one statement.
 pub const HEARTBEAT_BATCH_MAX: usize = 64;
 /// Most heartbeats waiting for the writer; further requests wait to enqueue.
@@ -70,6 +74,8 @@ pub struct Store {
     backend: Backend,
     topo: Arc<Mutex<TopoCache>>,
     hb_tx: tokio::sync::mpsc::Sender<HbItem>,
+    /// Content rows by id with the time they were read; trusted for [`CONTENT_RECHECK_MS`].
+    content_cache: Arc<Mutex<HashMap<ContentId, (ContentInfo, i64)>>>,
 }
 
 /// One heartbeat waiting for the writer.
@@ -571,6 +577,28 @@ fn agent_info(r: &AnyRow, active_since_ms: i64) -> Result<AgentInfo> {
     })
 }
 
+/// A candidate from the first 11 columns of a candidates, holders or RVP query.
+fn candidate(r: &AnyRow) -> Result<Candidate> {
+    Ok(Candidate {
+        agent_id: r.try_get(0)?,
+        addresses: words(r.try_get(1)?),
+        port: u16::try_from(r.try_get::<i64, _>(2)?).unwrap_or(0),
+        facts: RankFacts {
+            disk_free_bytes: to_u64(r.try_get(3)?),
+            preferred: r.try_get::<i64, _>(4)? != 0,
+            chassis: Chassis::parse(&r.try_get::<String, _>(5)?),
+            os_type: OsType::parse(&r.try_get::<String, _>(6)?),
+            uptime_secs: to_u64(r.try_get(7)?),
+            disk_usable_bytes: to_u64(r.try_get(8)?),
+        },
+        held_bytes: r.try_get::<Option<i64>, _>(9)?.map(to_u64).unwrap_or(0),
+        ranges: r
+            .try_get::<Option<String>, _>(10)?
+            .map(|t| ranking::ranges_from_text(&t))
+            .unwrap_or_default(),
+    })
+}
+
 impl Store {
     /// Open (creating if needed) and migrate the database at `url`.
     pub async fn open(url: &str, connections_max: u32) -> Result<Self> {
@@ -595,6 +623,9 @@ impl Store {
                             conn.execute("PRAGMA synchronous = NORMAL").await?;
                             conn.execute("PRAGMA foreign_keys = ON").await?;
                             conn.execute("PRAGMA busy_timeout = 5000").await?;
+                            // Read the (small) database through memory, not a pread per page.
+                            conn.execute("PRAGMA cache_size = -32768").await?;
+                            conn.execute("PRAGMA mmap_size = 268435456").await?;
                             Ok(())
                         })
                     })
@@ -630,6 +661,7 @@ impl Store {
             write,
             backend,
             hb_tx,
+            content_cache: Arc::default(),
             topo: Arc::new(Mutex::new(TopoCache {
                 version: None,
                 checked_ms: i64::MIN,
@@ -700,6 +732,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.forget_content(&info.id);
         Ok(())
     }
 
@@ -742,6 +775,40 @@ impl Store {
         Ok(c)
     }
 
+    /// [`live_content`](Self::live_content) through a per-process cache of at most
+    /// [`CONTENT_RECHECK_MS`]; this process's own publish and retire update it at once.
+    pub async fn live_content_cached(&self, id: &ContentId, now_ms: i64) -> Result<ContentInfo> {
+        let hit = {
+            let c = self.content_cache.lock().expect("content cache lock");
+            c.get(id)
+                .filter(|(_, at)| now_ms >= *at && now_ms - *at < CONTENT_RECHECK_MS)
+                .map(|(info, _)| info.clone())
+        };
+        let info = match hit {
+            Some(info) => info,
+            None => {
+                let info = self.content(id).await?;
+                let mut c = self.content_cache.lock().expect("content cache lock");
+                if c.len() >= CONTENT_CACHE_MAX {
+                    c.clear();
+                }
+                c.insert(*id, (info.clone(), now_ms));
+                info
+            }
+        };
+        if info.retired_ms.is_some() {
+            return Err(Error::Gone(format!(
+                "content {id} ({} {}) was retired; publish it again to bring it back",
+                info.name, info.version
+            )));
+        }
+        Ok(info)
+    }
+
+    fn forget_content(&self, id: &ContentId) {
+        self.content_cache.lock().expect("content cache lock").remove(id);
+    }
+
     pub async fn manifest(&self, id: &ContentId, public_key: &str) -> Result<SignedManifest> {
         self.live_content(id).await?;
         let r = sqlx::query("SELECT manifest, signature FROM content WHERE id = $1")
@@ -771,6 +838,7 @@ impl Store {
             .execute(&self.write)
             .await?
             .rows_affected();
+        self.forget_content(id);
         let c = self.content(id).await?;
         if n == 0 {
             return Err(Error::Conflict(format!("content {id} was already retired")));
@@ -1353,6 +1421,93 @@ impl Store {
 
     // ---- sources and elections ----
 
+    /// The recorded RVP of `site` for `content` while it is still an active member of the site.
+    async fn recorded_rvp(&self, site: &str, content: &ContentId, active_since_ms: i64) -> Result<Option<Candidate>> {
+        let row = sqlx::query(
+            "SELECT a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, a.uptime_secs, \
+             a.disk_usable_bytes, h.bytes, h.ranges FROM rvp r JOIN agents a ON a.id = r.agent_id \
+             LEFT JOIN holdings h ON h.agent_id = a.id AND h.content_id = r.content_id \
+             WHERE r.site_id = $1 AND r.content_id = $2 AND a.site_id = $1 AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3",
+        )
+        .bind(site)
+        .bind(content.to_string())
+        .bind(active_since_ms)
+        .fetch_optional(&self.read)
+        .await?;
+        row.as_ref().map(candidate).transpose()
+    }
+
+    /// In one query: the active holders of `content` in `site` (sorted), the recorded RVP of
+    /// `site` and the recorded RVP of `upper`, each while it is still active in its site.
+    async fn snapshot(
+        &self,
+        site: Option<&str>,
+        upper: Option<&str>,
+        content: &ContentId,
+        active_since_ms: i64,
+    ) -> Result<(Vec<Candidate>, Option<Candidate>, Option<Candidate>)> {
+        let rows = sqlx::query(
+            "SELECT * FROM (SELECT a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, \
+             a.uptime_secs, a.disk_usable_bytes, h.bytes, h.ranges, CAST(0 AS BIGINT) AS tag \
+             FROM agents a CROSS JOIN holdings h \
+             WHERE h.agent_id = a.id AND h.content_id = $1 AND a.site_id = $2 AND a.revoked_ms IS NULL \
+             AND a.last_seen_ms >= $3 LIMIT $5) AS hs \
+             UNION ALL \
+             SELECT a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, \
+             a.uptime_secs, a.disk_usable_bytes, h.bytes, h.ranges, \
+             CASE WHEN r.site_id = $2 THEN CAST(1 AS BIGINT) ELSE CAST(2 AS BIGINT) END AS tag \
+             FROM rvp r JOIN agents a ON a.id = r.agent_id \
+             LEFT JOIN holdings h ON h.agent_id = a.id AND h.content_id = r.content_id \
+             WHERE r.content_id = $1 AND (r.site_id = $2 OR r.site_id = $4) AND a.site_id = r.site_id \
+             AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3",
+        )
+        .bind(content.to_string())
+        .bind(site)
+        .bind(active_since_ms)
+        .bind(upper)
+        .bind(SITE_CANDIDATES_MAX)
+        .fetch_all(&self.read)
+        .await?;
+        let (mut holders, mut own, mut up) = (Vec::new(), None, None);
+        for r in &rows {
+            match r.try_get::<i64, _>(11)? {
+                0 => holders.push(candidate(r)?),
+                1 => own = Some(candidate(r)?),
+                _ => up = Some(candidate(r)?),
+            }
+        }
+        ranking::sort_candidates(&mut holders);
+        Ok((holders, own, up))
+    }
+
+    /// The RVP of `site` for `content`: the recorded one while it is active in the site,
+    /// else a new election among all the site's active agents.
+    async fn site_rvp(
+        &self,
+        site: &str,
+        content: &ContentId,
+        active_since_ms: i64,
+        now_ms: i64,
+    ) -> Result<Option<Candidate>> {
+        if let Some(c) = self.recorded_rvp(site, content, active_since_ms).await? {
+            return Ok(Some(c));
+        }
+        self.elect_rvp(site, content, active_since_ms, now_ms).await
+    }
+
+    /// Elect (or confirm) the RVP of `site` for `content` among all its active agents.
+    async fn elect_rvp(
+        &self,
+        site: &str,
+        content: &ContentId,
+        active_since_ms: i64,
+        now_ms: i64,
+    ) -> Result<Option<Candidate>> {
+        let (sorted, current) = self.candidates(site, content, active_since_ms).await?;
+        let rvp = self.rvp(site, content, &sorted, current, now_ms).await?;
+        Ok(rvp.and_then(|id| sorted.into_iter().find(|c| c.agent_id == id)))
+    }
+
     /// Active agents of `site` with what each holds of `content`, sorted for that content.
     /// Also returns the recorded RVP of the site for the content, if any (read in the same query).
     async fn candidates(
@@ -1374,27 +1529,7 @@ impl Store {
         .bind(SITE_CANDIDATES_MAX)
         .fetch_all(&self.read)
         .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            out.push(Candidate {
-                agent_id: r.try_get(0)?,
-                addresses: words(r.try_get(1)?),
-                port: u16::try_from(r.try_get::<i64, _>(2)?).unwrap_or(0),
-                facts: RankFacts {
-                    disk_free_bytes: to_u64(r.try_get(3)?),
-                    preferred: r.try_get::<i64, _>(4)? != 0,
-                    chassis: Chassis::parse(&r.try_get::<String, _>(5)?),
-                    os_type: OsType::parse(&r.try_get::<String, _>(6)?),
-                    uptime_secs: to_u64(r.try_get(7)?),
-                    disk_usable_bytes: to_u64(r.try_get(8)?),
-                },
-                held_bytes: r.try_get::<Option<i64>, _>(9)?.map(to_u64).unwrap_or(0),
-                ranges: r
-                    .try_get::<Option<String>, _>(10)?
-                    .map(|t| ranking::ranges_from_text(&t))
-                    .unwrap_or_default(),
-            });
-        }
+        let mut out = rows.iter().map(candidate).collect::<Result<Vec<_>>>()?;
         let current = match rows.first() {
             Some(r) => r.try_get::<Option<String>, _>(11)?,
             None => None,
@@ -1492,7 +1627,7 @@ impl Store {
         cap: usize,
         now_ms: i64,
     ) -> Result<SourcesAnswer> {
-        let info = self.live_content(content).await?;
+        let info = self.live_content_cached(content, now_ms).await?;
         let size = info.size;
         let topo = self.topology(now_ms).await?;
         let site = agent.site.as_deref().and_then(|s| topo.site(s));
@@ -1518,11 +1653,31 @@ impl Store {
                 ranges,
             }
         };
-        if let Some(s) = site.filter(|s| s.kind.serves()) {
-            let (sorted, current) = self.candidates(&s.id, content, active_since_ms).await?;
-            let rvp = self.rvp(&s.id, content, &sorted, current, now_ms).await?;
+        // One query for the common case: the site's holders, its recorded RVP and the nearest
+        // serving ancestor's recorded RVP. Elections (rare) take their own queries.
+        let own = site.filter(|s| s.kind.serves());
+        let mut up = site.and_then(|s| topo.parent(&s.id));
+        let mut hops = 1;
+        while let Some(p) = up.filter(|p| !p.kind.serves()) {
+            up = topo.parent(&p.id);
+            hops += 1;
+        }
+        let (holders, own_rec, up_rec) = self
+            .snapshot(
+                own.map(|s| s.id.as_str()),
+                up.map(|p| p.id.as_str()),
+                content,
+                active_since_ms,
+            )
+            .await?;
+        if let Some(s) = own {
+            let rvp_c = match own_rec {
+                Some(c) => Some(c),
+                None => self.elect_rvp(&s.id, content, active_since_ms, now_ms).await?,
+            };
+            let rvp = rvp_c.as_ref().map(|c| c.agent_id.clone());
             you_are_rvp = rvp.as_deref() == Some(agent.id.as_str());
-            let (serving, _bench) = ranking::serving_and_bench(&sorted, rvp.as_deref(), cap);
+            let (serving, _bench) = ranking::serving_and_bench(&holders, rvp.as_deref(), cap);
             for c in serving.iter().filter(|c| c.agent_id != agent.id) {
                 let (pct, _) = held(c);
                 let is_rvp = rvp.as_deref() == Some(c.agent_id.as_str());
@@ -1533,45 +1688,43 @@ impl Store {
                 };
                 sources.push(peer_source(c, kind, Protocol::Foreground, reason, Some(s.id.clone())));
             }
-            if let Some(r) = rvp
-                .as_deref()
-                .filter(|r| *r != agent.id && !serving.iter().any(|c| c.agent_id == *r))
+            if let Some(c) = rvp_c
+                .as_ref()
+                .filter(|r| r.agent_id != agent.id && !serving.iter().any(|c| c.agent_id == r.agent_id))
             {
-                if let Some(c) = sorted.iter().find(|c| c.agent_id == r) {
-                    sources.push(peer_source(
-                        c,
-                        SourceKind::SiteRvp,
-                        Protocol::Foreground,
-                        "site RVP, holds 0%: it fetches for the site, ask it first".into(),
-                        Some(s.id.clone()),
-                    ));
-                }
+                sources.push(peer_source(
+                    c,
+                    SourceKind::SiteRvp,
+                    Protocol::Foreground,
+                    "site RVP, holds 0%: it fetches for the site, ask it first".into(),
+                    Some(s.id.clone()),
+                ));
             }
         }
         // The nearest ancestor site that serves and has an active agent.
-        let mut up = site.and_then(|s| topo.parent(&s.id));
-        let mut hops = 0;
+        let mut up_rec = up_rec;
         while let Some(p) = up {
-            hops += 1;
             if p.kind.serves() {
-                let (sorted, current) = self.candidates(&p.id, content, active_since_ms).await?;
-                if let Some(r) = self.rvp(&p.id, content, &sorted, current, now_ms).await? {
-                    if let Some(c) = sorted.iter().find(|c| c.agent_id == r) {
-                        let (pct, _) = held(c);
-                        let which = if hops == 1 { "parent site" } else { "ancestor site" };
-                        let reason = format!("{which} {} RVP, holds {pct}%", p.id);
-                        sources.push(peer_source(
-                            c,
-                            SourceKind::ParentRvp,
-                            Protocol::Background,
-                            reason,
-                            Some(p.id.clone()),
-                        ));
-                        break;
-                    }
+                let c = match up_rec.take() {
+                    Some(c) => Some(c),
+                    None => self.site_rvp(&p.id, content, active_since_ms, now_ms).await?,
+                };
+                if let Some(c) = c {
+                    let (pct, _) = held(&c);
+                    let which = if hops == 1 { "parent site" } else { "ancestor site" };
+                    let reason = format!("{which} {} RVP, holds {pct}%", p.id);
+                    sources.push(peer_source(
+                        &c,
+                        SourceKind::ParentRvp,
+                        Protocol::Background,
+                        reason,
+                        Some(p.id.clone()),
+                    ));
+                    break;
                 }
             }
             up = topo.parent(&p.id);
+            hops += 1;
         }
         let any_peer_holds = sources.iter().any(|s| s.held_percent > 0);
         let at_top = site.is_some_and(|s| s.parent.is_none());
