@@ -1,0 +1,82 @@
+//! Content layer: hashing a whole content into a block table, and verifying
+//! one block, for block sizes of 2^2..2^6 BLAKE3 chunks (4..64 KiB).
+//!
+//! `table_64MiB/*` is the cost of `lowtide-xfer add` per byte (the server
+//! hashes each content once); `verify_block/*` is the receiver's cost per
+//! received block, the one that runs at line rate. `blake3_hash_64MiB` is the
+//! single-threaded lower bound for any block size: plain `blake3::hash` over
+//! the same bytes.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use lowtide_engine::content::{BlockTable, CHUNK_BYTES};
+
+const CONTENT_BYTES: usize = 64 << 20;
+const BLOCK_LOGS: [u8; 5] = [2, 3, 4, 5, 6];
+
+fn content(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn table(c: &mut Criterion) {
+    let data = content(CONTENT_BYTES);
+    let mut g = c.benchmark_group("table_64MiB");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500))
+        .throughput(Throughput::Bytes(CONTENT_BYTES as u64));
+    g.bench_function("blake3_hash", |b| b.iter(|| blake3::hash(black_box(&data))));
+    for log in BLOCK_LOGS {
+        let kib = (CHUNK_BYTES << log) / 1024;
+        g.bench_with_input(BenchmarkId::new("from_bytes", format!("{kib}KiB")), &log, |b, &log| {
+            b.iter(|| BlockTable::from_bytes(black_box(&data), log))
+        });
+    }
+    // `compute` from a reader (what `Store::import` does with a file), 16 KiB blocks.
+    g.bench_function("compute_reader/16KiB", |b| {
+        b.iter(|| BlockTable::compute(black_box(&data[..]), CONTENT_BYTES as u64, 4).expect("in memory"))
+    });
+    g.finish();
+}
+
+fn verify(c: &mut Criterion) {
+    // 4 MiB is enough for many blocks of every size; verification cost does not depend on the content size.
+    let data = content(4 << 20);
+    let mut g = c.benchmark_group("verify_block");
+    g.sample_size(20)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500));
+    for log in BLOCK_LOGS {
+        let t = BlockTable::from_bytes(&data, log);
+        let geo = t.geometry();
+        let block_bytes = geo.block_bytes();
+        g.throughput(Throughput::Bytes(block_bytes));
+        let blocks = geo.block_count();
+        let kib = block_bytes / 1024;
+        let mut i = 0u64;
+        g.bench_function(BenchmarkId::from_parameter(format!("{kib}KiB")), |b| {
+            b.iter(|| {
+                // Walk the blocks so the offset varies, as it does in a transfer.
+                i = (i + 7) % blocks;
+                let r = geo.block_range(i);
+                t.verify_block(i, black_box(&data[r.start as usize..r.end as usize]))
+                    .expect("valid block")
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, table, verify);
+criterion_main!(benches);

@@ -1,0 +1,139 @@
+//! Sessions and congestion control.
+//!
+//! - `controller/*`: one step of the foreground controller (`on_ack`, and a
+//!   whole per-ack step: `on_sent` + `on_ack` + `window` + `pacing_rate`).
+//! - `sim_transfer/lan_64MiB`: a 64 MiB fetch from one server through the
+//!   deterministic simulator (`io::sim::Sim`, `LinkSpec::lan()`: 10 Gbit/s,
+//!   50 µs, 4 MiB queue). Every protocol step runs for real (tags, block
+//!   verification, acks, loss recovery, pacing); only the sockets are
+//!   simulated. Time is this thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`),
+//!   so the throughput criterion prints is simulated content bytes per CPU
+//!   second of sender + receiver + network model together, on one core.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use lowtide_engine::cc::foreground::Foreground;
+use lowtide_engine::cc::{AckSample, Controller, LossSample, MSS_BYTES};
+use lowtide_engine::content::BlockTable;
+use lowtide_engine::io::sim::{LinkSpec, Sim};
+use lowtide_engine::session::fetch::{Fetch, FetchConfig};
+use lowtide_engine::session::serve::ServerConfig;
+use lowtide_engine::time::Time;
+use lowtide_engine::wire::DeploymentKey;
+
+fn ack(acked: u64) -> AckSample {
+    AckSample {
+        acked_bytes: acked,
+        rtt: Some(Duration::from_micros(120)),
+        srtt: Duration::from_micros(110),
+        min_rtt: Duration::from_micros(90),
+        one_way_delay_us: Some(60),
+        in_flight: 256 * MSS_BYTES,
+        app_limited: false,
+    }
+}
+
+fn controller(c: &mut Criterion) {
+    let mut g = c.benchmark_group("controller");
+    g.sample_size(30)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300));
+    // Congestion avoidance (after one loss), where a LAN transfer spends its time.
+    let mut cc = Foreground::new();
+    cc.on_loss(
+        Time(1),
+        &LossSample {
+            lost_bytes: MSS_BYTES,
+            largest_lost_sent: Time(1),
+            timeout: false,
+        },
+    );
+    let mut now = Time(1000);
+    let sample = ack(8 * MSS_BYTES);
+    g.bench_function("foreground_on_ack", |b| {
+        b.iter(|| {
+            now = Time(now.0 + 10);
+            cc.on_ack(now, black_box(&sample));
+        })
+    });
+    let mut cc = Foreground::new();
+    g.bench_function("foreground_ack_step", |b| {
+        b.iter(|| {
+            now = Time(now.0 + 10);
+            cc.on_sent(now, 8 * MSS_BYTES);
+            cc.on_ack(now, black_box(&sample));
+            (cc.window(), cc.pacing_rate(black_box(sample.srtt)))
+        })
+    });
+    g.finish();
+}
+
+fn content(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Build a simulator with one server holding `data` and one fetcher; run the fetch
+/// to completion. Returns (CPU time of the run, simulated time it took).
+fn sim_transfer(data: &[u8], table: &BlockTable) -> (Duration, Duration) {
+    let key = DeploymentKey::derive(b"bench");
+    let mut sim = Sim::new(1, key.clone(), LinkSpec::lan());
+    let server = sim.add_node(ServerConfig::default());
+    sim.nodes[server].library.insert_full(table.clone(), data.to_vec());
+    let fetcher = sim.add_node(ServerConfig::default());
+    let mut f = Fetch::new(key, table.root(), FetchConfig::default(), None, 7);
+    let addr = sim.nodes[server].addr;
+    assert!(f.add_source(sim.now, addr));
+    sim.nodes[fetcher].fetches.push(f);
+    let start = thread_cpu();
+    let done = sim.run_until(Time::ZERO + Duration::from_secs(60), |s| {
+        s.nodes[fetcher].fetches.iter().all(|f| f.is_complete())
+    });
+    let cpu = thread_cpu() - start;
+    assert!(done, "simulated transfer did not complete");
+    (cpu, sim.now.since(Time::ZERO))
+}
+
+fn simulated(c: &mut Criterion) {
+    const BYTES: usize = 64 << 20;
+    let data = content(BYTES);
+    let table = BlockTable::from_bytes(&data, 4);
+    let (cpu, simulated) = sim_transfer(&data, &table);
+    eprintln!(
+        "sim_transfer/lan_64MiB: {:.1} ms simulated ({:.2} Gbit/s on the 10 Gbit/s link), {:.0} ms CPU",
+        simulated.as_secs_f64() * 1e3,
+        BYTES as f64 * 8.0 / simulated.as_secs_f64() / 1e9,
+        cpu.as_secs_f64() * 1e3
+    );
+    let mut g = c.benchmark_group("sim_transfer");
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500))
+        .throughput(Throughput::Bytes(BYTES as u64));
+    g.bench_function("lan_64MiB_cpu", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| sim_transfer(&data, &table).0).sum())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, controller, simulated);
+criterion_main!(benches);
