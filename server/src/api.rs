@@ -406,7 +406,7 @@ async fn metrics(State(app): State<Arc<App>>) -> ApiResult {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),
         )],
-        app.metrics.render(&counts, backend),
+        app.metrics.render(&counts, &app.store.traffic().await?, backend),
     )
         .into_response())
 }

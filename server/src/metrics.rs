@@ -8,7 +8,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::store::Counts;
+use crate::store::{Counts, TrafficRow};
 
 /// Upper bounds of the latency histogram buckets, in microseconds.
 pub const LATENCY_BUCKETS_US: [u64; 11] = [
@@ -49,7 +49,7 @@ impl Metrics {
             .unwrap_or(0)
     }
 
-    pub fn render(&self, counts: &Counts, backend: &str) -> String {
+    pub fn render(&self, counts: &Counts, traffic: &[TrafficRow], backend: &str) -> String {
         let mut out = String::new();
         let w = &mut out;
         let _ = writeln!(
@@ -117,6 +117,19 @@ impl Metrics {
                 }
             }
         }
+        let _ = writeln!(
+            w,
+            "# HELP lowtide_site_bytes_total Bytes agents reported, by site and link (lan, wan, origin)."
+        );
+        let _ = writeln!(w, "# TYPE lowtide_site_bytes_total counter");
+        for t in traffic {
+            let site = t.site.replace(['"', '\\', '\n'], "_");
+            let _ = writeln!(
+                w,
+                "lowtide_site_bytes_total{{site=\"{site}\",link=\"{}\"}} {}",
+                t.link, t.bytes
+            );
+        }
         let _ = writeln!(w, "# HELP lowtide_server_info The database backend in use.");
         let _ = writeln!(w, "# TYPE lowtide_server_info gauge");
         let _ = writeln!(
@@ -138,11 +151,17 @@ mod tests {
         m.observe("/v1/heartbeat", 200, 300);
         m.observe("/v1/heartbeat", 200, 30_000);
         m.observe("/v1/heartbeat", 401, 100);
+        let traffic = [TrafficRow {
+            site: "paris".into(),
+            link: "wan".into(),
+            bytes: 42,
+        }];
         let text = m.render(
             &Counts {
                 agents_active: 3,
                 ..Default::default()
             },
+            &traffic,
             "sqlite",
         );
         assert!(
@@ -159,5 +178,9 @@ mod tests {
         );
         assert!(text.contains("lowtide_http_request_duration_seconds_count 3"), "{text}");
         assert!(text.contains("lowtide_agents{status=\"active\"} 3"), "{text}");
+        assert!(
+            text.contains("lowtide_site_bytes_total{site=\"paris\",link=\"wan\"} 42"),
+            "{text}"
+        );
     }
 }

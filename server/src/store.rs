@@ -450,6 +450,9 @@ pub struct SourcesAnswer {
     pub site: Option<String>,
     /// This agent is its site's RVP for the content: it fetches across the WAN for its site.
     pub you_are_rvp: bool,
+    /// Limits of the agent's site's WAN link to its parent (from the topology), for pacing background transfers.
+    pub wan_up_kbps: Option<u64>,
+    pub wan_down_kbps: Option<u64>,
     /// Ranked best first.
     pub sources: Vec<Source>,
 }
@@ -1756,6 +1759,8 @@ impl Store {
             size,
             site: agent.site.clone(),
             you_are_rvp,
+            wan_up_kbps: site.and_then(|s| s.wan_up_kbps),
+            wan_down_kbps: site.and_then(|s| s.wan_down_kbps),
             sources,
         })
     }

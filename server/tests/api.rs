@@ -473,6 +473,11 @@ async fn sources_are_ranked_with_reasons(db: Db) {
     assert_eq!(v["site"], "branch");
     assert_eq!(v["size"], f.size);
     assert_eq!(v["you_are_rvp"], false);
+    assert_eq!(
+        (v["wan_up_kbps"].as_u64(), v["wan_down_kbps"].as_u64()),
+        (Some(20000), Some(100000)),
+        "the site's WAN limits"
+    );
     let k = kinds(&v);
     let origin = format!("{}/files/{}", h.srv.base, f.cid);
     assert_eq!(
@@ -702,6 +707,11 @@ async fn inventory_and_traffic(db: Db) {
         t,
         json!([{"site": "branch", "link": "lan", "bytes": 2000}, {"site": "branch", "link": "wan", "bytes": 20},
                {"site": "hq", "link": "origin", "bytes": 5}])
+    );
+    let m = h.get("/metrics", None).await.text();
+    assert!(
+        m.contains("lowtide_site_bytes_total{site=\"branch\",link=\"lan\"} 2000"),
+        "{m}"
     );
     h.finish().await;
 }

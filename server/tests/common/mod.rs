@@ -65,7 +65,10 @@ impl TestDb {
                     if std::env::var("CI").is_ok_and(|v| v == "true") {
                         panic!("LOWTIDE_TEST_PG_URL is not set but CI=true: scripts/test.sh must start PostgreSQL with scripts/pg-test.sh");
                     }
-                    eprintln!(
+                    // Straight to stderr, not eprintln!: the test harness would swallow that for a passing test.
+                    use std::io::Write;
+                    let _ = writeln!(
+                        std::io::stderr(),
                         "\n*** SKIPPED the PostgreSQL half of this test: LOWTIDE_TEST_PG_URL is not set. \
                          Run `eval \"$(scripts/pg-test.sh env)\"` first (scripts/test.sh does). ***\n"
                     );
