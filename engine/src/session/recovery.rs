@@ -5,9 +5,12 @@
 //! acknowledged or declared lost. A packet is lost when a packet sent
 //! [`PACKET_THRESHOLD`] numbers later has been acknowledged, or when it is
 //! older than 9/8 of the round trip and something sent after it was
-//! acknowledged. When nothing is acknowledged for a probe timeout (PTO), every
-//! outstanding packet is declared lost (a go-back like TCP's RTO) and the
-//! timeout doubles until an acknowledgement arrives.
+//! acknowledged. When nothing is acknowledged for a probe timeout (PTO), the
+//! oldest outstanding packet is sent again as a probe (and may go out past the
+//! congestion window) and the timeout doubles until an acknowledgement
+//! arrives. A late acknowledgement — a receiver that was descheduled for a
+//! few milliseconds — thus costs one duplicate packet, not a window.
+//! Only [`PERSISTENT_PTO_COUNT`] timeouts in a row count as congestion.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -24,6 +27,8 @@ pub const RTT_INITIAL: Duration = Duration::from_millis(100);
 /// Longest a fetcher may delay an acknowledgement, with room for a receiver
 /// that is busy hashing and storing a batch.
 pub const ACK_DELAY_MAX: Duration = Duration::from_millis(5);
+/// Consecutive probe timeouts that count as persistent congestion (the controller is told).
+pub const PERSISTENT_PTO_COUNT: u32 = 3;
 /// Most packets remembered in flight (bounds memory: 256 Ki × 40 B = 10 MiB).
 pub const SENT_PACKETS_MAX: usize = 1 << 18;
 
@@ -244,10 +249,10 @@ impl Recovery {
         (self.in_flight > 0).then(|| self.pto_base + self.pto())
     }
 
-    /// The probe timer fired: declare everything in flight lost.
+    /// The probe timer fired: the oldest packet in flight is declared lost, to be sent again as a probe.
     pub fn on_timeout(&mut self, now: Time) -> AckOutcome {
         let mut out = AckOutcome::default();
-        for p in self.sent.iter_mut().filter(|p| p.state == State::InFlight) {
+        if let Some(p) = self.sent.iter_mut().find(|p| p.state == State::InFlight) {
             Self::mark_lost(p, &mut self.in_flight, &mut out);
         }
         self.pto_count += 1;
@@ -281,16 +286,19 @@ mod tests {
     }
 
     #[test]
-    fn recovery_timeout_declares_all_lost_and_backs_off() {
+    fn recovery_timeout_probes_the_oldest_packet_and_backs_off() {
         let mut r = Recovery::new();
         r.on_sent(Time(0), 1, 0, 50, 80);
         r.on_sent(Time(1), 1, 50, 50, 80);
         let t = r.timeout().unwrap();
         let pto0 = r.pto();
         let out = r.on_timeout(t);
-        assert_eq!(out.lost, vec![(1, 0..100)]);
-        assert_eq!(r.timeout(), None);
+        assert_eq!(out.lost, vec![(1, 0..50)]);
+        assert_eq!(r.in_flight(), 80, "the second packet is still in flight");
         assert_eq!(r.pto(), pto0 * 2);
+        let out = r.on_timeout(r.timeout().unwrap());
+        assert_eq!(out.lost, vec![(1, 50..100)]);
+        assert_eq!(r.timeout(), None);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 
 use super::pacer::Pacer;
-use super::recovery::Recovery;
+use super::recovery::{Recovery, PERSISTENT_PTO_COUNT};
 use super::{Library, Transmit, GSO_SEGMENTS_MAX, PAYLOAD_BYTES_DEFAULT};
 use crate::cc::{AckSample, Controller, LossSample};
 use crate::content::{ContentId, Geometry};
@@ -105,6 +105,8 @@ struct Session {
     last_recv: Time,
     app_limited: bool,
     dead: bool,
+    /// Probe datagrams that may go out past the congestion window (after a probe timeout).
+    probes: u32,
 }
 
 impl Session {
@@ -281,6 +283,7 @@ impl Server {
                     last_recv: now,
                     app_limited: false,
                     dead: false,
+                    probes: 0,
                 });
                 // Ranges in the very first request are queued but not sent before validation.
                 self.sessions.len() - 1
@@ -388,14 +391,21 @@ impl Server {
     }
 
     fn requeue_lost(now: Time, s: &mut Session, lost: Vec<(u8, Range<u64>)>, bytes: u64, largest: Time, timeout: bool) {
-        s.cc.on_loss(
-            now,
-            &LossSample {
-                lost_bytes: bytes,
-                largest_lost_sent: largest,
-                timeout,
-            },
-        );
+        // A single probe timeout is not congestion (the fetcher may just have been busy);
+        // several in a row are.
+        if !timeout || s.recovery.pto_count() >= PERSISTENT_PTO_COUNT {
+            s.cc.on_loss(
+                now,
+                &LossSample {
+                    lost_bytes: bytes,
+                    largest_lost_sent: largest,
+                    timeout,
+                },
+            );
+        }
+        if timeout {
+            s.probes = 1;
+        }
         for (stream, r) in lost.into_iter().rev() {
             s.resend.push_front((stream, r));
         }
@@ -435,12 +445,17 @@ impl Server {
         let window = s.cc.window();
         let rate = s.pacing_rate();
         let mut budget = window.saturating_sub(s.recovery.in_flight());
-        if s.recovery.in_flight() == 0 {
+        if s.recovery.in_flight() == 0 || s.probes > 0 {
             budget = budget.max(full);
         }
         if let Some(rate) = rate {
             let burst = ((rate as f64 * cfg.pacing_burst.as_secs_f64()) as u64).max(2 * full);
-            budget = budget.min(s.pacer.available(now, rate, burst));
+            let tokens = s.pacer.available(now, rate, burst);
+            budget = if s.probes > 0 {
+                budget.min(tokens.max(full))
+            } else {
+                budget.min(tokens)
+            };
         }
         let segs_max = cfg.gso_segments_max.min((buf.len() as u64 / full) as usize);
         let mut len = 0usize;
@@ -483,6 +498,10 @@ impl Server {
             }
             len += dlen;
             count += 1;
+            if s.probes > 0 {
+                s.probes -= 1;
+                break; // a probe goes alone
+            }
             if count == 1 {
                 seg_size = dlen;
             } else if dlen < seg_size {
