@@ -93,6 +93,9 @@ enum Cmd {
         /// No progress lines.
         #[arg(long, short)]
         quiet: bool,
+        /// Ask the servers for the background (scavenger) protocol, as across a WAN.
+        #[arg(long)]
+        background: bool,
     },
 }
 
@@ -174,6 +177,7 @@ fn run() -> anyhow::Result<ExitCode> {
             timeout_secs,
             json,
             quiet,
+            background,
         } => {
             let cfg = EndpointConfig {
                 driver: cli.driver,
@@ -183,7 +187,15 @@ fn run() -> anyhow::Result<ExitCode> {
             let mut ep = Endpoint::bind(*bind, key(&cli)?, store, cfg)?;
             install_signals();
             let clock = Clock::new();
-            ep.start_fetch(*id, None, from, FetchConfig::default())?;
+            ep.start_fetch(
+                *id,
+                None,
+                from,
+                FetchConfig {
+                    background: *background,
+                    ..FetchConfig::default()
+                },
+            )?;
             let deadline = clock.now() + Duration::from_secs(*timeout_secs);
             let mut next_report = clock.now();
             let mut complete = false;

@@ -9,8 +9,10 @@
 //!   line rate: fast start, multiplicative decrease of 0.7 on loss (CUBIC's
 //!   β), additive increase scaled to the window, pacing at 1.25× the window
 //!   per round trip.
-//! - The background (WAN scavenger) controller lives beside it.
+//! - [`background::Background`]: for transfers across a WAN: keeps the
+//!   bottleneck queue at a few milliseconds and yields to anyone else.
 
+pub mod background;
 pub mod foreground;
 
 use std::time::Duration;
@@ -55,6 +57,8 @@ pub trait Controller: Send + std::fmt::Debug {
     fn on_sent(&mut self, now: Time, bytes: u64);
     fn on_ack(&mut self, now: Time, ack: &AckSample);
     fn on_loss(&mut self, now: Time, loss: &LossSample);
+    /// What the egress monitor sees on the local interface. Controllers that do not use it ignore it.
+    fn on_path(&mut self, _now: Time, _signal: &background::PathSignal) {}
     /// Bytes allowed in flight.
     fn window(&self) -> u64;
     /// Pacing rate in bytes per second; `None` means "send the window as fast as allowed".

@@ -72,7 +72,13 @@ impl Default for ServerConfig {
             pto_count_max: 10,
             pacing_burst: Duration::from_millis(1),
             gso_segments_max: GSO_SEGMENTS_MAX,
-            controller: Arc::new(|_| Box::new(crate::cc::foreground::Foreground::new())),
+            controller: Arc::new(|background| -> Box<dyn Controller> {
+                if background {
+                    Box::new(crate::cc::background::Background::new(Default::default()))
+                } else {
+                    Box::new(crate::cc::foreground::Foreground::new())
+                }
+            }),
         }
     }
 }
@@ -107,11 +113,16 @@ struct Session {
     dead: bool,
     /// Probe datagrams that may go out past the congestion window (after a probe timeout).
     probes: u32,
+    background: bool,
 }
 
 impl Session {
     fn has_data(&self) -> bool {
         self.validated && !self.dead && (!self.resend.is_empty() || !self.queue.is_empty())
+    }
+
+    fn may_send(&self, background_paused: bool) -> bool {
+        self.has_data() && !(self.background && background_paused)
     }
 
     /// Next chunk of at most `max` bytes, taken from the front of the resend or send queue.
@@ -155,6 +166,7 @@ pub struct Server {
     rr: usize,
     rng: rand::rngs::SmallRng,
     stats: ServerStats,
+    background_paused: bool,
 }
 
 impl Server {
@@ -168,6 +180,24 @@ impl Server {
             rr: 0,
             rng: rand::rngs::SmallRng::seed_from_u64(seed),
             stats: ServerStats::default(),
+            background_paused: false,
+        }
+    }
+
+    /// Pause or resume every background session (the network is busy, or outside the schedule).
+    /// Paused sessions keep their state and acknowledgements; they only stop sending data.
+    pub fn set_background_paused(&mut self, paused: bool) {
+        self.background_paused = paused;
+    }
+
+    pub fn background_paused(&self) -> bool {
+        self.background_paused
+    }
+
+    /// Hand the egress monitor's view of the local interface to every background session.
+    pub fn on_path_signal(&mut self, now: Time, signal: &crate::cc::background::PathSignal) {
+        for s in self.sessions.iter_mut().filter(|s| s.background) {
+            s.cc.on_path(now, signal);
         }
     }
 
@@ -284,6 +314,7 @@ impl Server {
                     app_limited: false,
                     dead: false,
                     probes: 0,
+                    background,
                 });
                 // Ranges in the very first request are queued but not sent before validation.
                 self.sessions.len() - 1
@@ -436,8 +467,9 @@ impl Server {
     fn transmit_session(&mut self, now: Time, i: usize, lib: &dyn Library, buf: &mut [u8]) -> Option<Transmit> {
         let cfg = &self.config;
         let key = &self.key;
+        let paused = self.background_paused;
         let s = &mut self.sessions[i];
-        if !s.has_data() || s.recovery.is_full() {
+        if !s.may_send(paused) || s.recovery.is_full() {
             return None;
         }
         let payload_max = cfg.payload_bytes as u64;
@@ -522,7 +554,7 @@ impl Server {
         self.sessions
             .iter()
             .flat_map(|s| {
-                let pace = (s.has_data() && s.recovery.in_flight() + full <= s.cc.window())
+                let pace = (s.may_send(self.background_paused) && s.recovery.in_flight() + full <= s.cc.window())
                     .then(|| s.pacing_rate().map(|r| s.pacer.next_send(full, r)))
                     .flatten();
                 [s.recovery.timeout(), Some(s.last_recv + self.config.idle_timeout), pace]

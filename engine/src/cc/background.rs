@@ -1,0 +1,458 @@
+//! Background (WAN scavenger) controller.
+//!
+//! # Goal
+//!
+//! Use the capacity nobody else uses and give it back at once: keep the
+//! bottleneck's standing queue at [`BackgroundConfig::queue_delay_target`]
+//! (a few milliseconds, where LEDBAT aims at 100 ms), drop to a minimal window
+//! within about two round trips when foreground traffic appears, and climb
+//! back within a few round trips when it leaves.
+//!
+//! # Signals
+//!
+//! - **One-way delay** from every acknowledgement: receiver clock minus
+//!   sender clock of the newest packet. It contains an unknown clock offset,
+//!   so only its excess over a **base** (the minimum over a sliding window of
+//!   [`BASE_SLOTS`] slots of [`BASE_SLOT`]) means anything: that excess is the
+//!   queueing delay. Noise is removed by taking the minimum of the last
+//!   [`CURRENT_FILTER`] samples.
+//! - **The local egress queue and competing traffic** ([`PathSignal`], from
+//!   the eBPF monitor when the agent has it): backlog bytes on our own
+//!   interface are queueing delay we can see directly; bytes of *other*
+//!   traffic leaving the interface mean foreground traffic is present.
+//!   Without this signal the controller runs on delay alone.
+//!
+//! # Control
+//!
+//! - Queue below target: the window grows by `acked × (target − q)/target`,
+//!   exponentially when the queue is empty and not at all at the target.
+//! - Queue above target: once per round trip, the window is multiplied by
+//!   `target/q` (at least halved is the floor of the cut, 0.95 the ceiling).
+//! - Queue above [`YIELD_FACTOR`] × target, or competing traffic on the local
+//!   interface: someone else is sending; the window drops to its minimum at
+//!   once (the yield), remembering the delivery rate it had.
+//! - Queue empty again after a yield: the window jumps back to half of the
+//!   remembered bandwidth-delay product and grows from there (the reclaim),
+//!   so regaining the link takes a few round trips, not hundreds.
+//! - Loss (a bottleneck that drops instead of queueing): halve, once per round trip.
+//!
+//! # What breaks LEDBAT, and what this does about it
+//!
+//! - *Clock offset*: cancels out (only differences to the base are used).
+//! - *Clock drift*: the base is a sliding minimum over
+//!   `BASE_SLOTS × BASE_SLOT` (20 s), so drift can inflate the measured queue
+//!   by at most drift × 20 s (2 ms at 100 ppm); the periodic slowdown below
+//!   refreshes the base.
+//! - *Base delay that changes with the route*: a shorter route is adopted at
+//!   once (it is a new minimum); a longer one after the window slides past
+//!   (20 s), during which the controller is more timid, never more aggressive.
+//! - *Latecomers* (a second flow that arrives into our standing queue and
+//!   takes it for base): every [`SLOWDOWN_INTERVAL`] the window drops to its
+//!   minimum for two round trips, the queue drains, and every flow sees the
+//!   true base (LEDBAT++'s slowdowns); the window is then restored.
+//! - *A bottleneck that drops instead of queueing*: loss halves the window.
+
+use std::time::Duration;
+
+use super::{AckSample, Controller, LossSample, MSS_BYTES};
+use crate::time::Time;
+
+/// Length of one slot of the base-delay history.
+pub const BASE_SLOT: Duration = Duration::from_secs(2);
+/// Number of slots: the base is the minimum over `BASE_SLOTS × BASE_SLOT`.
+pub const BASE_SLOTS: usize = 10;
+/// One-way delay samples whose minimum is the current delay.
+pub const CURRENT_FILTER: usize = 4;
+/// A queue this many times the target means competing traffic: yield at once.
+pub const YIELD_FACTOR: i64 = 4;
+/// How often the window drops to its minimum so every flow can see the true base.
+pub const SLOWDOWN_INTERVAL: Duration = Duration::from_secs(20);
+/// Rate samples kept for the delivery-rate maximum.
+const RATE_SAMPLES: usize = 16;
+
+/// What the eBPF monitor (or the netlink fallback) says about the local egress path.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PathSignal {
+    /// Bytes queued on the local egress qdisc right now.
+    pub backlog_bytes: u64,
+    /// Rate of traffic other than Lowtide's leaving the interface, bytes/s.
+    pub other_bytes_per_s: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackgroundConfig {
+    /// Standing queue to aim at.
+    pub queue_delay_target: Duration,
+    pub window_bytes_min: u64,
+    /// Absolute ceiling on the sending rate (bytes/s), if any.
+    pub rate_max: Option<u64>,
+    /// Competing traffic above this rate on the local interface means "yield".
+    pub other_bytes_per_s_yield: u64,
+}
+
+impl Default for BackgroundConfig {
+    fn default() -> Self {
+        Self {
+            queue_delay_target: Duration::from_millis(3),
+            window_bytes_min: 2 * MSS_BYTES,
+            rate_max: None,
+            other_bytes_per_s_yield: 50_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    start: Time,
+    min_us: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Background {
+    cfg: BackgroundConfig,
+    window: u64,
+    /// Base delay history: slot minima, newest last.
+    slots: Vec<Slot>,
+    recent: [i64; CURRENT_FILTER],
+    recent_len: usize,
+    /// Latest queueing delay estimate, µs.
+    queue_us: i64,
+    last_cut: Time,
+    srtt: Duration,
+    min_rtt: Duration,
+    // Delivery rate: bytes acknowledged per interval, and recent maxima.
+    interval_start: Time,
+    interval_bytes: u64,
+    rates: [u64; RATE_SAMPLES],
+    rate_next: usize,
+    /// Delivery rate remembered from before a yield.
+    remembered_rate: u64,
+    yielded: bool,
+    slowdown_until: Option<Time>,
+    saved_window: u64,
+    next_slowdown: Time,
+    path: Option<PathSignal>,
+    started: bool,
+}
+
+impl Background {
+    pub fn new(cfg: BackgroundConfig) -> Self {
+        Self {
+            window: 4 * MSS_BYTES,
+            cfg,
+            slots: Vec::with_capacity(BASE_SLOTS),
+            recent: [i64::MAX; CURRENT_FILTER],
+            recent_len: 0,
+            queue_us: 0,
+            last_cut: Time::ZERO,
+            srtt: Duration::from_millis(100),
+            min_rtt: Duration::MAX,
+            interval_start: Time::ZERO,
+            interval_bytes: 0,
+            rates: [0; RATE_SAMPLES],
+            rate_next: 0,
+            remembered_rate: 0,
+            yielded: false,
+            slowdown_until: None,
+            saved_window: 0,
+            next_slowdown: Time::ZERO,
+            path: None,
+            started: false,
+        }
+    }
+
+    /// Queueing delay the controller currently believes in.
+    pub fn queue_delay(&self) -> Duration {
+        Duration::from_micros(self.queue_us.max(0) as u64)
+    }
+
+    /// True while yielding to competing traffic.
+    pub fn is_yielding(&self) -> bool {
+        self.yielded
+    }
+
+    fn base_us(&self) -> Option<i64> {
+        self.slots.iter().map(|s| s.min_us).min()
+    }
+
+    fn record_delay(&mut self, now: Time, owd_us: i64) {
+        match self.slots.last_mut() {
+            Some(s) if now.since(s.start) < BASE_SLOT => s.min_us = s.min_us.min(owd_us),
+            _ => {
+                if self.slots.len() == BASE_SLOTS {
+                    self.slots.remove(0);
+                }
+                self.slots.push(Slot {
+                    start: now,
+                    min_us: owd_us,
+                });
+            }
+        }
+        self.recent[self.recent_len % CURRENT_FILTER] = owd_us;
+        self.recent_len += 1;
+    }
+
+    fn current_us(&self) -> i64 {
+        self.recent.iter().copied().min().unwrap_or(0)
+    }
+
+    fn delivery_rate(&self) -> u64 {
+        self.rates.iter().copied().max().unwrap_or(0)
+    }
+
+    fn record_delivery(&mut self, now: Time, bytes: u64) {
+        self.interval_bytes += bytes;
+        let interval = self.min_rtt.max(Duration::from_millis(5));
+        let dt = now.since(self.interval_start);
+        if dt >= interval {
+            if self.interval_start != Time::ZERO {
+                self.rates[self.rate_next % RATE_SAMPLES] = (self.interval_bytes as f64 / dt.as_secs_f64()) as u64;
+                self.rate_next += 1;
+            }
+            self.interval_start = now;
+            self.interval_bytes = 0;
+        }
+    }
+
+    fn bdp(&self, rate: u64) -> u64 {
+        let rtt = if self.min_rtt == Duration::MAX {
+            self.srtt
+        } else {
+            self.min_rtt
+        };
+        (rate as f64 * rtt.as_secs_f64()) as u64
+    }
+
+    fn yield_now(&mut self, now: Time) {
+        if !self.yielded {
+            self.remembered_rate = self.delivery_rate().max(self.remembered_rate);
+            self.yielded = true;
+        }
+        self.window = self.cfg.window_bytes_min;
+        self.last_cut = now;
+    }
+
+    fn clamp(&mut self) {
+        let mut max = super::foreground::WINDOW_BYTES_MAX;
+        if let Some(r) = self.cfg.rate_max {
+            max = max.min(self.bdp(r).max(self.cfg.window_bytes_min));
+        }
+        self.window = self.window.clamp(self.cfg.window_bytes_min, max);
+    }
+}
+
+impl Controller for Background {
+    fn name(&self) -> &'static str {
+        "background"
+    }
+
+    fn on_sent(&mut self, now: Time, _bytes: u64) {
+        if !self.started {
+            self.started = true;
+            self.next_slowdown = now + SLOWDOWN_INTERVAL;
+            self.interval_start = now;
+        }
+    }
+
+    fn on_ack(&mut self, now: Time, ack: &AckSample) {
+        self.srtt = ack.srtt;
+        self.min_rtt = self.min_rtt.min(ack.min_rtt);
+        self.record_delivery(now, ack.acked_bytes);
+        if let Some(owd) = ack.one_way_delay_us {
+            self.record_delay(now, owd);
+        }
+        let target_us = self.cfg.queue_delay_target.as_micros() as i64;
+        let q_owd = self.base_us().map_or(0, |b| self.current_us() - b);
+        let q_local = match self.path {
+            Some(p) if self.delivery_rate() > 0 => (p.backlog_bytes as f64 / self.delivery_rate() as f64 * 1e6) as i64,
+            _ => 0,
+        };
+        let q = q_owd.max(q_local);
+        self.queue_us = q;
+
+        // Periodic slowdown: drain the queue so every flow sees the true base delay.
+        if let Some(until) = self.slowdown_until {
+            if now < until {
+                self.window = self.cfg.window_bytes_min;
+                return;
+            }
+            self.slowdown_until = None;
+            self.window = self.saved_window;
+            self.next_slowdown = now + SLOWDOWN_INTERVAL;
+        } else if self.started && now >= self.next_slowdown && !self.yielded {
+            self.saved_window = self.window;
+            self.slowdown_until = Some(now + self.srtt * 2);
+            self.window = self.cfg.window_bytes_min;
+            return;
+        }
+
+        let competing = self
+            .path
+            .is_some_and(|p| p.other_bytes_per_s > self.cfg.other_bytes_per_s_yield);
+        if competing || q > YIELD_FACTOR * target_us {
+            self.yield_now(now);
+            return;
+        }
+        if q > target_us {
+            if now.since(self.last_cut) >= self.srtt {
+                let factor = (target_us as f64 / q as f64).clamp(0.5, 0.95);
+                self.window = (self.window as f64 * factor) as u64;
+                self.last_cut = now;
+            }
+        } else {
+            if self.yielded && q < target_us / 4 && now.since(self.last_cut) >= self.srtt {
+                // The link is free again: jump back toward what it carried before the yield.
+                self.yielded = false;
+                self.window = self.window.max(self.bdp(self.remembered_rate) / 2);
+            }
+            if !ack.app_limited {
+                let gain = (target_us - q.max(0)) as f64 / target_us as f64;
+                self.window += (ack.acked_bytes as f64 * gain) as u64;
+            }
+        }
+        self.clamp();
+    }
+
+    fn on_loss(&mut self, now: Time, loss: &LossSample) {
+        if now.since(self.last_cut) < self.srtt && loss.largest_lost_sent < self.last_cut {
+            return;
+        }
+        self.window /= 2;
+        self.last_cut = now;
+        self.clamp();
+    }
+
+    fn on_path(&mut self, _now: Time, signal: &PathSignal) {
+        self.path = Some(*signal);
+    }
+
+    fn window(&self) -> u64 {
+        self.window
+    }
+
+    fn pacing_rate(&self, srtt: Duration) -> Option<u64> {
+        let rtt_us = srtt.as_micros().max(1) as f64;
+        let mut rate = (self.window as f64 * 1e6 / rtt_us * 1.2) as u64;
+        if let Some(max) = self.cfg.rate_max {
+            rate = rate.min(max);
+        }
+        Some(rate.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(owd_us: i64, bytes: u64) -> AckSample {
+        AckSample {
+            acked_bytes: bytes,
+            rtt: Some(Duration::from_millis(40)),
+            srtt: Duration::from_millis(40),
+            min_rtt: Duration::from_millis(40),
+            one_way_delay_us: Some(owd_us),
+            in_flight: 0,
+            app_limited: false,
+        }
+    }
+
+    /// Feed acks every 1 ms with a given one-way delay; the clock offset is arbitrary.
+    fn feed(c: &mut Background, from_ms: u64, to_ms: u64, owd: impl Fn(u64) -> i64) {
+        for t in from_ms..to_ms {
+            let now = Time(t * 1000);
+            c.on_sent(now, MSS_BYTES);
+            c.on_ack(now, &ack(owd(t), MSS_BYTES));
+        }
+    }
+
+    #[test]
+    fn background_grows_on_an_empty_queue_whatever_the_clock_offset() {
+        for offset in [-5_000_000_000i64, 0, 123_456_789] {
+            let mut c = Background::new(BackgroundConfig::default());
+            let w0 = c.window();
+            feed(&mut c, 1, 200, |_| offset + 20_000);
+            assert!(
+                c.window() > 10 * w0,
+                "offset {offset}: window {} did not grow",
+                c.window()
+            );
+            assert_eq!(c.queue_delay(), Duration::ZERO);
+        }
+    }
+
+    #[test]
+    fn background_yields_to_a_queue_far_above_target_and_reclaims_after() {
+        let mut c = Background::new(BackgroundConfig::default());
+        feed(&mut c, 1, 300, |_| 20_000);
+        let before = c.window();
+        // Foreground traffic builds a 30 ms queue.
+        feed(&mut c, 300, 310, |_| 50_000);
+        assert!(c.is_yielding());
+        assert_eq!(c.window(), BackgroundConfig::default().window_bytes_min);
+        // It leaves: the queue drains and the window comes back to at least half in a few round trips.
+        feed(&mut c, 310, 310 + 4 * 40, |_| 20_000);
+        assert!(!c.is_yielding());
+        assert!(
+            c.window() >= before / 2,
+            "window {} after reclaim, {} before",
+            c.window(),
+            before
+        );
+    }
+
+    #[test]
+    fn background_cuts_gently_just_above_target() {
+        let mut c = Background::new(BackgroundConfig::default());
+        feed(&mut c, 1, 300, |_| 20_000);
+        let w = c.window();
+        feed(&mut c, 300, 310, |_| 24_000); // 4 ms > 3 ms target, for a quarter of a round trip
+        assert!(
+            c.window() < w && c.window() as f64 >= w as f64 * 0.7,
+            "{} vs {}",
+            c.window(),
+            w
+        );
+        assert!(!c.is_yielding());
+    }
+
+    #[test]
+    fn background_yields_to_competing_local_traffic_from_the_monitor() {
+        let mut c = Background::new(BackgroundConfig::default());
+        feed(&mut c, 1, 100, |_| 20_000);
+        c.on_path(
+            Time(100_000),
+            &PathSignal {
+                backlog_bytes: 0,
+                other_bytes_per_s: 1_000_000,
+            },
+        );
+        feed(&mut c, 100, 101, |_| 20_000);
+        assert!(c.is_yielding());
+    }
+
+    #[test]
+    fn background_slows_down_periodically_to_refresh_the_base() {
+        let mut c = Background::new(BackgroundConfig::default());
+        feed(&mut c, 1, 20_000, |_| 20_000);
+        let w = c.window();
+        feed(&mut c, 20_000, 20_010, |_| 20_000);
+        assert_eq!(
+            c.window(),
+            BackgroundConfig::default().window_bytes_min,
+            "in the slowdown"
+        );
+        feed(&mut c, 20_010, 20_200, |_| 20_000);
+        assert!(c.window() >= w, "restored after the slowdown");
+    }
+
+    #[test]
+    fn background_respects_the_rate_ceiling() {
+        let cfg = BackgroundConfig {
+            rate_max: Some(125_000),
+            ..Default::default()
+        };
+        let mut c = Background::new(cfg);
+        feed(&mut c, 1, 2000, |_| 20_000);
+        assert!(c.pacing_rate(Duration::from_millis(40)).unwrap() <= 125_000);
+    }
+}
