@@ -25,7 +25,10 @@
 //! # Control
 //!
 //! - Queue below target: the window grows by `acked × (target − q)/target`,
-//!   exponentially when the queue is empty and not at all at the target.
+//!   exponentially when the queue is empty and not at all at the target, but
+//!   only up to the measured bandwidth-delay product plus the target queue
+//!   (the delay signal lags a round trip; blind doubling overshoots by a
+//!   window); past that it probes by one segment per round trip.
 //! - Queue above target: once per round trip, the window is multiplied by
 //!   `target/q` (at least halved is the floor of the cut, 0.95 the ceiling).
 //! - Queue above [`YIELD_FACTOR`] × target, or competing traffic on the local
@@ -306,8 +309,22 @@ impl Controller for Background {
                 self.window = self.window.max(self.bdp(self.remembered_rate) / 2);
             }
             if !ack.app_limited {
+                // Exponential growth up to the measured bandwidth-delay product plus the target
+                // queue (the delay signal lags a round trip, so growing past it blindly would
+                // overshoot by a whole window); beyond that, probe for more by one segment per
+                // round trip.
                 let gain = (target_us - q.max(0)) as f64 / target_us as f64;
-                self.window += (ack.acked_bytes as f64 * gain) as u64;
+                let rate = self.delivery_rate().max(self.remembered_rate);
+                let cap = if rate > 0 {
+                    self.bdp(rate) + (rate as f64 * self.cfg.queue_delay_target.as_secs_f64()) as u64
+                } else {
+                    u64::MAX
+                };
+                if self.window < cap {
+                    self.window = (self.window + (ack.acked_bytes as f64 * gain) as u64).min(cap.max(self.window));
+                } else {
+                    self.window += (MSS_BYTES as f64 * ack.acked_bytes as f64 / self.window as f64 * gain) as u64;
+                }
             }
         }
         self.clamp();

@@ -139,6 +139,16 @@ struct Link {
     busy_until: Time,
 }
 
+/// One datagram that crossed a bottleneck: when it left, who sent it, its size,
+/// and how long it waited in the bottleneck's queue.
+#[derive(Debug, Clone, Copy)]
+pub struct BottleneckRecord {
+    pub left: Time,
+    pub from: SocketAddr,
+    pub bytes: u32,
+    pub queued: Duration,
+}
+
 /// Counters of the whole network.
 #[derive(Debug, Clone, Default)]
 pub struct NetStats {
@@ -200,6 +210,10 @@ pub struct Sim {
     rng: rand::rngs::SmallRng,
     pub stats: NetStats,
     buf: Vec<u8>,
+    /// Shared bottlenecks, by destination: every datagram to that node queues here.
+    bottlenecks: HashMap<SocketAddr, (LinkSpec, Link)>,
+    /// Every datagram that crossed a bottleneck, in order.
+    pub bottleneck_log: Vec<BottleneckRecord>,
 }
 
 impl Sim {
@@ -215,6 +229,8 @@ impl Sim {
             rng: rand::rngs::SmallRng::seed_from_u64(seed),
             stats: NetStats::default(),
             buf: vec![0; GSO_SEGMENTS_MAX * DATAGRAM_BYTES_MAX],
+            bottlenecks: HashMap::new(),
+            bottleneck_log: Vec::new(),
         }
     }
 
@@ -246,6 +262,12 @@ impl Sim {
     pub fn set_link(&mut self, a: usize, b: usize, spec: LinkSpec) {
         let key = (self.nodes[a].addr, self.nodes[b].addr);
         self.links.insert(key, (spec, Link::default()));
+    }
+
+    /// Put a shared bottleneck in front of node `to`: every datagram to it, from
+    /// anyone, waits in one queue with `spec`'s rate, delay and limit.
+    pub fn set_bottleneck(&mut self, to: usize, spec: LinkSpec) {
+        self.bottlenecks.insert(self.nodes[to].addr, (spec, Link::default()));
     }
 
     fn index_of(&self, addr: SocketAddr) -> Option<usize> {
@@ -397,7 +419,11 @@ impl Sim {
     fn enqueue(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
         self.stats.datagrams_sent += 1;
         let default = self.default_link;
-        let (spec, link) = self.links.entry((from, to)).or_insert((default, Link::default()));
+        let shared = self.bottlenecks.contains_key(&to);
+        let (spec, link) = match self.bottlenecks.get_mut(&to) {
+            Some(b) => b,
+            None => self.links.entry((from, to)).or_insert((default, Link::default())),
+        };
         let spec = *spec;
         let start = link.busy_until.max(self.now);
         let queued = start.since(self.now).as_secs_f64() * spec.rate_bytes_per_s as f64;
@@ -407,6 +433,14 @@ impl Sim {
         }
         let tx = Duration::from_secs_f64(bytes.len() as f64 / spec.rate_bytes_per_s as f64);
         link.busy_until = start + tx;
+        if shared {
+            self.bottleneck_log.push(BottleneckRecord {
+                left: start + tx,
+                from,
+                bytes: bytes.len() as u32,
+                queued: start.since(self.now),
+            });
+        }
         if self.rng.gen_bool(spec.loss) {
             self.stats.datagrams_lost += 1;
             return;

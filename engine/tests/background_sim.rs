@@ -1,0 +1,194 @@
+//! The background controller's promises, checked in the simulator on a 20
+//! Mbit/s bottleneck with a deep (bufferbloated) queue, each with a named seed:
+//! solo utilisation, added queueing delay, yielding to a foreground flow, and
+//! reclaiming the link when it leaves. Durations are simulated time, not wall time.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lowtide_engine::content::BlockTable;
+use lowtide_engine::io::sim::{LinkSpec, Sim};
+use lowtide_engine::ranges::BlockSet;
+use lowtide_engine::session::fetch::{Fetch, FetchConfig};
+use lowtide_engine::session::serve::ServerConfig;
+use lowtide_engine::time::Time;
+use lowtide_engine::wire::DeploymentKey;
+
+const RATE: u64 = 2_500_000; // 20 Mbit/s
+const ONE_WAY: Duration = Duration::from_millis(20);
+const RTT: Duration = Duration::from_millis(40);
+
+fn bytes(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(2654435761)
+                .wrapping_add(seed as u32)
+                .to_le_bytes()[2]
+        })
+        .collect()
+}
+
+struct Net {
+    sim: Sim,
+    bg: usize,
+    fg: usize,
+    rx: usize,
+}
+
+fn net(seed: u64) -> Net {
+    let mut sim = Sim::new(seed, DeploymentKey::derive(b"bg"), LinkSpec::lan());
+    let bg = sim.add_node(ServerConfig::default());
+    let fg = sim.add_node(ServerConfig::default());
+    let rx = sim.add_node(ServerConfig::default());
+    sim.set_bottleneck(
+        rx,
+        LinkSpec {
+            rate_bytes_per_s: RATE,
+            delay: ONE_WAY,
+            queue_bytes_max: 500_000,
+            ..LinkSpec::lan()
+        },
+    );
+    Net { sim, bg, fg, rx }
+}
+
+fn start(n: &mut Net, server: usize, data: Vec<u8>, background: bool, seed: u64) {
+    let t = BlockTable::from_bytes(&data, 4);
+    n.sim.nodes[server].library.insert_full(t.clone(), data);
+    let count = t.geometry().block_count();
+    n.sim.nodes[n.rx].library.insert_empty(t.clone());
+    let key = n.sim.key().clone();
+    let cfg = FetchConfig {
+        background,
+        ..FetchConfig::default()
+    };
+    let mut f = Fetch::new(key, t.root(), cfg, Some((t, BlockSet::new(count))), seed);
+    f.add_source(n.sim.now, n.sim.nodes[server].addr);
+    n.sim.nodes[n.rx].fetches.push(f);
+}
+
+/// Datagram bytes from `from` that left the bottleneck in `[a, b)`, as a fraction of its capacity.
+fn share(sim: &Sim, from: SocketAddr, a: Duration, b: Duration) -> f64 {
+    let (a, b) = (Time::ZERO + a, Time::ZERO + b);
+    let sent: u64 = sim
+        .bottleneck_log
+        .iter()
+        .filter(|r| r.from == from && r.left >= a && r.left < b)
+        .map(|r| r.bytes as u64)
+        .sum();
+    sent as f64 / (RATE as f64 * b.since(a).as_secs_f64())
+}
+
+fn queue_delay_percentile(sim: &Sim, a: Duration, b: Duration, p: f64) -> Duration {
+    let (a, b) = (Time::ZERO + a, Time::ZERO + b);
+    let mut d: Vec<Duration> = sim
+        .bottleneck_log
+        .iter()
+        .filter(|r| r.left >= a && r.left < b)
+        .map(|r| r.queued)
+        .collect();
+    d.sort();
+    d[((d.len() - 1) as f64 * p) as usize]
+}
+
+fn run_to(n: &mut Net, t: Duration) {
+    n.sim.run_until(Time::ZERO + t, |_| false);
+}
+
+/// First time in [from, to) at which `addr`'s share over a 100 ms window satisfies `pred`.
+fn first_time(
+    sim: &Sim,
+    addr: SocketAddr,
+    from: Duration,
+    to: Duration,
+    pred: impl Fn(f64) -> bool,
+) -> Option<Duration> {
+    let step = Duration::from_millis(10);
+    let mut t = from;
+    while t < to {
+        if pred(share(sim, addr, t, t + Duration::from_millis(100))) {
+            return Some(t - from);
+        }
+        t += step;
+    }
+    None
+}
+
+#[test]
+fn background_alone_fills_the_link_with_a_short_queue() {
+    for seed in [101, 102] {
+        let mut n = net(seed);
+        let (bg, rx) = (n.bg, n.rx);
+        start(&mut n, bg, bytes(40 << 20, 1), true, seed);
+        run_to(&mut n, Duration::from_secs(12));
+        let addr = n.sim.nodes[bg].addr;
+        let util = share(&n.sim, addr, Duration::from_secs(4), Duration::from_secs(12));
+        assert!(util >= 0.95, "seed {seed}: solo utilisation {util:.3}");
+        let p95 = queue_delay_percentile(&n.sim, Duration::from_secs(4), Duration::from_secs(12), 0.95);
+        let p99 = queue_delay_percentile(&n.sim, Duration::from_secs(4), Duration::from_secs(12), 0.99);
+        assert!(
+            p95 <= Duration::from_millis(5),
+            "seed {seed}: p95 queueing delay {p95:?}"
+        );
+        assert!(
+            p99 <= Duration::from_millis(10),
+            "seed {seed}: p99 queueing delay {p99:?}"
+        );
+        assert!(!n.sim.nodes[rx].fetches[0].is_complete());
+        eprintln!("seed {seed}: solo utilisation {util:.3}, queueing delay p95 {p95:?} p99 {p99:?}");
+    }
+}
+
+#[test]
+fn background_yields_to_foreground_and_reclaims_when_it_leaves() {
+    let seed = 201;
+    // The foreground flow alone, for its solo throughput.
+    let fg_data = bytes(6 << 20, 2);
+    let mut solo = net(seed);
+    let fg = solo.fg;
+    start(&mut solo, fg, fg_data.clone(), false, seed);
+    run_to(&mut solo, Duration::from_secs(4));
+    let fg_addr = solo.sim.nodes[fg].addr;
+    let fg_solo = share(&solo.sim, fg_addr, Duration::from_secs(1), Duration::from_secs(2));
+
+    // Background alone for 4 s, then the same foreground flow joins.
+    let mut n = net(seed);
+    let (bg, fg, rx) = (n.bg, n.fg, n.rx);
+    start(&mut n, bg, bytes(60 << 20, 1), true, seed);
+    run_to(&mut n, Duration::from_secs(4));
+    start(&mut n, fg, fg_data, false, seed + 1);
+    let fg_start = Duration::from_secs(4);
+    let fg_done = n.sim.run_until(Time::ZERO + Duration::from_secs(12), |sim| {
+        sim.nodes[rx].fetches[1].is_complete()
+    });
+    assert!(fg_done, "the foreground transfer did not finish");
+    let fg_end = n.sim.now.since(Time::ZERO);
+    run_to(&mut n, fg_end + Duration::from_secs(2));
+    let bg_addr = n.sim.nodes[bg].addr;
+
+    let fg_with_bg = share(
+        &n.sim,
+        fg_addr,
+        fg_start + Duration::from_secs(1),
+        fg_start + Duration::from_secs(2),
+    );
+    assert!(
+        fg_with_bg >= 0.95 * fg_solo,
+        "foreground kept {fg_with_bg:.3} of the link, {fg_solo:.3} alone"
+    );
+
+    let yield_time = first_time(&n.sim, bg_addr, fg_start, fg_end, |s| s < 0.10).expect("background never yielded");
+    assert!(
+        yield_time <= 2 * RTT + Duration::from_millis(100),
+        "yielded after {yield_time:?}"
+    );
+
+    let reclaim =
+        first_time(&n.sim, bg_addr, fg_end, fg_end + Duration::from_secs(2), |s| s >= 0.90).expect("never reclaimed");
+    assert!(reclaim <= Duration::from_millis(500), "reclaimed after {reclaim:?}");
+    eprintln!(
+        "seed {seed}: foreground kept {:.3} of its solo share, background yielded in {yield_time:?}, reclaimed 90% in {reclaim:?}",
+        fg_with_bg / fg_solo
+    );
+}
