@@ -89,6 +89,8 @@ pub struct BackgroundConfig {
     pub window_bytes_min: u64,
     /// Absolute ceiling on the sending rate (bytes/s), if any.
     pub rate_max: Option<u64>,
+    /// Ceiling as a share of the measured capacity (the highest delivery rate seen), if any.
+    pub capacity_share_max: Option<f64>,
     /// Competing traffic above this rate on the local interface means "yield".
     pub other_bytes_per_s_yield: u64,
 }
@@ -99,6 +101,7 @@ impl Default for BackgroundConfig {
             queue_delay_target: Duration::from_millis(3),
             window_bytes_min: 2 * MSS_BYTES,
             rate_max: None,
+            capacity_share_max: None,
             other_bytes_per_s_yield: 50_000,
         }
     }
@@ -235,9 +238,27 @@ impl Background {
         self.last_cut = now;
     }
 
+    /// The rate ceiling in force, bytes/s.
+    fn ceiling(&self) -> Option<u64> {
+        let share = self.cfg.capacity_share_max.and_then(|f| {
+            let capacity = self.delivery_rate().max(self.remembered_rate);
+            (capacity > 0).then_some((capacity as f64 * f) as u64)
+        });
+        match (self.cfg.rate_max, share) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Change the ceilings (from the schedule or the administrator) while running.
+    pub fn set_ceiling(&mut self, rate_max: Option<u64>, capacity_share_max: Option<f64>) {
+        self.cfg.rate_max = rate_max;
+        self.cfg.capacity_share_max = capacity_share_max;
+    }
+
     fn clamp(&mut self) {
         let mut max = super::foreground::WINDOW_BYTES_MAX;
-        if let Some(r) = self.cfg.rate_max {
+        if let Some(r) = self.ceiling() {
             max = max.min(self.bdp(r).max(self.cfg.window_bytes_min));
         }
         self.window = self.window.clamp(self.cfg.window_bytes_min, max);
@@ -350,7 +371,7 @@ impl Controller for Background {
     fn pacing_rate(&self, srtt: Duration) -> Option<u64> {
         let rtt_us = srtt.as_micros().max(1) as f64;
         let mut rate = (self.window as f64 * 1e6 / rtt_us * 1.2) as u64;
-        if let Some(max) = self.cfg.rate_max {
+        if let Some(max) = self.ceiling() {
             rate = rate.min(max);
         }
         Some(rate.max(1))

@@ -14,6 +14,7 @@
 
 pub mod background;
 pub mod foreground;
+pub mod schedule;
 
 use std::time::Duration;
 
