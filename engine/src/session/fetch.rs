@@ -800,11 +800,7 @@ impl Fetch {
             if s.want_close {
                 s.want_close = false;
                 let n = wire::encode_close(&self.key, buf, s.session, 0);
-                return Some(Transmit {
-                    dst: s.addr,
-                    len: n,
-                    segment_size: None,
-                });
+                return Some(Transmit::single(s.addr, n));
             }
             match s.phase {
                 Phase::Connecting { next_try, tries } if next_try <= now => {
@@ -815,11 +811,7 @@ impl Fetch {
                         next_try: now + backoff,
                         tries: tries + 1,
                     };
-                    return Some(Transmit {
-                        dst: s.addr,
-                        len: n,
-                        segment_size: None,
-                    });
+                    return Some(Transmit::single(s.addr, n));
                 }
                 Phase::Active => {}
                 _ => continue,
@@ -848,40 +840,24 @@ impl Fetch {
                     reserved: [0; 2],
                 };
                 let n = wire::encode_ack(&self.key, buf, s.session, &f, &ranges);
-                return Some(Transmit {
-                    dst: s.addr,
-                    len: n,
-                    segment_size: None,
-                });
+                return Some(Transmit::single(s.addr, n));
             }
             if s.want_table {
                 s.want_table = false;
                 let n = request(buf, s, wire::STREAM_TABLE, &[], self.cfg.window_bytes_initial);
-                return Some(Transmit {
-                    dst: s.addr,
-                    len: n,
-                    segment_size: None,
-                });
+                return Some(Transmit::single(s.addr, n));
             }
             if !s.want_cancel.is_empty() {
                 let take = s.want_cancel.len().min(wire::RANGES_MAX);
                 let ranges = wire::wire_ranges(s.want_cancel.drain(..take));
                 let n = wire::encode_ranges(&self.key, buf, Kind::Cancel, s.session, wire::STREAM_CONTENT, &ranges);
-                return Some(Transmit {
-                    dst: s.addr,
-                    len: n,
-                    segment_size: None,
-                });
+                return Some(Transmit::single(s.addr, n));
             }
             if !s.want_request.is_empty() {
                 let take = s.want_request.len().min(wire::RANGES_MAX);
                 let ranges = wire::wire_ranges(s.want_request.drain(..take));
                 let n = request(buf, s, wire::STREAM_CONTENT, &ranges, self.cfg.window_bytes_max);
-                return Some(Transmit {
-                    dst: s.addr,
-                    len: n,
-                    segment_size: None,
-                });
+                return Some(Transmit::single(s.addr, n));
             }
         }
         None

@@ -33,6 +33,15 @@ pub struct Transmit {
 }
 
 impl Transmit {
+    /// One datagram of `len` bytes to `dst`.
+    pub fn single(dst: SocketAddr, len: usize) -> Self {
+        Self {
+            dst,
+            len,
+            segment_size: None,
+        }
+    }
+
     /// Number of datagrams this transmit carries.
     pub fn segments(&self) -> usize {
         match self.segment_size {

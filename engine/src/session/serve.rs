@@ -447,11 +447,7 @@ impl Server {
     pub fn poll_transmit(&mut self, now: Time, lib: &dyn Library, buf: &mut [u8]) -> Option<Transmit> {
         if let Some((dst, pkt)) = self.control.pop_front() {
             buf[..pkt.len()].copy_from_slice(&pkt);
-            return Some(Transmit {
-                dst,
-                len: pkt.len(),
-                segment_size: None,
-            });
+            return Some(Transmit::single(dst, pkt.len()));
         }
         let n = self.sessions.len();
         for k in 0..n {
