@@ -3,14 +3,19 @@
 //!
 //! `table_64MiB/*` is the cost of `lowtide-xfer add` per byte (the server
 //! hashes each content once); `verify_block/*` is the receiver's cost per
-//! received block, the one that runs at line rate. `blake3_hash_64MiB` is the
+//! received block, the one that runs at line rate. `table_64MiB/blake3_hash` is the
 //! single-threaded lower bound for any block size: plain `blake3::hash` over
 //! the same bytes.
+//!
+//! Time is the bench thread's CPU time, not wall time (see `common`).
 
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+mod common;
+
+use common::ThreadCpuTime;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use lowtide_engine::content::{BlockTable, CHUNK_BYTES};
 
 const CONTENT_BYTES: usize = 64 << 20;
@@ -29,11 +34,12 @@ fn content(len: usize) -> Vec<u8> {
     out
 }
 
-fn table(c: &mut Criterion) {
+fn table(c: &mut Criterion<ThreadCpuTime>) {
     let data = content(CONTENT_BYTES);
     let mut g = c.benchmark_group("table_64MiB");
     g.sample_size(10)
-        .measurement_time(Duration::from_secs(3))
+        .sampling_mode(SamplingMode::Flat)
+        .measurement_time(Duration::from_secs(2))
         .warm_up_time(Duration::from_millis(500))
         .throughput(Throughput::Bytes(CONTENT_BYTES as u64));
     g.bench_function("blake3_hash", |b| b.iter(|| blake3::hash(black_box(&data))));
@@ -50,7 +56,7 @@ fn table(c: &mut Criterion) {
     g.finish();
 }
 
-fn verify(c: &mut Criterion) {
+fn verify(c: &mut Criterion<ThreadCpuTime>) {
     // 4 MiB is enough for many blocks of every size; verification cost does not depend on the content size.
     let data = content(4 << 20);
     let mut g = c.benchmark_group("verify_block");
@@ -78,5 +84,9 @@ fn verify(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, table, verify);
+criterion_group! {
+    name = benches;
+    config = common::criterion();
+    targets = table, verify
+}
 criterion_main!(benches);

@@ -18,6 +18,8 @@
 //!   PCLMULQDQ are detected at run time).
 //! - `*_auth_only`: the AEAD's tag over the whole packet as associated data,
 //!   no encryption (GMAC / Poly1305 alone).
+//!
+//! Time is the bench thread's CPU time, not wall time (see `common`).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -25,6 +27,9 @@ use std::time::Duration;
 use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::Aes256Gcm;
 use chacha20poly1305::ChaCha20Poly1305;
+mod common;
+
+use common::ThreadCpuTime;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lowtide_engine::session::PAYLOAD_BYTES_DEFAULT;
 use lowtide_engine::wire::{self, AckFixed, DataFixed, DeploymentKey, Packet, DATAGRAM_BYTES_MAX, DATA_HEADER_BYTES};
@@ -55,7 +60,7 @@ fn ack_fixed() -> AckFixed {
     }
 }
 
-fn packet(c: &mut Criterion) {
+fn packet(c: &mut Criterion<ThreadCpuTime>) {
     let key = DeploymentKey::derive(b"bench");
     let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
     for (i, b) in buf.iter_mut().enumerate() {
@@ -104,7 +109,7 @@ fn packet(c: &mut Criterion) {
     g.finish();
 }
 
-fn auth(c: &mut Criterion) {
+fn auth(c: &mut Criterion<ThreadCpuTime>) {
     let key = [7u8; 32];
     let mut pkt = vec![0u8; PACKET_BYTES];
     for (i, b) in pkt.iter_mut().enumerate() {
@@ -195,5 +200,9 @@ fn auth(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, packet, auth);
+criterion_group! {
+    name = benches;
+    config = common::criterion();
+    targets = packet, auth
+}
 criterion_main!(benches);
