@@ -337,4 +337,27 @@ mod tests {
         assert_eq!(percent(99_999, 100_000), 99);
         assert_eq!(percent(0, 0), 100);
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn ranges_normalize_keeps_exactly_the_same_bytes(r in prop::collection::vec((0u64..200, 1u64..50), 0..20)) {
+                let size = 300;
+                let input: Vec<(u64, u64)> = r.iter().map(|&(s, l)| (s, (s + l).min(size))).filter(|(s, e)| s < e).collect();
+                let out = normalize_ranges(input.clone(), size).unwrap();
+                for w in out.windows(2) {
+                    prop_assert!(w[0].1 < w[1].0, "sorted, disjoint, not touching: {:?}", out);
+                }
+                for b in 0..size {
+                    let held_in = input.iter().any(|&(s, e)| s <= b && b < e);
+                    let held_out = out.iter().any(|&(s, e)| s <= b && b < e);
+                    prop_assert_eq!(held_in, held_out, "byte {}", b);
+                }
+                prop_assert_eq!(ranges_from_text(&ranges_to_text(&out)), out);
+            }
+        }
+    }
 }

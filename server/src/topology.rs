@@ -601,4 +601,75 @@ vpn,VPN,hq,vpn,172.16.0.0/16,,
         assert_eq!(Topology::parse_csv(t.to_csv().as_bytes()).unwrap(), t);
         assert!(propose(&[]).is_empty());
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// A valid tree: site i's parent is some earlier site; site i owns 10.i.0.0/16 (disjoint).
+        fn tree() -> impl Strategy<Value = Topology> {
+            prop::collection::vec(
+                (
+                    any::<u16>(),
+                    0u8..3,
+                    any::<bool>(),
+                    proptest::option::of(1u64..1_000_000),
+                ),
+                1..40,
+            )
+            .prop_map(|rows| {
+                let sites: Vec<Site> = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(p, kind, has_net, lim))| Site {
+                        id: format!("s{i}"),
+                        name: format!("Site, \"{i}\""),
+                        parent: (i > 0).then(|| format!("s{}", p as usize % i)),
+                        kind: [SiteKind::Standard, SiteKind::Vpn, SiteKind::Wifi][kind as usize],
+                        subnets: if has_net {
+                            vec![format!("10.{i}.0.0/16").parse().unwrap()]
+                        } else {
+                            vec![]
+                        },
+                        wan_up_kbps: lim,
+                        wan_down_kbps: None,
+                    })
+                    .collect();
+                let lines: Vec<usize> = (2..sites.len() + 2).collect();
+                Topology::from_sites(sites, &lines).expect("generated trees are valid")
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn topology_csv_round_trips_any_tree(t in tree()) {
+                let back = Topology::parse_csv(t.to_csv().as_bytes()).unwrap();
+                let mut a: Vec<_> = t.sites().to_vec();
+                let mut b: Vec<_> = back.sites().to_vec();
+                a.sort_by(|x, y| x.id.cmp(&y.id));
+                b.sort_by(|x, y| x.id.cmp(&y.id));
+                prop_assert_eq!(a, b);
+            }
+
+            #[test]
+            fn topology_parse_never_panics_and_reports_real_lines(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+                let lines = bytes.iter().filter(|&&b| b == b'\n').count() + 1;
+                if let Err(errors) = Topology::parse_csv(&bytes) {
+                    prop_assert!(!errors.is_empty() && errors.len() <= LINE_ERRORS_MAX);
+                    for e in errors {
+                        prop_assert!(e.line >= 1 && e.line <= lines + 1, "line {} of {}", e.line, lines);
+                    }
+                }
+            }
+
+            #[test]
+            fn topology_parse_survives_mangled_good_files(t in tree(), cut in any::<prop::sample::Index>(), junk in "[,;\"\n a-z0-9./-]{0,12}") {
+                let mut csv = t.to_csv();
+                let at = cut.index(csv.len() + 1);
+                let at = (0..=at).rev().find(|&i| csv.is_char_boundary(i)).unwrap_or(0);
+                csv.insert_str(at, &junk);
+                let _ = Topology::parse_csv(csv.as_bytes());
+            }
+        }
+    }
 }
