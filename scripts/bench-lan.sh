@@ -3,10 +3,17 @@
 # against iperf3 TCP over the same veth pair between two network namespaces.
 #
 #   scripts/bench-lan.sh [--size-mib N] [--runs N] [--json PATH]
-#                        [--modes "offload software"] [--tools "lowtide-uring lowtide-portable iperf3-tcp"]
+#                        [--modes "offload software"]
+#                        [--tools "lowtide-uring lowtide-uring-zc lowtide-portable iperf3-tcp"]
 #                        [--zero-copy auto|on|off] [--bin PATH] [--no-build] [--logs DIR]
 #
 # Needs root, iproute2, ethtool, iperf3 and GNU time (/usr/bin/time).
+# Tools: lowtide-uring (`--driver uring`, `--zero-copy auto` unless
+# --zero-copy says otherwise: it probes and drops zero-copy send when the
+# kernel reports copying, as it does on veth), lowtide-uring-zc (`--driver
+# uring --zero-copy on`: SENDMSG_ZC forced, to measure what the copy fallback
+# costs; table only, not in the JSON), lowtide-portable (`--driver portable`),
+# iperf3-tcp.
 # Default: a 1 GiB file, 1 run. Every case runs in both segmentation modes:
 #   offload   the veth's default offloads. GSO/TSO super-packets (up to 64 KB)
 #             cross the veth unsplit, which no real NIC path does: flattering
@@ -52,7 +59,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 size_mib=1024 runs=1 json_out="" modes="offload software"
-tools="lowtide-uring lowtide-portable iperf3-tcp" zero_copy=auto bin="" build=1 logs=""
+tools="lowtide-uring lowtide-uring-zc lowtide-portable iperf3-tcp" zero_copy=auto bin="" build=1 logs=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --size-mib) size_mib="$2"; shift 2 ;;
@@ -64,14 +71,14 @@ while [ $# -gt 0 ]; do
     --bin) bin="$2"; build=0; shift 2 ;;
     --no-build) build=0; shift ;;
     --logs) logs="$2"; shift 2 ;;
-    -h|--help) sed -n '2,52p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 case "$size_mib$runs" in *[!0-9]*) echo "--size-mib and --runs take positive integers" >&2; exit 2 ;; esac
 [ "$size_mib" -gt 0 ] && [ "$runs" -gt 0 ] || { echo "--size-mib and --runs must be > 0" >&2; exit 2; }
 for m in $modes; do case "$m" in offload|software) ;; *) echo "unknown mode $m" >&2; exit 2 ;; esac; done
-for t in $tools; do case "$t" in lowtide-uring|lowtide-portable|iperf3-tcp) ;; *) echo "unknown tool $t" >&2; exit 2 ;; esac; done
+for t in $tools; do case "$t" in lowtide-uring|lowtide-uring-zc|lowtide-portable|iperf3-tcp) ;; *) echo "unknown tool $t" >&2; exit 2 ;; esac; done
 [ "$(id -u)" = 0 ] || { echo "bench-lan.sh needs root (network namespaces, ethtool)" >&2; exit 1; }
 for c in ip ethtool iperf3 /usr/bin/time awk; do
   command -v "$c" >/dev/null || { echo "missing $c (apt-get install iproute2 ethtool iperf3 time)" >&2; exit 1; }
@@ -204,13 +211,13 @@ results="$work/results"
 : >"$results"
 port=4700
 
-# run_lowtide DRIVER MODE RUN: one Lowtide transfer; appends a result line.
+# run_lowtide DRIVER ZERO_COPY TOOL MODE RUN: one Lowtide transfer; appends a result line.
 run_lowtide() {
-  local driver="$1" mode="$2" run="$3" tag="$1-$2-$3"
+  local driver="$1" zc="$2" tool="$3" mode="$4" run="$5" tag="$3-$4-$5"
   local rx="$work/rx-$tag"
   port=$((port + 1))
   start_timed "$ns_a" "$work/srv-$tag.time" "$work/srv-$tag.log" \
-    "$bin" --store "$work/tx-store" --driver "$driver" --zero-copy "$zero_copy" serve --listen "$ip_a:$port"
+    "$bin" --store "$work/tx-store" --driver "$driver" --zero-copy "$zc" serve --listen "$ip_a:$port"
   local srv=$bg_pid
   wait_for 20 grep -q "serving on" "$work/srv-$tag.log" || {
     echo "lowtide server did not start:" >&2
@@ -223,7 +230,7 @@ run_lowtide() {
   p0="$(tx_stat packets)" b0="$(tx_stat bytes)" k0="$(ksoft_s)"
   t0="$(now_ns)"
   ip netns exec "$ns_b" /usr/bin/time -f '%e %U %S' -o "$work/cli-$tag.time" \
-    "$bin" --store "$rx" --driver "$driver" --zero-copy "$zero_copy" fetch "$id" --from "$ip_a:$port" \
+    "$bin" --store "$rx" --driver "$driver" --zero-copy "$zc" fetch "$id" --from "$ip_a:$port" \
     --json "$work/cli-$tag.json" -q --timeout-secs "$timeout_secs" >"$work/cli-$tag.log" 2>&1 || rc=$?
   t1="$(now_ns)"
   local pkts=$(($(tx_stat packets) - p0)) txb=$(($(tx_stat bytes) - b0)) ksoft
@@ -233,7 +240,7 @@ run_lowtide() {
   forget_pid "$srv"
   rm -rf "$rx"
   if [ "$rc" != 0 ]; then
-    echo "lowtide fetch ($driver, $mode) failed with status $rc:" >&2
+    echo "lowtide fetch ($tool, $mode) failed with status $rc:" >&2
     cat "$work/cli-$tag.log" >&2
     echo "server log:" >&2
     cat "$work/srv-$tag.log" >&2
@@ -241,7 +248,7 @@ run_lowtide() {
   fi
   local own
   own="$(grep -o '"goodput_gbps": *[0-9.e+-]*' "$work/cli-$tag.json" | awk -F: '{printf "%.2f", $2}')"
-  record "lowtide-$driver" "$mode" "$t0" "$t1" "$work/srv-$tag.time" "$work/cli-$tag.time" "$pkts" "$txb" "$ksoft" "$own" \
+  record "$tool" "$mode" "$t0" "$t1" "$work/srv-$tag.time" "$work/cli-$tag.time" "$pkts" "$txb" "$ksoft" "$own" \
     "$(grep -o 'served .*' "$work/srv-$tag.log" | tail -1)"
 }
 
@@ -306,8 +313,9 @@ for run in $(seq 1 "$runs"); do
     echo "== run $run/$runs, segmentation: $mode" >&2
     for tool in $tools; do
       case "$tool" in
-        lowtide-uring) run_lowtide uring "$mode" "$run" ;;
-        lowtide-portable) run_lowtide portable "$mode" "$run" ;;
+        lowtide-uring) run_lowtide uring "$zero_copy" lowtide-uring "$mode" "$run" ;;
+        lowtide-uring-zc) run_lowtide uring on lowtide-uring-zc "$mode" "$run" ;;
+        lowtide-portable) run_lowtide portable auto lowtide-portable "$mode" "$run" ;;
         iperf3-tcp) run_iperf3 "$mode" "$run" ;;
       esac
     done
@@ -337,8 +345,9 @@ echo "(pkt B: sender veth tx_bytes/tx_packets; ksirq: machine-wide ksoftirqd CPU
 echo
 echo "Ratios lowtide / iperf3-tcp (goodput; sender CPU per GiB; receiver CPU per GiB):"
 awk '{ g[$1, $2] = $3; s[$1, $2] = $4; r[$1, $2] = $5; modes[$2] = 1 }
-  END { for (m in modes) for (t = 1; t <= 2; t++) {
-          tool = (t == 1) ? "lowtide-uring" : "lowtide-portable"
+  END { split("lowtide-uring lowtide-uring-zc lowtide-portable", tools, " ")
+        for (m in modes) for (t = 1; t <= 3; t++) {
+          tool = tools[t]
           if (((tool, m) in g) && (("iperf3-tcp", m) in g) && g["iperf3-tcp", m] > 0)
             printf "  %-9s %-17s goodput %.2fx  sender CPU %sx  receiver CPU %sx\n", m, tool, g[tool, m] / g["iperf3-tcp", m],
               (s["iperf3-tcp", m] > 0 ? sprintf("%.2f", s[tool, m] / s["iperf3-tcp", m]) : "n/a"),
@@ -349,8 +358,9 @@ sed 's/^/  /' "$results"
 
 if [ -n "$json_out" ]; then
   awk 'BEGIN { printf "{\"cases\":[" }
+    $1 == "lowtide-uring-zc" { next }
     { printf "%s{\"tool\":\"%s\",\"segmentation\":\"%s\",\"goodput_gbps\":%.3f,\"sender_cpu_s_per_gib\":%.3f,\"receiver_cpu_s_per_gib\":%.3f}",
-        (NR > 1 ? "," : ""), $1, $2, $3, $4, $5 }
+        (n++ ? "," : ""), $1, $2, $3, $4, $5 }
     END { print "]}" }' "$summary" >"$json_out"
   echo "wrote $json_out" >&2
 fi
