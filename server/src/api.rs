@@ -474,6 +474,87 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// Most time a client gets to finish its TLS handshake.
+pub const TLS_HANDSHAKE_MS_MAX: u64 = 10_000;
+/// Most time requests in flight get to finish after shutdown is asked.
+pub const SHUTDOWN_DRAIN_MS_MAX: u64 = 30_000;
+
+/// Read a PEM certificate chain and key into a TLS server configuration (ring provider, HTTP/1.1).
+pub fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustls::ServerConfig>, Error> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        Error::BadRequest(format!("{what} {}: {e}; give a PEM file", path.display()))
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad("cannot read the TLS certificate", cert, &e))?;
+    if certs.is_empty() {
+        return Err(bad("no certificate in", cert, &"empty"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("cannot read the TLS key", key, &e))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|e| Error::BadRequest(format!("TLS certificate and key do not work together: {e}")))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Like [`serve`], over TLS: accept, handshake (bounded), then HTTP/1.1 on the
+/// same router; on shutdown stop accepting and let requests in flight finish.
+pub async fn serve_tls(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let router = router(app);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, router, watcher) = (acceptor.clone(), router.clone(), graceful.watcher());
+                tokio::spawn(async move {
+                    let handshake = tokio::time::timeout(std::time::Duration::from_millis(TLS_HANDSHAKE_MS_MAX), acceptor.accept(tcp));
+                    let tls = match handshake.await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    };
+                    let svc = hyper_util::service::TowerToHyperService::new(router);
+                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(
+        std::time::Duration::from_millis(SHUTDOWN_DRAIN_MS_MAX),
+        graceful.shutdown(),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!("requests still in flight after {SHUTDOWN_DRAIN_MS_MAX} ms; closing them");
+    }
+    Ok(())
+}
+
 /// Serve until `shutdown` resolves, then finish the requests in flight.
 pub async fn serve(
     app: Arc<App>,

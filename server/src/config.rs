@@ -46,6 +46,10 @@ pub struct Config {
     pub db_connections_max: u32,
     /// Default lifetime of an enrolment token.
     pub token_ttl_hours: u64,
+    /// PEM certificate chain; with `tls_key`, the API is served over HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -63,6 +67,8 @@ impl Default for Config {
             topology_bytes_max: 8 << 20,
             db_connections_max: 8,
             token_ttl_hours: 24 * 7,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -79,6 +85,8 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("LOWTIDE_PEERS_ACTIVE_MAX", "peers_active_max"),
     ("LOWTIDE_BODY_BYTES_MAX", "body_bytes_max"),
     ("LOWTIDE_DB_CONNECTIONS_MAX", "db_connections_max"),
+    ("LOWTIDE_TLS_CERT", "tls_cert"),
+    ("LOWTIDE_TLS_KEY", "tls_key"),
 ];
 
 impl Config {
@@ -117,6 +125,8 @@ impl Config {
                 "LOWTIDE_PEERS_ACTIVE_MAX" => self.peers_active_max = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_BODY_BYTES_MAX" => self.body_bytes_max = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_DB_CONNECTIONS_MAX" => self.db_connections_max = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_TLS_CERT" => self.tls_cert = Some(PathBuf::from(&v)).filter(|p| !p.as_os_str().is_empty()),
+                "LOWTIDE_TLS_KEY" => self.tls_key = Some(PathBuf::from(&v)).filter(|p| !p.as_os_str().is_empty()),
                 _ => unreachable!("every entry of ENV_OVERRIDES has an arm"),
             }
         }
@@ -128,6 +138,10 @@ impl Config {
         anyhow::ensure!(self.inactive_after_secs >= 1, "inactive_after_secs must be at least 1");
         anyhow::ensure!(self.db_connections_max >= 1, "db_connections_max must be at least 1");
         anyhow::ensure!(self.body_bytes_max >= 1024, "body_bytes_max must be at least 1024");
+        anyhow::ensure!(
+            self.tls_cert.is_some() == self.tls_key.is_some(),
+            "tls_cert and tls_key go together: set both for HTTPS, or neither for plain HTTP"
+        );
         if let Some(t) = &self.admin_token {
             anyhow::ensure!(
                 t.len() >= 16,
@@ -154,6 +168,7 @@ impl Config {
     pub fn public_url(&self) -> String {
         match &self.public_url {
             Some(u) => u.trim_end_matches('/').to_string(),
+            None if self.tls_cert.is_some() => format!("https://{}", self.listen),
             None => format!("http://{}", self.listen),
         }
     }

@@ -204,14 +204,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .with_context(|| format!("listening on {}", cfg.listen))?;
-            tracing::info!(listen = %listener.local_addr()?, backend = ?store.backend(), admin_api = cfg.admin_token.is_some(), "serving");
+            tracing::info!(
+                listen = %listener.local_addr()?,
+                backend = ?store.backend(),
+                tls = cfg.tls_cert.is_some(),
+                admin_api = cfg.admin_token.is_some(),
+                "serving"
+            );
             if cfg.admin_token.is_none() {
                 tracing::warn!("admin_token is not set: the HTTP admin API answers 403 (the command line still works)");
             }
+            let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+                (Some(c), Some(k)) => Some(api::load_tls(c, k)?),
+                _ => None,
+            };
             let app = App::new(store.clone(), cfg, clock).await?;
-            api::serve(app, listener, shutdown_signal())
-                .await
-                .context("serving HTTP")?;
+            match tls {
+                Some(tls) => api::serve_tls(app, listener, tls, shutdown_signal())
+                    .await
+                    .context("serving HTTPS")?,
+                None => api::serve(app, listener, shutdown_signal())
+                    .await
+                    .context("serving HTTP")?,
+            }
             store.close().await;
             tracing::info!("stopped");
         }
