@@ -1,0 +1,800 @@
+//! `lowtide-agent run`: the daemon.
+//!
+//! - enrols with the token on first start and keeps the credential (and the
+//!   server's manifest key, pinned) in `<state_dir>/credential.json`, mode 0600;
+//! - heartbeats with the machine's facts, and reports inventory (complete
+//!   content, byte ranges of partial content) when it changes;
+//! - runs the engine on its own thread ([`crate::worker`]), serving the store
+//!   to peers on the configured UDP address;
+//! - answers commands on `<state_dir>/agent.sock` ([`crate::proto`]): `get`
+//!   checks the signed manifest against the pinned key, verifies the block
+//!   table, asks the server for sources, fetches from peers with the engine
+//!   and falls back to the origin ([`crate::origin`]) when no peer can serve.
+//!
+//! Discovery (broadcast, neighbour cache, subnet scan) is not built: peers
+//! come from the server's source lists only.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use lowtide_engine::content::ContentId;
+use lowtide_engine::endpoint::{Endpoint, EndpointConfig};
+use lowtide_engine::store::Store;
+use lowtide_engine::wire::DeploymentKey;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::facts;
+use crate::proto::{GetDone, Progress, Reply, Request, REQUEST_BYTES_MAX};
+use crate::server::{self, Client, Facts, Inventory, InventoryItem, Protocol, SourceKind, TrafficReport};
+use crate::worker::{self, Cmd, Handle, Held};
+
+/// How often a download looks at its progress.
+const TICK: Duration = Duration::from_millis(250);
+/// Most byte ranges reported per partial content (fewer is safe: under-reporting).
+pub const INVENTORY_RANGES_MAX: usize = 64;
+/// Most finished downloads kept for `status`.
+const RECENT_MAX: usize = 16;
+/// Most control connections served at once.
+const CONNECTIONS_MAX: usize = 64;
+/// Heartbeat interval when neither the config nor the server gives one.
+const HEARTBEAT_SECS_DEFAULT: u64 = 60;
+/// Wait before retrying a failed heartbeat.
+const HEARTBEAT_RETRY_SECS: u64 = 5;
+
+/// What enrolment gave this agent, kept in the state directory (mode 0600).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Credential {
+    pub server_url: String,
+    pub agent_id: String,
+    pub credential: String,
+    /// The server's Ed25519 manifest key, pinned at enrolment.
+    pub server_public_key: String,
+    pub heartbeat_secs: u64,
+}
+
+/// Write `bytes` to `path` atomically with mode 0600.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+async fn load_or_enrol(cfg: &Config, client: &Client, hostname: &str) -> anyhow::Result<Credential> {
+    let path = cfg.credential_path();
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let c: Credential = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is damaged; delete it and start again with an enrol_token to enrol anew",
+                path.display()
+            )
+        })?;
+        if c.server_url != client.base() {
+            tracing::warn!(
+                "enrolled with {} but server_url is now {}; using the credential anyway (delete {} to enrol again)",
+                c.server_url,
+                client.base(),
+                path.display()
+            );
+        }
+        return Ok(c);
+    }
+    let Some(token) = cfg.enrol_token.as_deref() else {
+        bail!(
+            "this agent is not enrolled and has no enrol_token: create one with `lowtide-server token create` \
+             and set enrol_token in the config file or LOWTIDE_ENROL_TOKEN"
+        );
+    };
+    let e = client
+        .enrol(token, hostname)
+        .await
+        .context("enrolling with the token (a token can be used only as often as it was created for)")?;
+    let c = Credential {
+        server_url: client.base().to_string(),
+        agent_id: e.agent_id,
+        credential: e.credential,
+        server_public_key: e.server_public_key,
+        heartbeat_secs: e.heartbeat_secs,
+    };
+    write_private(&path, &serde_json::to_vec_pretty(&c)?)?;
+    tracing::info!(agent = %c.agent_id, "enrolled; credential kept in {}", path.display());
+    Ok(c)
+}
+
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+struct Totals {
+    /// From peers of this site (foreground).
+    peer: u64,
+    /// From the parent site's RVP (background).
+    parent: u64,
+    origin: u64,
+}
+
+#[derive(Default)]
+struct State {
+    site: Option<String>,
+    site_kind: Option<String>,
+    heartbeat_error: Option<String>,
+    totals: Totals,
+    unreported: TrafficReport,
+    peers_seen: BTreeSet<SocketAddr>,
+    recent: VecDeque<GetDone>,
+    last_inventory: Option<Vec<Held>>,
+}
+
+struct Shared {
+    cfg: Config,
+    client: Client,
+    http: reqwest::Client,
+    cred: Credential,
+    hostname: String,
+    engine: Handle,
+    state: Mutex<State>,
+    /// One download per content at a time; a second `get` waits for the first.
+    locks: Mutex<HashMap<ContentId, Arc<tokio::sync::Mutex<()>>>>,
+    inventory_now: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Run the daemon until SIGINT or SIGTERM.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let (url, secret) = cfg.check_for_daemon()?;
+    let key = DeploymentKey::derive(secret.as_bytes());
+    std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
+        format!(
+            "creating the state directory {} (set state_dir or LOWTIDE_STATE_DIR to a writable place)",
+            cfg.state_dir.display()
+        )
+    })?;
+    // The endpoint is not Send: it is opened on the engine thread, which reports how that went.
+    let (store_dir, limit, listen, driver) = (cfg.store_dir(), cfg.cache_limit_bytes(), cfg.listen, cfg.driver);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (up_tx, up_rx) = std::sync::mpsc::channel::<anyhow::Result<SocketAddr>>();
+    let engine_thread = std::thread::Builder::new()
+        .name("lowtide-engine".into())
+        .spawn(move || {
+            let ep = Store::open(&store_dir, limit)
+                .with_context(|| format!("opening the content store in {}", store_dir.display()))
+                .and_then(|store| {
+                    Endpoint::bind(
+                        listen,
+                        key,
+                        store,
+                        EndpointConfig {
+                            driver,
+                            ..EndpointConfig::default()
+                        },
+                    )
+                    .with_context(|| format!("starting the engine on UDP {listen} (change listen or LOWTIDE_LISTEN)"))
+                });
+            match ep {
+                Ok(ep) => {
+                    let _ = up_tx.send(Ok(ep.local_addr()));
+                    worker::run(ep, rx)
+                }
+                Err(e) => {
+                    let _ = up_tx.send(Err(e));
+                }
+            }
+        })
+        .context("spawning the engine thread")?;
+    let udp = up_rx
+        .recv()
+        .map_err(|_| anyhow!("the engine thread stopped while starting"))??;
+    let engine = Handle::new(tx);
+
+    let client = Client::new(url)?;
+    let hostname = if cfg.hostname.is_empty() {
+        facts::hostname()
+    } else {
+        cfg.hostname.clone()
+    };
+    let cred = match load_or_enrol(&cfg, &client, &hostname).await {
+        Ok(c) => c,
+        Err(e) => {
+            engine.send(Cmd::Stop);
+            let _ = engine_thread.join();
+            return Err(e);
+        }
+    };
+    let sock_path = cfg.socket_path();
+    let listener = bind_socket(&sock_path)?;
+    let sh = Arc::new(Shared {
+        http: server::http_client()?,
+        cfg,
+        client,
+        cred,
+        hostname,
+        engine: engine.clone(),
+        state: Mutex::new(State::default()),
+        locks: Mutex::new(HashMap::new()),
+        inventory_now: tokio::sync::Notify::new(),
+    });
+    tracing::info!(
+        agent = %sh.cred.agent_id,
+        udp = %udp,
+        socket = %sock_path.display(),
+        server = %sh.client.base(),
+        "lowtide-agent running"
+    );
+    let hb = tokio::spawn(heartbeat_loop(sh.clone()));
+    let inv = tokio::spawn(inventory_loop(sh.clone()));
+    let acc = tokio::spawn(accept_loop(sh.clone(), listener));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+    acc.abort();
+    hb.abort();
+    inv.abort();
+    let _ = std::fs::remove_file(&sock_path);
+    engine.send(Cmd::Stop);
+    tokio::task::spawn_blocking(move || engine_thread.join())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| anyhow!("the engine thread panicked"))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another lowtide-agent is running with this state directory (its socket {} answers)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(l)
+}
+
+// ---- membership ----
+
+async fn gather_facts(sh: &Shared) -> anyhow::Result<Facts> {
+    let snap = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?;
+    let ifs = facts::interface_addresses().context("listing interface addresses")?;
+    let (addresses, subnets) = facts::addresses_and_subnets(&ifs, &sh.cfg.advertise_addresses);
+    let (free, avail) = facts::disk_free(&sh.cfg.state_dir).unwrap_or((0, 0));
+    let room = snap.store_limit_bytes.saturating_sub(snap.store_used_bytes);
+    Ok(Facts {
+        hostname: sh.hostname.clone(),
+        addresses,
+        subnets,
+        port: snap.udp.port(),
+        disk_free_bytes: free,
+        disk_usable_bytes: avail.min(room),
+        chassis: facts::chassis(),
+        os_type: facts::os_type(),
+        uptime_secs: facts::uptime_secs(),
+        preferred: sh.cfg.preferred,
+        site_override: sh.cfg.site_override.clone(),
+    })
+}
+
+async fn heartbeat_once(sh: &Shared) -> anyhow::Result<u64> {
+    let f = gather_facts(sh).await?;
+    let r = sh.client.heartbeat(&sh.cred.credential, &f).await?;
+    let report = {
+        let mut st = sh.state();
+        if st.site != r.site {
+            tracing::info!(site = ?r.site, kind = ?r.site_kind, "site");
+        }
+        st.site = r.site;
+        st.site_kind = r.site_kind;
+        st.heartbeat_error = None;
+        std::mem::take(&mut st.unreported)
+    };
+    if report != TrafficReport::default() {
+        if let Err(e) = sh.client.traffic(&sh.cred.credential, &report).await {
+            tracing::warn!("{e:#}");
+            let mut st = sh.state();
+            st.unreported.lan_bytes += report.lan_bytes;
+            st.unreported.wan_bytes += report.wan_bytes;
+            st.unreported.origin_bytes += report.origin_bytes;
+        }
+    }
+    Ok(r.heartbeat_secs)
+}
+
+async fn heartbeat_loop(sh: Arc<Shared>) {
+    loop {
+        let wait = match heartbeat_once(&sh).await {
+            Ok(server_secs) => match sh.cfg.heartbeat_secs {
+                0 if server_secs > 0 => server_secs,
+                0 => HEARTBEAT_SECS_DEFAULT,
+                s => s,
+            },
+            Err(e) => {
+                let msg = if server::api_status(&e) == Some(401) {
+                    format!(
+                        "{e:#}: the server no longer accepts this agent's credential (revoked?); \
+                         delete {} and restart with a new enrol_token",
+                        sh.cfg.credential_path().display()
+                    )
+                } else {
+                    format!("{e:#}")
+                };
+                tracing::warn!("heartbeat failed: {msg}");
+                sh.state().heartbeat_error = Some(msg);
+                HEARTBEAT_RETRY_SECS
+            }
+        };
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+    }
+}
+
+/// Report the inventory if it changed since the last report (everything, replacing the old).
+async fn report_inventory(sh: &Shared) -> anyhow::Result<()> {
+    let list = sh.engine.call(|reply| Cmd::List { reply }).await?;
+    if sh.state().last_inventory.as_ref() == Some(&list) {
+        return Ok(());
+    }
+    let items = list
+        .iter()
+        .filter(|h| h.complete || !h.ranges.is_empty())
+        .map(|h| InventoryItem {
+            content: h.content,
+            complete: h.complete,
+            ranges: if h.complete {
+                Vec::new()
+            } else {
+                h.ranges.iter().take(INVENTORY_RANGES_MAX).copied().collect()
+            },
+        })
+        .collect();
+    sh.client
+        .inventory(&sh.cred.credential, &Inventory { items, replace: true })
+        .await?;
+    sh.state().last_inventory = Some(list);
+    Ok(())
+}
+
+async fn inventory_loop(sh: Arc<Shared>) {
+    loop {
+        if let Err(e) = report_inventory(&sh).await {
+            tracing::warn!("inventory: {e:#}");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(sh.cfg.inventory_secs)) => {},
+            _ = sh.inventory_now.notified() => {},
+        }
+    }
+}
+
+// ---- control socket ----
+
+async fn accept_loop(sh: Arc<Shared>, listener: UnixListener) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let (conn, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("control socket: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_conn(sh, conn).await {
+                tracing::debug!("control connection: {e:#}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn write_reply(w: &mut tokio::net::unix::OwnedWriteHalf, r: &Reply) -> anyhow::Result<()> {
+    let mut line = serde_json::to_vec(r)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    Ok(())
+}
+
+async fn serve_conn(sh: Arc<Shared>, conn: UnixStream) -> anyhow::Result<()> {
+    let (r, mut w) = conn.into_split();
+    let mut line = String::new();
+    BufReader::new(r.take(REQUEST_BYTES_MAX as u64))
+        .read_line(&mut line)
+        .await?;
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            return write_reply(
+                &mut w,
+                &Reply::Error(format!("not a request this agent understands: {e}")),
+            )
+            .await;
+        }
+    };
+    let result = match req {
+        Request::Get { content, to } => {
+            let (ptx, mut prx) = mpsc::channel::<Progress>(16);
+            let task = tokio::spawn(get(sh.clone(), content, to, ptx));
+            while let Some(p) = prx.recv().await {
+                if write_reply(&mut w, &Reply::Progress(p)).await.is_err() {
+                    // The client went away; the download goes on.
+                    return Ok(());
+                }
+            }
+            match task.await {
+                Ok(r) => r.and_then(|d| Ok(serde_json::to_value(d)?)),
+                Err(e) => Err(anyhow!("the download task failed: {e}")),
+            }
+        }
+        Request::Status => status(&sh).await,
+        Request::CacheLs => sh
+            .engine
+            .call(|reply| Cmd::List { reply })
+            .await
+            .and_then(|l| Ok(serde_json::to_value(l)?)),
+        Request::CacheRm { content } => {
+            let r = sh.engine.call(|reply| Cmd::Remove { id: content, reply }).await;
+            sh.inventory_now.notify_one();
+            r.map(|()| serde_json::json!({"removed": content}))
+        }
+        Request::CacheVerify { content } => sh
+            .engine
+            .call(|reply| Cmd::Verify { id: content, reply })
+            .await
+            .map(|v| {
+                serde_json::Value::Array(
+                    v.into_iter()
+                        .map(|(id, bad)| serde_json::json!({"content": id, "bad_blocks": bad}))
+                        .collect(),
+                )
+            }),
+        Request::Pause | Request::Resume => {
+            let p = matches!(req, Request::Pause);
+            sh.engine.send(Cmd::Pause(p));
+            Ok(serde_json::json!({"background_paused": p}))
+        }
+    };
+    let reply = match result {
+        Ok(v) => Reply::Ok(v),
+        Err(e) => Reply::Error(format!("{e:#}")),
+    };
+    write_reply(&mut w, &reply).await
+}
+
+async fn status(sh: &Shared) -> anyhow::Result<serde_json::Value> {
+    let snap = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?;
+    let items = sh.engine.call(|reply| Cmd::List { reply }).await?;
+    let st = sh.state();
+    Ok(serde_json::json!({
+        "agent_id": sh.cred.agent_id,
+        "hostname": sh.hostname,
+        "server": sh.client.base(),
+        "site": st.site,
+        "site_kind": st.site_kind,
+        "heartbeat_error": st.heartbeat_error,
+        "udp": snap.udp,
+        "driver": snap.driver,
+        "background_paused": snap.background_paused,
+        // A fetch whose content completed another way (the origin) lingers in the engine: leave it out.
+        "transfers": snap.fetches.iter().filter(|f| !items.iter().any(|h| h.content == f.content && h.complete)).collect::<Vec<_>>(),
+        "peers": st.peers_seen,
+        "bytes_by_source": st.totals,
+        "served": {
+            "payload_bytes": snap.served_payload_bytes,
+            "sessions_opened": snap.serve_sessions_opened,
+            "sessions": snap.serve_sessions,
+        },
+        "dropped_datagrams": snap.dropped_datagrams,
+        "cache": {
+            "used_bytes": snap.store_used_bytes,
+            "limit_bytes": snap.store_limit_bytes,
+            "items": items.len(),
+            "complete": items.iter().filter(|h| h.complete).count(),
+        },
+        "recent": st.recent,
+    }))
+}
+
+// ---- downloads ----
+
+/// The address to reach a peer at: one in a subnet this agent is on, else the first that parses.
+fn peer_addr(addresses: &[String], port: u16) -> Option<SocketAddr> {
+    let ips: Vec<IpAddr> = addresses.iter().filter_map(|a| a.parse().ok()).collect();
+    let mine = facts::interface_addresses().unwrap_or_default();
+    ips.iter()
+        .find(|ip| mine.iter().any(|m| m.net.contains(*ip)))
+        .or_else(|| ips.first())
+        .map(|ip| SocketAddr::new(*ip, port))
+}
+
+async fn get(
+    sh: Arc<Shared>,
+    id: ContentId,
+    to: Option<PathBuf>,
+    progress: mpsc::Sender<Progress>,
+) -> anyhow::Result<GetDone> {
+    if let Some(t) = &to {
+        if !t.is_absolute() {
+            bail!("--to {} must be an absolute path", t.display());
+        }
+    }
+    let lock = sh
+        .locks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(id)
+        .or_default()
+        .clone();
+    let _guard = lock.lock().await;
+    let cred = &sh.cred.credential;
+    let _ = progress.try_send(Progress {
+        content: Some(id),
+        phase: "manifest".into(),
+        ..Progress::default()
+    });
+    let signed = sh.client.manifest(cred, &id).await?;
+    let manifest = signed
+        .verify(&sh.cred.server_public_key)
+        .with_context(|| format!("the manifest of {id} from {}", sh.client.base()))?;
+    if manifest.id != id {
+        bail!(
+            "the server's signed manifest is for {} but {id} was asked for: refusing it",
+            manifest.id
+        );
+    }
+    let before = sh.engine.call(|reply| Cmd::Held { id, reply }).await?;
+    let already = before.as_ref().map_or(0, |h| h.held_bytes);
+    let mut done = GetDone {
+        content: id,
+        name: manifest.name.clone(),
+        version: manifest.version.clone(),
+        size: manifest.size,
+        bytes_already_held: already,
+        bytes_from_peers: 0,
+        bytes_from_origin: 0,
+        sources: Vec::new(),
+        to: to.clone(),
+    };
+    if !before.as_ref().is_some_and(|h| h.complete) {
+        fetch(&sh, id, &manifest, already, &progress, &mut done).await?;
+    } else {
+        done.sources.push("already in the cache".into());
+    }
+    if let Err(e) = report_inventory(&sh).await {
+        tracing::warn!("inventory after {}: {e:#}", id.short());
+    }
+    if let Some(to) = &to {
+        let src = sh.engine.call(|reply| Cmd::DataPath { id, reply }).await?;
+        let to = to.clone();
+        tokio::task::spawn_blocking(move || export(&src, &to))
+            .await
+            .map_err(|e| anyhow!("the copy task failed: {e}"))??;
+    }
+    let _ = progress.try_send(Progress {
+        content: Some(id),
+        size: manifest.size,
+        held_bytes: manifest.size,
+        phase: "done".into(),
+        ..Progress::default()
+    });
+    {
+        let mut st = sh.state();
+        st.recent.push_back(done.clone());
+        while st.recent.len() > RECENT_MAX {
+            st.recent.pop_front();
+        }
+    }
+    tracing::info!(
+        content = %id.short(),
+        peers = done.bytes_from_peers,
+        origin = done.bytes_from_origin,
+        "get complete"
+    );
+    Ok(done)
+}
+
+/// Copy a complete data file out of the cache: to a temporary file, synced, renamed.
+fn export(src: &Path, to: &Path) -> anyhow::Result<()> {
+    let mut name = to.file_name().unwrap_or_default().to_os_string();
+    name.push(".lowtide-partial");
+    let tmp = to.with_file_name(name);
+    std::fs::copy(src, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, to).with_context(|| format!("renaming to {}", to.display()))
+}
+
+async fn fetch(
+    sh: &Shared,
+    id: ContentId,
+    manifest: &server::Manifest,
+    already: u64,
+    progress: &mpsc::Sender<Progress>,
+    done: &mut GetDone,
+) -> anyhow::Result<()> {
+    let cred = &sh.cred.credential;
+    let table = sh.client.table(cred, &id).await?;
+    if table.geometry().size != manifest.size {
+        bail!(
+            "the block table of {id} describes {} bytes but the signed manifest says {}: refusing it",
+            table.geometry().size,
+            manifest.size
+        );
+    }
+    let answer = sh.client.sources(cred, &id).await?;
+    let mut fg = Vec::new();
+    let mut bg = Vec::new();
+    let mut origins = Vec::new();
+    for s in &answer.sources {
+        if s.kind == SourceKind::Origin {
+            if let Some(u) = &s.url {
+                origins.push(u.clone());
+            }
+            continue;
+        }
+        if s.agent_id.as_deref() == Some(sh.cred.agent_id.as_str()) || s.held_percent == 0 {
+            continue;
+        }
+        let Some(addr) = s.port.and_then(|p| peer_addr(&s.addresses, p)) else {
+            continue;
+        };
+        let why = format!("{addr}: {}", s.reason);
+        match s.protocol {
+            Protocol::Foreground => fg.push((addr, why)),
+            Protocol::Background => bg.push((addr, why)),
+        }
+    }
+    for o in &manifest.origins {
+        if !origins.contains(o) {
+            origins.push(o.clone());
+        }
+    }
+    // The engine runs one protocol per fetch: same-site peers when there are any, else the parent site.
+    let background = fg.is_empty() && !bg.is_empty();
+    let peers: Vec<(SocketAddr, String)> = if background { bg } else { fg };
+    let peer_addrs: Vec<SocketAddr> = peers.iter().map(|(a, _)| *a).collect();
+    for (_, why) in &peers {
+        done.sources.push(format!(
+            "{} {why}",
+            if background {
+                "background from"
+            } else {
+                "foreground from"
+            }
+        ));
+    }
+    sh.state().peers_seen.extend(peer_addrs.iter().copied());
+    let size = manifest.size;
+    if peer_addrs.is_empty() {
+        let t = table.clone();
+        sh.engine.call(|reply| Cmd::Begin { table: t, reply }).await?;
+    } else {
+        let t = table.clone();
+        let peers = peer_addrs.clone();
+        sh.engine
+            .call(|reply| Cmd::Fetch {
+                table: t,
+                peers,
+                background,
+                reply,
+            })
+            .await?;
+    }
+    let stall_ticks = (sh.cfg.peer_stall_secs * 1000 / TICK.as_millis() as u64).max(1);
+    let mut still = 0u64;
+    let mut last_held = already;
+    let mut origin_bytes = 0u64;
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        let h = sh
+            .engine
+            .call(|reply| Cmd::Held { id, reply })
+            .await?
+            .ok_or_else(|| anyhow!("{id} was removed from the cache during the download"))?;
+        if h.complete {
+            break;
+        }
+        let snap = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?;
+        let fv = snap.fetches.iter().find(|f| f.content == id);
+        let live = fv.map_or(0, |f| f.live_sources);
+        let rate = fv.map_or(0, |f| f.sources.iter().map(|s| s.rate_bytes_per_s).sum());
+        let held_now = fv.map_or(h.held_bytes, |f| f.bytes_held.max(h.held_bytes));
+        let _ = progress.try_send(Progress {
+            content: Some(id),
+            size,
+            held_bytes: held_now,
+            phase: "peers".into(),
+            sources: live,
+            peer_rate_bytes_per_s: rate,
+        });
+        if held_now > last_held {
+            last_held = held_now;
+            still = 0;
+        } else {
+            still += 1;
+        }
+        let why = if peer_addrs.is_empty() {
+            Some("no peer holds it")
+        } else if fv.is_some() && live == 0 {
+            Some("every peer was dropped")
+        } else if still >= stall_ticks {
+            Some("peers made no progress")
+        } else {
+            None
+        };
+        let Some(why) = why else { continue };
+        tracing::info!("{}: {why}; fetching the rest from the origin", id.short());
+        done.sources.push(format!("origin ({why}): {}", origins.join(", ")));
+        let base = h.held_bytes;
+        let ptx = progress.clone();
+        let stored = crate::origin::fetch_missing(&sh.http, &origins, &table, &h.missing_blocks, &sh.engine, |n| {
+            origin_bytes += n;
+            let _ = ptx.try_send(Progress {
+                content: Some(id),
+                size,
+                held_bytes: (base + origin_bytes).min(size),
+                phase: "origin".into(),
+                sources: 1,
+                peer_rate_bytes_per_s: 0,
+            });
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "no peer could serve {id} and the origin failed; what was verified is kept \
+                 and the next get resumes from it"
+            )
+        })?;
+        tracing::debug!("{} bytes of {} from the origin", stored, id.short());
+        still = 0;
+    }
+    let peer_bytes = size.saturating_sub(already).saturating_sub(origin_bytes);
+    done.bytes_from_peers = peer_bytes;
+    done.bytes_from_origin = origin_bytes;
+    let mut st = sh.state();
+    if background {
+        st.totals.parent += peer_bytes;
+        st.unreported.wan_bytes += peer_bytes;
+    } else {
+        st.totals.peer += peer_bytes;
+        st.unreported.lan_bytes += peer_bytes;
+    }
+    st.totals.origin += origin_bytes;
+    st.unreported.origin_bytes += origin_bytes;
+    Ok(())
+}

@@ -1,0 +1,25 @@
+//! # lowtide-agent
+//!
+//! The agent runs on every device: it enrols with the server, heartbeats
+//! with the machine's facts, reports what it holds, serves its content store
+//! to peers with the engine, and fetches content for people and scripts who
+//! ask through `lowtide-agent get` on a local Unix socket.
+//!
+//! - [`config`]: the TOML file and `LOWTIDE_*` overrides.
+//! - [`facts`]: free disk space, chassis, OS type, uptime, addresses and subnets.
+//! - [`server`]: the client of the server's HTTP API and the signed manifest check.
+//! - [`worker`]: the engine thread (UDP endpoint, store, sessions).
+//! - [`origin`]: verified HTTP Range fetches from the origin, the last resort.
+//! - [`daemon`]: `lowtide-agent run`.
+//! - [`proto`]: the JSON-lines protocol of the control socket.
+//!
+//! Not here yet: peer discovery on the local subnets (peers come from the
+//! server's source lists), Prometheus metrics, serving limits.
+
+pub mod config;
+pub mod daemon;
+pub mod facts;
+pub mod origin;
+pub mod proto;
+pub mod server;
+pub mod worker;

@@ -1,0 +1,346 @@
+//! The agent's side of the server's HTTP API (`server/src/api.rs`): enrol,
+//! heartbeat, inventory, traffic, sources, the signed manifest and the block
+//! table.
+//!
+//! The request and answer types mirror `lowtide_server::store` field for
+//! field (the agent does not link the server crate, which carries the
+//! database); the integration tests run both against each other.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use ipnet::IpNet;
+use lowtide_engine::content::{BlockTable, ContentId};
+use serde::{Deserialize, Serialize};
+
+use crate::facts::{Chassis, OsType};
+
+/// Longest any API call may take.
+pub const REQUEST_TIMEOUT_SECS: u64 = 30;
+/// Largest block table accepted from the server (a 1 TiB content at 16 KiB blocks).
+pub const TABLE_BYTES_MAX: usize = 64 << 21;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Enrolled {
+    pub agent_id: String,
+    pub credential: String,
+    pub server_public_key: String,
+    pub heartbeat_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Facts {
+    pub hostname: String,
+    pub addresses: Vec<IpAddr>,
+    pub subnets: Vec<IpNet>,
+    pub port: u16,
+    pub disk_free_bytes: u64,
+    pub disk_usable_bytes: u64,
+    pub chassis: Chassis,
+    pub os_type: OsType,
+    pub uptime_secs: u64,
+    pub preferred: bool,
+    pub site_override: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct HeartbeatReply {
+    pub agent_id: String,
+    pub site: Option<String>,
+    pub site_kind: Option<String>,
+    pub heartbeat_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct InventoryItem {
+    pub content: ContentId,
+    pub complete: bool,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Inventory {
+    pub items: Vec<InventoryItem>,
+    pub replace: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct TrafficReport {
+    pub lan_bytes: u64,
+    pub wan_bytes: u64,
+    pub origin_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    Peer,
+    SiteRvp,
+    ParentRvp,
+    Origin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Foreground,
+    Background,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Source {
+    pub kind: SourceKind,
+    pub protocol: Protocol,
+    pub reason: String,
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub site: Option<String>,
+    #[serde(default)]
+    pub url: Option<String>,
+    pub held_percent: u64,
+    #[serde(default)]
+    pub ranges: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourcesAnswer {
+    pub content: ContentId,
+    pub size: u64,
+    pub site: Option<String>,
+    pub you_are_rvp: bool,
+    #[serde(default)]
+    pub wan_up_kbps: Option<u64>,
+    #[serde(default)]
+    pub wan_down_kbps: Option<u64>,
+    pub sources: Vec<Source>,
+}
+
+/// What the server signs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    pub id: ContentId,
+    pub name: String,
+    pub version: String,
+    pub size: u64,
+    pub block_chunks_log: u8,
+    pub origins: Vec<String>,
+    pub published_ms: i64,
+}
+
+/// A signed manifest as served: the exact signed JSON text and its Ed25519 signature.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SignedManifest {
+    pub manifest: String,
+    pub signature: String,
+    pub public_key: String,
+}
+
+impl SignedManifest {
+    /// Check the signature against the key pinned at enrolment (never the key
+    /// the answer carries), then parse.
+    pub fn verify(&self, pinned_key_hex: &str) -> anyhow::Result<Manifest> {
+        use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(pinned_key_hex, &mut key).map_err(|_| {
+            anyhow!("the server key pinned in the credential file is not 64 hex characters; enrol again")
+        })?;
+        let key = VerifyingKey::from_bytes(&key).map_err(|e| anyhow!("the pinned server key is not valid: {e}"))?;
+        let mut sig = [0u8; 64];
+        hex::decode_to_slice(&self.signature, &mut sig)
+            .map_err(|_| anyhow!("the manifest signature is not 128 hex characters"))?;
+        key.verify(self.manifest.as_bytes(), &Signature::from_bytes(&sig))
+            .map_err(|_| {
+                anyhow!(
+                    "the manifest signature does not verify against the server key pinned at enrolment \
+                 ({}…): refusing the content. If the server's key really changed, re-enrol the agent",
+                    &pinned_key_hex[..16.min(pinned_key_hex.len())]
+                )
+            })?;
+        serde_json::from_str(&self.manifest).context("the signed manifest is not valid JSON")
+    }
+}
+
+/// An HTTP error answer from the server: status and its `error` text.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the server answered {}: {}", self.status, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// A client of one server.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+/// Install the ring crypto provider for rustls (once per process).
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A plain HTTP client with the agent's timeouts (for the server and origins).
+pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    install_tls_provider();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS))
+        .connect_timeout(Duration::from_secs(10))
+        .user_agent(concat!("lowtide-agent/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("building the HTTP client")
+}
+
+impl Client {
+    pub fn new(base: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            http: http_client()?,
+            base: base.trim_end_matches('/').to_string(),
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder, what: &str) -> anyhow::Result<reqwest::Response> {
+        let r = rb
+            .send()
+            .await
+            .with_context(|| format!("{what}: cannot reach the server at {}", self.base))?;
+        let status = r.status();
+        if status.is_success() {
+            return Ok(r);
+        }
+        let body = r.bytes().await.unwrap_or_default();
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned());
+        Err(anyhow::Error::new(ApiError {
+            status: status.as_u16(),
+            message,
+        })
+        .context(what.to_string()))
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(r: reqwest::Response, what: &str) -> anyhow::Result<T> {
+        let b = r.bytes().await.with_context(|| format!("{what}: reading the answer"))?;
+        serde_json::from_slice(&b)
+            .with_context(|| format!("{what}: the server's answer is not what this agent expects"))
+    }
+
+    pub async fn enrol(&self, token: &str, hostname: &str) -> anyhow::Result<Enrolled> {
+        let what = "enrolling";
+        let r = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/enroll", self.base))
+                    .json(&serde_json::json!({"token": token, "hostname": hostname})),
+                what,
+            )
+            .await?;
+        Self::json(r, what).await
+    }
+
+    pub async fn heartbeat(&self, cred: &str, facts: &Facts) -> anyhow::Result<HeartbeatReply> {
+        let what = "heartbeat";
+        let r = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/heartbeat", self.base))
+                    .bearer_auth(cred)
+                    .json(facts),
+                what,
+            )
+            .await?;
+        Self::json(r, what).await
+    }
+
+    pub async fn inventory(&self, cred: &str, inv: &Inventory) -> anyhow::Result<()> {
+        self.send(
+            self.http
+                .put(format!("{}/v1/inventory", self.base))
+                .bearer_auth(cred)
+                .json(inv),
+            "reporting inventory",
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn traffic(&self, cred: &str, t: &TrafficReport) -> anyhow::Result<()> {
+        self.send(
+            self.http
+                .post(format!("{}/v1/traffic", self.base))
+                .bearer_auth(cred)
+                .json(t),
+            "reporting traffic",
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn sources(&self, cred: &str, id: &ContentId) -> anyhow::Result<SourcesAnswer> {
+        let what = format!("asking the server for sources of {id}");
+        let r = self
+            .send(
+                self.http
+                    .get(format!("{}/v1/content/{id}/sources", self.base))
+                    .bearer_auth(cred),
+                &what,
+            )
+            .await?;
+        Self::json(r, &what).await
+    }
+
+    pub async fn manifest(&self, cred: &str, id: &ContentId) -> anyhow::Result<SignedManifest> {
+        let what = format!("fetching the manifest of {id}");
+        let r = self
+            .send(
+                self.http
+                    .get(format!("{}/v1/content/{id}/manifest", self.base))
+                    .bearer_auth(cred),
+                &what,
+            )
+            .await?;
+        Self::json(r, &what).await
+    }
+
+    /// The block table, verified against `id` before it is returned.
+    pub async fn table(&self, cred: &str, id: &ContentId) -> anyhow::Result<BlockTable> {
+        let what = format!("fetching the block table of {id}");
+        let r = self
+            .send(
+                self.http
+                    .get(format!("{}/v1/content/{id}/table", self.base))
+                    .bearer_auth(cred),
+                &what,
+            )
+            .await?;
+        let b = r.bytes().await.with_context(|| format!("{what}: reading the answer"))?;
+        if b.len() > TABLE_BYTES_MAX {
+            bail!("{what}: {} bytes is more than any table can be", b.len());
+        }
+        BlockTable::decode_verified(&b, id)
+            .with_context(|| format!("{what}: the server sent a table that does not hash to the content id"))
+    }
+}
+
+/// The status of an HTTP error in `e`'s chain, if any.
+pub fn api_status(e: &anyhow::Error) -> Option<u16> {
+    e.chain().find_map(|c| c.downcast_ref::<ApiError>()).map(|a| a.status)
+}

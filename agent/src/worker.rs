@@ -1,0 +1,329 @@
+//! The engine thread: owns the [`Endpoint`] (UDP socket, store, serving and
+//! fetching sessions) and runs its loop; the rest of the daemon talks to it
+//! with [`Cmd`]s over a channel and gets answers on oneshot channels.
+//!
+//! The endpoint has no wake-up handle, so the loop polls it with a short
+//! wait ([`POLL_WAIT`]) and drains commands between turns.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use lowtide_engine::content::{BlockTable, ContentId};
+use lowtide_engine::endpoint::{Endpoint, FetchNews};
+use lowtide_engine::session::fetch::FetchConfig;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+/// Longest one loop turn waits for datagrams before looking at commands again.
+pub const POLL_WAIT: Duration = Duration::from_millis(20);
+/// Most commands handled between two loop turns.
+const COMMANDS_PER_TURN_MAX: usize = 64;
+
+/// What one content in the store holds.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Held {
+    pub content: ContentId,
+    pub size: u64,
+    pub held_bytes: u64,
+    pub complete: bool,
+    /// Byte ranges `[start, end)` held.
+    pub ranges: Vec<(u64, u64)>,
+    /// Block index runs `[start, end)` missing.
+    #[serde(skip)]
+    pub missing_blocks: Vec<(u64, u64)>,
+}
+
+/// One source of a running fetch, as the engine sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceView {
+    pub addr: SocketAddr,
+    pub active: bool,
+    pub payload_bytes: u64,
+    pub rate_bytes_per_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FetchView {
+    pub content: ContentId,
+    pub bytes_held: u64,
+    pub size: Option<u64>,
+    pub live_sources: usize,
+    pub sources: Vec<SourceView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub udp: SocketAddr,
+    pub driver: String,
+    pub background_paused: bool,
+    pub fetches: Vec<FetchView>,
+    pub served_payload_bytes: u64,
+    pub serve_sessions_opened: u64,
+    pub serve_sessions: usize,
+    pub store_used_bytes: u64,
+    pub store_limit_bytes: u64,
+    pub dropped_datagrams: u64,
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+pub enum Cmd {
+    /// Start fetching from peers (the table is verified and the store entry begun first).
+    Fetch {
+        table: BlockTable,
+        peers: Vec<SocketAddr>,
+        background: bool,
+        reply: Reply<()>,
+    },
+    /// Add more peers to a running fetch.
+    AddPeers {
+        id: ContentId,
+        peers: Vec<SocketAddr>,
+    },
+    /// Begin a store entry (for content fetched from the origin only).
+    Begin {
+        table: BlockTable,
+        reply: Reply<()>,
+    },
+    /// Write verified blocks (index, bytes) and commit them.
+    Write {
+        id: ContentId,
+        blocks: Vec<(u64, Vec<u8>)>,
+        reply: Reply<()>,
+    },
+    Held {
+        id: ContentId,
+        reply: Reply<Option<Held>>,
+    },
+    List {
+        reply: Reply<Vec<Held>>,
+    },
+    Remove {
+        id: ContentId,
+        reply: Reply<()>,
+    },
+    /// Re-verify held blocks; answers the bad block indices per content.
+    Verify {
+        id: Option<ContentId>,
+        reply: Reply<Vec<(ContentId, Vec<u64>)>>,
+    },
+    DataPath {
+        id: ContentId,
+        reply: Reply<PathBuf>,
+    },
+    Pause(bool),
+    Snapshot {
+        reply: Reply<Snapshot>,
+    },
+    Stop,
+}
+
+fn held(ep: &Endpoint, id: &ContentId) -> Option<Held> {
+    let t = ep.store.table(id)?;
+    let have = ep.store.have(id)?;
+    let g = t.geometry();
+    let mut ranges = Vec::new();
+    let mut held_bytes = 0;
+    for r in have.runs() {
+        let (s, e) = (g.block_range(r.start).start, g.block_range(r.end - 1).end);
+        held_bytes += e - s;
+        ranges.push((s, e));
+    }
+    let mut missing_blocks = Vec::new();
+    let mut i = 0;
+    while let Some(s) = have.next_missing(i) {
+        let e = have.next_member(s).unwrap_or(g.block_count());
+        missing_blocks.push((s, e));
+        i = e;
+    }
+    Some(Held {
+        content: *id,
+        size: g.size,
+        held_bytes,
+        complete: have.is_full(),
+        ranges,
+        missing_blocks,
+    })
+}
+
+fn snapshot(ep: &Endpoint) -> Snapshot {
+    let s = ep.server.stats();
+    Snapshot {
+        udp: ep.local_addr(),
+        driver: ep.driver_name().to_string(),
+        background_paused: ep.server.background_paused(),
+        fetches: ep
+            .progress()
+            .into_iter()
+            .map(|p| FetchView {
+                content: p.content,
+                bytes_held: p.bytes_held,
+                size: p.size,
+                live_sources: p.live_sources,
+                sources: p
+                    .sources
+                    .iter()
+                    .map(|s| SourceView {
+                        addr: s.addr,
+                        active: s.active,
+                        payload_bytes: s.payload_bytes,
+                        rate_bytes_per_s: s.rate_bytes_per_s,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        served_payload_bytes: s.payload_bytes_sent,
+        serve_sessions_opened: s.sessions_opened,
+        serve_sessions: ep.server.session_count(),
+        store_used_bytes: ep.store.used_bytes(),
+        store_limit_bytes: ep.store.limit_bytes(),
+        dropped_datagrams: ep.drops.total(),
+    }
+}
+
+fn handle(ep: &mut Endpoint, cmd: Cmd) -> bool {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    match cmd {
+        Cmd::Fetch {
+            table,
+            peers,
+            background,
+            reply,
+        } => {
+            let id = table.root();
+            let cfg = FetchConfig {
+                background,
+                ..FetchConfig::default()
+            };
+            let r = ep.start_fetch(id, Some(table), &peers, cfg).map_err(|x| e(&x));
+            let _ = reply.send(r);
+        }
+        Cmd::AddPeers { id, peers } => {
+            for p in peers {
+                ep.add_source(&id, p);
+            }
+        }
+        Cmd::Begin { table, reply } => {
+            let r = table
+                .verify_root(&table.root())
+                .map_err(|x| e(&x))
+                .and_then(|()| ep.store.begin(&table).map_err(|x| e(&x)));
+            let _ = reply.send(r);
+        }
+        Cmd::Write { id, blocks, reply } => {
+            let r = (|| {
+                for (i, b) in &blocks {
+                    ep.store.write_block(&id, *i, b)?;
+                }
+                ep.store.commit(&id).map(|_| ())
+            })()
+            .map_err(|x| e(&x));
+            let _ = reply.send(r);
+        }
+        Cmd::Held { id, reply } => {
+            let _ = reply.send(Ok(held(ep, &id)));
+        }
+        Cmd::List { reply } => {
+            let v = ep.store.list().iter().filter_map(|i| held(ep, &i.id)).collect();
+            let _ = reply.send(Ok(v));
+        }
+        Cmd::Remove { id, reply } => {
+            let busy = ep.progress().iter().any(|p| p.content == id && p.live_sources > 0);
+            let r = if busy {
+                Err(format!("{id} is being fetched; wait until it finishes, then remove it"))
+            } else {
+                ep.store.remove(&id).map_err(|x| e(&x))
+            };
+            let _ = reply.send(r);
+        }
+        Cmd::Verify { id, reply } => {
+            let ids: Vec<ContentId> = match id {
+                Some(id) => vec![id],
+                None => ep.store.list().iter().map(|i| i.id).collect(),
+            };
+            let r = ids
+                .into_iter()
+                .map(|id| ep.store.verify(&id).map(|bad| (id, bad)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|x| e(&x));
+            let _ = reply.send(r);
+        }
+        Cmd::DataPath { id, reply } => {
+            let r = if ep.store.is_complete(&id) {
+                ep.store
+                    .data_path(&id)
+                    .ok_or_else(|| format!("{id} is not in the cache"))
+            } else {
+                Err(format!("{id} is not complete in the cache"))
+            };
+            let _ = reply.send(r);
+        }
+        Cmd::Pause(p) => ep.server.set_background_paused(p),
+        Cmd::Snapshot { reply } => {
+            let _ = reply.send(Ok(snapshot(ep)));
+        }
+        Cmd::Stop => return false,
+    }
+    true
+}
+
+/// Run the endpoint until [`Cmd::Stop`] or the command channel closes.
+/// Fetch news (source drops) is logged; completion is read from the store.
+pub fn run(mut ep: Endpoint, rx: mpsc::Receiver<Cmd>) {
+    'outer: loop {
+        for _ in 0..COMMANDS_PER_TURN_MAX {
+            match rx.try_recv() {
+                Ok(c) => {
+                    if !handle(&mut ep, c) {
+                        break 'outer;
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => break 'outer,
+            }
+        }
+        if let Err(e) = ep.poll(POLL_WAIT) {
+            tracing::error!("engine loop: {e}");
+        }
+        for n in ep.take_news() {
+            match n {
+                FetchNews::Complete { content } => tracing::info!("{} complete from peers", content.short()),
+                FetchNews::SourceDropped { content, addr, reason } => {
+                    tracing::warn!("peer {addr} dropped for {}: {reason}", content.short())
+                }
+            }
+        }
+    }
+    if let Err(e) = ep.flush_commits() {
+        tracing::error!("flushing commits at shutdown: {e}");
+    }
+}
+
+/// A handle to the engine thread.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl Handle {
+    pub fn new(tx: mpsc::Sender<Cmd>) -> Self {
+        Self { tx }
+    }
+
+    pub fn send(&self, c: Cmd) {
+        let _ = self.tx.send(c);
+    }
+
+    /// Send a command built around a reply channel and wait for the answer.
+    pub async fn call<T>(&self, f: impl FnOnce(Reply<T>) -> Cmd) -> anyhow::Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(f(tx))
+            .map_err(|_| anyhow::anyhow!("the engine thread stopped"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the engine thread stopped"))?
+            .map_err(anyhow::Error::msg)
+    }
+}

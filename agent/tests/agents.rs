@@ -1,0 +1,141 @@
+//! Real `lowtide-agent run` processes against a real server on loopback:
+//! a package published once reaches three agents byte-exact, the later ones
+//! from their peers; and bad input (an unknown id, a name, a manifest signed
+//! by another key, a full store) gives clear errors and corrupts nothing.
+
+mod common;
+
+use common::{data, Agent, Server};
+use lowtide_engine::content::ContentId;
+
+#[test]
+fn agents_get_from_origin_then_from_peers() {
+    let srv = Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let bytes = data(3 * 1024 * 1024 + 12_345, 7);
+    let id = srv.publish(&bytes, "tool", "1.0");
+    let a = Agent::start(&srv, root.path(), "a", 64);
+    let b = Agent::start(&srv, root.path(), "b", 64);
+
+    // The first agent: no peer holds it, so everything comes from the origin.
+    let out_a = root.path().join("a.bin");
+    let ra = a.get_json(&id, &out_a);
+    assert_eq!(std::fs::read(&out_a).unwrap(), bytes, "byte-exact from the origin");
+    assert_eq!(ra["bytes_from_origin"], bytes.len() as u64, "{ra}");
+    assert_eq!(ra["name"], "tool");
+
+    // The second: from the first, over the engine.
+    let out_b = root.path().join("b.bin");
+    let rb = b.get_json(&id, &out_b);
+    assert_eq!(std::fs::read(&out_b).unwrap(), bytes, "byte-exact from a peer");
+    assert_eq!(rb["bytes_from_peers"], bytes.len() as u64, "{rb}\n{}", b.log_text());
+    let sb = b.status();
+    assert_eq!(sb["bytes_by_source"]["peer"], bytes.len() as u64, "{sb}");
+    assert_eq!(sb["bytes_by_source"]["origin"], 0, "{sb}");
+    assert!(!sb["peers"].as_array().unwrap().is_empty(), "{sb}");
+
+    // A third agent started later: from peers too.
+    let c = Agent::start(&srv, root.path(), "c", 64);
+    let out_c = root.path().join("c.bin");
+    let rc = c.get_json(&id, &out_c);
+    assert_eq!(std::fs::read(&out_c).unwrap(), bytes, "byte-exact");
+    assert_eq!(rc["bytes_from_peers"], bytes.len() as u64, "{rc}");
+    let sc = c.status();
+    assert_eq!(sc["bytes_by_source"]["peer"], bytes.len() as u64, "{sc}");
+
+    // The first agent served what it held.
+    let sa = a.status();
+    assert!(sa["served"]["payload_bytes"].as_u64().unwrap() > 0, "{sa}");
+    assert_eq!(sa["bytes_by_source"]["origin"], bytes.len() as u64, "{sa}");
+
+    // A second get is answered from the cache.
+    let again = a.get_json(&id, &root.path().join("a2.bin"));
+    assert_eq!(again["bytes_already_held"], bytes.len() as u64, "{again}");
+
+    // The cache commands.
+    let ls = a.ok(&["cache", "ls"]);
+    assert!(ls.contains(&id.to_string()) && ls.contains("complete"), "{ls}");
+    assert!(a.ok(&["cache", "verify"]).contains("ok"));
+    assert!(a.ok(&["pause"]).contains("paused"));
+    assert_eq!(a.status()["background_paused"], true);
+    a.ok(&["resume"]);
+    assert_eq!(a.status()["background_paused"], false);
+    let human = a.ok(&["status"]);
+    assert!(human.contains("site      hq"), "{human}");
+    a.ok(&["cache", "rm", &id.to_string()]);
+    assert!(!a.ok(&["cache", "ls"]).contains(&id.to_string()));
+
+    // The credential is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(a.state_dir().join("credential.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn agents_bad_input_gives_clear_errors() {
+    let srv = Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let small = data(100_000, 1);
+    let big = data(3 * 1024 * 1024, 2);
+    let small_id = srv.publish(&small, "small", "1");
+    let big_id = srv.publish(&big, "big", "1");
+    let mut a = Agent::start(&srv, root.path(), "a", 2);
+
+    // Unknown content id: the server's answer, with the id.
+    let unknown = ContentId::of(b"never published");
+    let e = a.fails(&[
+        "get",
+        &unknown.to_string(),
+        "--to",
+        root.path().join("u").to_str().unwrap(),
+    ]);
+    assert!(e.contains(&unknown.to_string()) && e.contains("404"), "{e}");
+    assert!(!root.path().join("u").exists());
+
+    // Not a content id: says what to pass instead.
+    let e = a.fails(&["get", "tool@1.0"]);
+    assert!(e.contains("not a content id") && e.contains("name@version"), "{e}");
+
+    // A package bigger than the store: refused before any transfer, nothing left behind.
+    let e = a.fails(&[
+        "get",
+        &big_id.to_string(),
+        "--to",
+        root.path().join("big").to_str().unwrap(),
+    ]);
+    assert!(e.contains("store is full") && e.contains("cache limit"), "{e}");
+    assert!(!root.path().join("big").exists());
+    assert!(!a.ok(&["cache", "ls"]).contains(&big_id.to_string()));
+
+    // A small one still fits and verifies.
+    let out = root.path().join("small.bin");
+    a.get_json(&small_id, &out);
+    assert_eq!(std::fs::read(&out).unwrap(), small);
+
+    // A manifest signed by a key other than the one pinned at enrolment is refused.
+    a.stop();
+    let cred_path = a.state_dir().join("credential.json");
+    let mut cred: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cred_path).unwrap()).unwrap();
+    let other = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    cred["server_public_key"] = hex::encode(other.verifying_key().to_bytes()).into();
+    std::fs::write(&cred_path, serde_json::to_vec(&cred).unwrap()).unwrap();
+    a.spawn();
+    let e = a.fails(&[
+        "get",
+        &small_id.to_string(),
+        "--to",
+        root.path().join("s2").to_str().unwrap(),
+    ]);
+    assert!(e.contains("signature does not verify"), "{e}");
+    assert!(!root.path().join("s2").exists());
+    // What was cached before is intact.
+    assert!(a.ok(&["cache", "verify"]).contains("ok"));
+
+    // No daemon: the CLI says how to start one.
+    a.stop();
+    let e = a.fails(&["status"]);
+    assert!(e.contains("lowtide-agent run"), "{e}");
+}

@@ -1,0 +1,287 @@
+//! Test harness: a real Lowtide server (the `lowtide_server` library's HTTP
+//! API over SQLite in a temporary directory, on 127.0.0.1, system clock) and
+//! real `lowtide-agent run` processes on loopback, each with its own state
+//! directory and an ephemeral UDP port. Every process is killed on drop, so a
+//! failing test leaves nothing behind.
+
+#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lowtide_engine::content::ContentId;
+use lowtide_server::api::{self, App};
+use lowtide_server::clock::Clock;
+use lowtide_server::config::Config;
+use lowtide_server::publish::{self, PublishRequest, PublishSource};
+use lowtide_server::store::Store;
+use lowtide_server::topology::Topology;
+use serde_json::Value;
+
+pub const SECRET: &str = "agent-test-deployment-secret";
+/// Polls while waiting for an agent to come up (50 ms apart).
+const READY_POLLS_MAX: usize = 600;
+
+/// Deterministic test bytes.
+pub fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 11) as u8)
+        .collect()
+}
+
+pub struct Server {
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    pub app: Arc<App>,
+    pub token: String,
+    rt: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Server {
+    /// A server whose topology has one standard site `hq` covering 127.0.0.0/8,
+    /// and a token good for 20 enrolments.
+    pub fn start() -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (base, app, stop, task, token) = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let cfg = Config {
+                state_dir: dir.path().to_path_buf(),
+                public_url: Some(base.clone()),
+                admin_token: Some("agent-test-admin-token-0123".into()),
+                heartbeat_secs: 2,
+                ..Config::default()
+            };
+            let store = Store::open(&cfg.database_url(), 4).await.unwrap();
+            let clock = Clock::System;
+            let now = clock.now_ms();
+            let topo = Topology::parse_csv(
+                b"id,name,parent,type,subnets,wan_up_kbps,wan_down_kbps\nhq,HQ,,standard,127.0.0.0/8,,\n",
+            )
+            .unwrap();
+            store.import_topology(&topo, now).await.unwrap();
+            let token = store
+                .create_token(20, 3_600_000, "agent tests", now)
+                .await
+                .unwrap()
+                .token;
+            let app = App::new(store, cfg, clock).await.unwrap();
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(api::serve(app.clone(), listener, async move {
+                let _ = rx.await;
+            }));
+            (base, app, tx, task, token)
+        });
+        Self {
+            base,
+            dir,
+            app,
+            token,
+            rt,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Publish `bytes` (kept in the server's file store, served at /files/{id}).
+    pub fn publish(&self, bytes: &[u8], name: &str, version: &str) -> ContentId {
+        let p = self.dir.path().join(format!("{name}-{version}.bin"));
+        std::fs::write(&p, bytes).unwrap();
+        let app = self.app.clone();
+        let info = self.rt.block_on(async move {
+            publish::publish(
+                &app.store,
+                &app.cfg.files_dir(),
+                &app.cfg.public_url(),
+                &PublishRequest {
+                    name: name.into(),
+                    version: version.into(),
+                    source: PublishSource::Path(p),
+                    origins: vec![],
+                    store: true,
+                },
+                app.clock.now_ms(),
+            )
+            .await
+            .unwrap()
+        });
+        assert_eq!(info.id, ContentId::of(bytes));
+        info.id
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = self.rt.block_on(t);
+        }
+        let app = self.app.clone();
+        self.rt.block_on(async move { app.store.close().await });
+    }
+}
+
+/// One `lowtide-agent run` process; killed on drop.
+pub struct Agent {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_lowtide-agent")
+}
+
+impl Agent {
+    /// Write a config under `root/name` and start the daemon; returns once it heartbeated.
+    pub fn start(srv: &Server, root: &Path, name: &str, cache_limit_mib: u64) -> Self {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "server_url = {:?}\nenrol_token = {:?}\ndeployment_secret = {SECRET:?}\nstate_dir = {:?}\n\
+                 listen = \"127.0.0.1:0\"\ncache_limit_mib = {cache_limit_mib}\n\
+                 advertise_addresses = [\"127.0.0.1\"]\nhostname = {name:?}\npeer_stall_secs = 3\n\
+                 heartbeat_secs = 1\ninventory_secs = 1\ndriver = \"portable\"\n",
+                srv.base,
+                srv.token,
+                dir.join("state")
+            ),
+        )
+        .unwrap();
+        let mut a = Self {
+            name: name.into(),
+            log: dir.join("agent.log"),
+            dir,
+            config,
+            child: None,
+        };
+        a.spawn();
+        a
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(bin())
+            .args(["--config", self.config.to_str().unwrap(), "run"])
+            .env("LOWTIDE_LOG", "info")
+            .env_remove("LOWTIDE_CONFIG")
+            .env_remove("LOWTIDE_STATE_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start lowtide-agent run");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        for _ in 0..READY_POLLS_MAX {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent {} exited ({st}) at start:\n{}", self.name, self.log_text());
+            }
+            let out = self.cli(&["status", "--json"]);
+            if out.status.success() {
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                if v["site"] == "hq" {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent {} did not come up:\n{}", self.name, self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("LOWTIDE_LOG", "warn")
+            .env_remove("LOWTIDE_CONFIG")
+            .env_remove("LOWTIDE_STATE_DIR")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run lowtide-agent")
+    }
+
+    /// Run a command that must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "lowtide-agent {args:?} on {} failed: {}\n--- agent log ---\n{}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Run a command that must fail; its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "lowtide-agent {args:?} on {} should have failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    pub fn status(&self) -> Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).unwrap()
+    }
+
+    pub fn get_json(&self, id: &ContentId, to: &Path) -> Value {
+        serde_json::from_str(&self.ok(&["get", &id.to_string(), "--to", to.to_str().unwrap(), "--json"])).unwrap()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// SIGTERM and wait; the daemon must exit cleanly.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the pid of our own child.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let st = c.wait().unwrap();
+            assert!(st.success(), "agent {} exit {st}:\n{}", self.name, self.log_text());
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
