@@ -43,6 +43,15 @@ fn agents_get_from_origin_then_from_peers() {
     let sc = c.status();
     assert_eq!(sc["bytes_by_source"]["peer"], bytes.len() as u64, "{sc}");
 
+    // An agent of the child site: from the parent site's RVP, over the background protocol.
+    let d = Agent::start_in(&srv, root.path(), "d", 64, "branch");
+    let out_d = root.path().join("d.bin");
+    let rd = d.get_json(&id, &out_d);
+    assert_eq!(std::fs::read(&out_d).unwrap(), bytes, "byte-exact");
+    let sd = d.status();
+    assert_eq!(sd["bytes_by_source"]["parent"], bytes.len() as u64, "{sd}\n{rd}");
+    assert!(rd["sources"].to_string().contains("background from"), "{rd}");
+
     // The first agent served what it held.
     let sa = a.status();
     assert!(sa["served"]["payload_bytes"].as_u64().unwrap() > 0, "{sa}");

@@ -42,7 +42,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// A server whose topology has one standard site `hq` covering 127.0.0.0/8,
+    /// A server whose topology has a standard site `hq` covering 127.0.0.0/8 and its
+    /// child site `branch` (10.99.0.0/24, reached only with `site_override`),
     /// and a token good for 20 enrolments.
     pub fn start() -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -65,7 +66,8 @@ impl Server {
             let clock = Clock::System;
             let now = clock.now_ms();
             let topo = Topology::parse_csv(
-                b"id,name,parent,type,subnets,wan_up_kbps,wan_down_kbps\nhq,HQ,,standard,127.0.0.0/8,,\n",
+                b"id,name,parent,type,subnets,wan_up_kbps,wan_down_kbps\nhq,HQ,,standard,127.0.0.0/8,,\n\
+                  branch,Branch,hq,standard,10.99.0.0/24,,\n",
             )
             .unwrap();
             store.import_topology(&topo, now).await.unwrap();
@@ -138,6 +140,7 @@ pub struct Agent {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
+    pub site: String,
     child: Option<Child>,
 }
 
@@ -148,6 +151,11 @@ pub fn bin() -> &'static str {
 impl Agent {
     /// Write a config under `root/name` and start the daemon; returns once it heartbeated.
     pub fn start(srv: &Server, root: &Path, name: &str, cache_limit_mib: u64) -> Self {
+        Self::start_in(srv, root, name, cache_limit_mib, "hq")
+    }
+
+    /// Start an agent pinned to `site` (with `site_override` unless it is `hq`).
+    pub fn start_in(srv: &Server, root: &Path, name: &str, cache_limit_mib: u64, site: &str) -> Self {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("agent.toml");
@@ -157,10 +165,15 @@ impl Agent {
                 "server_url = {:?}\nenrol_token = {:?}\ndeployment_secret = {SECRET:?}\nstate_dir = {:?}\n\
                  listen = \"127.0.0.1:0\"\ncache_limit_mib = {cache_limit_mib}\n\
                  advertise_addresses = [\"127.0.0.1\"]\nhostname = {name:?}\npeer_stall_secs = 3\n\
-                 heartbeat_secs = 1\ninventory_secs = 1\ndriver = \"portable\"\n",
+                 heartbeat_secs = 1\ninventory_secs = 1\ndriver = \"portable\"\n{}",
                 srv.base,
                 srv.token,
-                dir.join("state")
+                dir.join("state"),
+                if site == "hq" {
+                    String::new()
+                } else {
+                    format!("site_override = {site:?}\n")
+                }
             ),
         )
         .unwrap();
@@ -169,6 +182,7 @@ impl Agent {
             log: dir.join("agent.log"),
             dir,
             config,
+            site: site.into(),
             child: None,
         };
         a.spawn();
@@ -203,7 +217,7 @@ impl Agent {
             let out = self.cli(&["status", "--json"]);
             if out.status.success() {
                 let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-                if v["site"] == "hq" {
+                if v["site"] == self.site.as_str() {
                     return;
                 }
             }
