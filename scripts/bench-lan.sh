@@ -108,7 +108,10 @@ pids=()
 
 cleanup() {
   local p
+  # Each pid is a /usr/bin/time process: stop the measured tool under it
+  # (time then exits), and time itself in case it had not started the tool yet.
   for p in "${pids[@]}"; do
+    pkill -TERM -P "$p" 2>/dev/null || true
     kill -TERM "$p" 2>/dev/null || true
   done
   for p in "${pids[@]}"; do
@@ -229,10 +232,15 @@ run_lowtide() {
   local p0 b0 k0 t0 t1 rc=0
   p0="$(tx_stat packets)" b0="$(tx_stat bytes)" k0="$(ksoft_s)"
   t0="$(now_ns)"
+  # In the background and waited for, so that INT/TERM reach the trap at once.
   ip netns exec "$ns_b" /usr/bin/time -f '%e %U %S' -o "$work/cli-$tag.time" \
     "$bin" --store "$rx" --driver "$driver" --zero-copy "$zc" fetch "$id" --from "$ip_a:$port" \
-    --json "$work/cli-$tag.json" -q --timeout-secs "$timeout_secs" >"$work/cli-$tag.log" 2>&1 || rc=$?
+    --json "$work/cli-$tag.json" -q --timeout-secs "$timeout_secs" >"$work/cli-$tag.log" 2>&1 &
+  local cli=$!
+  pids+=("$cli")
+  wait "$cli" || rc=$?
   t1="$(now_ns)"
+  forget_pid "$cli"
   local pkts=$(($(tx_stat packets) - p0)) txb=$(($(tx_stat bytes) - b0)) ksoft
   ksoft="$(awk -v a="$k0" -v b="$(ksoft_s)" 'BEGIN {print b - a}')"
   kill -INT "$srv_child" 2>/dev/null || true
@@ -268,8 +276,12 @@ run_iperf3() {
   p0="$(tx_stat packets)" b0="$(tx_stat bytes)" k0="$(ksoft_s)"
   t0="$(now_ns)"
   ip netns exec "$ns_a" /usr/bin/time -f '%e %U %S' -o "$work/cli-$tag.time" \
-    iperf3 -c "$ip_b" -p "$port" -B "$ip_a" -n "$bytes" -J >"$work/cli-$tag.json" 2>"$work/cli-$tag.log" || rc=$?
+    iperf3 -c "$ip_b" -p "$port" -B "$ip_a" -n "$bytes" -J >"$work/cli-$tag.json" 2>"$work/cli-$tag.log" &
+  local cli=$!
+  pids+=("$cli")
+  wait "$cli" || rc=$?
   t1="$(now_ns)"
+  forget_pid "$cli"
   local pkts=$(($(tx_stat packets) - p0)) txb=$(($(tx_stat bytes) - b0)) ksoft
   ksoft="$(awk -v a="$k0" -v b="$(ksoft_s)" 'BEGIN {print b - a}')"
   if ! wait_for 10 sh -c "! kill -0 $srv 2>/dev/null"; then
