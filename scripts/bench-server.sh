@@ -13,12 +13,13 @@
 #              "sources_per_s":F,"p99_ms":F,"errors":N, ...}]}
 # Target on a 2-core machine: >= 5000 heartbeats/s with p99 <= 20 ms on SQLite.
 set -euo pipefail
+here="$(pwd)"
 cd "$(dirname "$0")/.."
 
 json_out="" dbs="sqlite postgres" agents=10000 sites=100 concurrency=16 seconds=10
 while [ $# -gt 0 ]; do
   case "$1" in
-    --json) json_out="$2"; shift 2 ;;
+    --json) case "$2" in /*) json_out="$2" ;; *) json_out="$here/$2" ;; esac; shift 2 ;;
     --db) case "$2" in both) dbs="sqlite postgres" ;; sqlite|postgres) dbs="$2" ;; *) echo "--db sqlite|postgres|both" >&2; exit 2 ;; esac; shift 2 ;;
     --agents) agents="$2"; shift 2 ;;
     --sites) sites="$2"; shift 2 ;;
