@@ -6,7 +6,8 @@
 //! server_url = "https://lowtide.example.org"   # the Lowtide server's HTTP API
 //! enrol_token = "lte1...."                      # used once, on first start
 //! deployment_secret = "long shared passphrase"  # P2P packet key, the same on every agent
-//! state_dir = "/var/lib/lowtide"                # credential, control socket, store/
+//! state_dir = "/var/lib/lowtide"                # credential, control socket, store/ by default
+//! store_dir = "/var/cache/lowtide/store"        # the content store (default: <state_dir>/store)
 //! listen = "0.0.0.0:4500"                       # UDP address peers fetch from
 //! cache_limit_mib = 10240                       # content store size limit
 //! advertise_addresses = ["10.1.2.3"]            # report these instead of the discovered ones
@@ -43,8 +44,10 @@ pub struct Config {
     pub enrol_token: Option<String>,
     /// Passphrase the P2P deployment key is derived from (the same on every agent).
     pub deployment_secret: Option<String>,
-    /// Credential, control socket and the content store (`store/`).
+    /// Credential, control socket and (unless `store_dir` says otherwise) the content store.
     pub state_dir: PathBuf,
+    /// The content store; `<state_dir>/store` when not set.
+    pub store_dir: Option<PathBuf>,
     /// UDP address the engine serves peers on (port 0: any free port).
     pub listen: SocketAddr,
     /// Size limit of the content store, in MiB.
@@ -80,6 +83,7 @@ impl Default for Config {
             enrol_token: None,
             deployment_secret: None,
             state_dir: PathBuf::from("/var/lib/lowtide"),
+            store_dir: None,
             listen: SocketAddr::from(([0, 0, 0, 0], 4500)),
             cache_limit_mib: 10 * 1024,
             advertise_addresses: Vec::new(),
@@ -100,6 +104,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("LOWTIDE_ENROL_TOKEN", "enrol_token"),
     ("LOWTIDE_DEPLOYMENT_SECRET", "deployment_secret"),
     ("LOWTIDE_STATE_DIR", "state_dir"),
+    ("LOWTIDE_STORE_DIR", "store_dir"),
     ("LOWTIDE_LISTEN", "listen"),
     ("LOWTIDE_CACHE_LIMIT_MIB", "cache_limit_mib"),
     ("LOWTIDE_ADVERTISE_ADDRESSES", "advertise_addresses (comma-separated)"),
@@ -154,6 +159,7 @@ impl Config {
                 "LOWTIDE_ENROL_TOKEN" => self.enrol_token = text(),
                 "LOWTIDE_DEPLOYMENT_SECRET" => self.deployment_secret = text(),
                 "LOWTIDE_STATE_DIR" => self.state_dir = PathBuf::from(&v),
+                "LOWTIDE_STORE_DIR" => self.store_dir = text().map(PathBuf::from),
                 "LOWTIDE_LISTEN" => self.listen = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_CACHE_LIMIT_MIB" => self.cache_limit_mib = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_ADVERTISE_ADDRESSES" => {
@@ -207,7 +213,7 @@ impl Config {
     }
 
     pub fn store_dir(&self) -> PathBuf {
-        self.state_dir.join("store")
+        self.store_dir.clone().unwrap_or_else(|| self.state_dir.join("store"))
     }
 
     pub fn socket_path(&self) -> PathBuf {

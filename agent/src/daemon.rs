@@ -244,6 +244,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let hb = tokio::spawn(heartbeat_loop(sh.clone()));
     let inv = tokio::spawn(inventory_loop(sh.clone()));
     let acc = tokio::spawn(accept_loop(sh.clone(), listener));
+    crate::systemd::notify(&format!("READY=1\nSTATUS=serving on UDP {udp}"));
+    let wd = crate::systemd::watchdog_from_env().map(|every| tokio::spawn(watchdog_loop(sh.clone(), every)));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -252,6 +254,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         _ = term.recv() => {},
     }
     tracing::info!("shutting down");
+    crate::systemd::notify("STOPPING=1");
+    if let Some(wd) = wd {
+        wd.abort();
+    }
     acc.abort();
     hb.abort();
     inv.abort();
@@ -280,6 +286,20 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
     Ok(l)
+}
+
+/// Tell systemd we are alive while the engine thread answers within the interval.
+async fn watchdog_loop(sh: Arc<Shared>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let alive = tokio::time::timeout(every, sh.engine.call(|reply| Cmd::Snapshot { reply })).await;
+        match alive {
+            Ok(Ok(_)) => {
+                crate::systemd::notify("WATCHDOG=1");
+            }
+            _ => tracing::error!("the engine thread did not answer within {every:?}; not petting the watchdog"),
+        }
+    }
 }
 
 // ---- membership ----
@@ -445,9 +465,9 @@ async fn serve_conn(sh: Arc<Shared>, conn: UnixStream) -> anyhow::Result<()> {
         }
     };
     let result = match req {
-        Request::Get { content, to } => {
+        Request::Get { content } => {
             let (ptx, mut prx) = mpsc::channel::<Progress>(16);
-            let task = tokio::spawn(get(sh.clone(), content, to, ptx));
+            let task = tokio::spawn(get(sh.clone(), content, ptx));
             while let Some(p) = prx.recv().await {
                 if write_reply(&mut w, &Reply::Progress(p)).await.is_err() {
                     // The client went away; the download goes on.
@@ -540,17 +560,7 @@ fn peer_addr(addresses: &[String], port: u16) -> Option<SocketAddr> {
         .map(|ip| SocketAddr::new(*ip, port))
 }
 
-async fn get(
-    sh: Arc<Shared>,
-    id: ContentId,
-    to: Option<PathBuf>,
-    progress: mpsc::Sender<Progress>,
-) -> anyhow::Result<GetDone> {
-    if let Some(t) = &to {
-        if !t.is_absolute() {
-            bail!("--to {} must be an absolute path", t.display());
-        }
-    }
+async fn get(sh: Arc<Shared>, id: ContentId, progress: mpsc::Sender<Progress>) -> anyhow::Result<GetDone> {
     let lock = sh
         .locks
         .lock()
@@ -586,7 +596,7 @@ async fn get(
         bytes_from_peers: 0,
         bytes_from_origin: 0,
         sources: Vec::new(),
-        to: to.clone(),
+        path: PathBuf::new(),
     };
     if !before.as_ref().is_some_and(|h| h.complete) {
         fetch(&sh, id, &manifest, already, &progress, &mut done).await?;
@@ -596,13 +606,7 @@ async fn get(
     if let Err(e) = report_inventory(&sh).await {
         tracing::warn!("inventory after {}: {e:#}", id.short());
     }
-    if let Some(to) = &to {
-        let src = sh.engine.call(|reply| Cmd::DataPath { id, reply }).await?;
-        let to = to.clone();
-        tokio::task::spawn_blocking(move || export(&src, &to))
-            .await
-            .map_err(|e| anyhow!("the copy task failed: {e}"))??;
-    }
+    done.path = sh.engine.call(|reply| Cmd::DataPath { id, reply }).await?;
     let _ = progress.try_send(Progress {
         content: Some(id),
         size: manifest.size,
@@ -624,18 +628,6 @@ async fn get(
         "get complete"
     );
     Ok(done)
-}
-
-/// Copy a complete data file out of the cache: to a temporary file, synced, renamed.
-fn export(src: &Path, to: &Path) -> anyhow::Result<()> {
-    let mut name = to.file_name().unwrap_or_default().to_os_string();
-    name.push(".lowtide-partial");
-    let tmp = to.with_file_name(name);
-    std::fs::copy(src, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(&tmp, to).with_context(|| format!("renaming to {}", to.display()))
 }
 
 async fn fetch(

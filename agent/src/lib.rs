@@ -12,6 +12,7 @@
 //! - [`origin`]: verified HTTP Range fetches from the origin, the last resort.
 //! - [`daemon`]: `lowtide-agent run`.
 //! - [`proto`]: the JSON-lines protocol of the control socket.
+//! - [`systemd`]: `sd_notify` readiness and watchdog.
 //!
 //! Not here yet: peer discovery on the local subnets (peers come from the
 //! server's source lists), Prometheus metrics, serving limits.
@@ -22,4 +23,5 @@ pub mod facts;
 pub mod origin;
 pub mod proto;
 pub mod server;
+pub mod systemd;
 pub mod worker;

@@ -235,7 +235,7 @@ fn call(sock: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
 }
 
 fn get(sock: &Path, id: ContentId, to: Option<PathBuf>, interactive: bool, json: bool) -> anyhow::Result<ExitCode> {
-    let mut r = connect(sock, &Request::Get { content: id, to })?;
+    let mut r = connect(sock, &Request::Get { content: id })?;
     let bar = interactive.then(|| {
         let b = ProgressBar::new(0);
         b.set_style(
@@ -266,11 +266,14 @@ fn get(sock: &Path, id: ContentId, to: Option<PathBuf>, interactive: bool, json:
         Ok(v) => v,
         Err(e) => bail!("{e}"),
     };
+    let d: GetDone = serde_json::from_value(v.clone()).context("the agent's answer is not understood")?;
+    if let Some(to) = &to {
+        export(&d.path, to)?;
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let d: GetDone = serde_json::from_value(v).context("the agent's answer is not understood")?;
     println!(
         "{} {}@{}: {} bytes ({} from peers, {} from the origin, {} already cached){}",
         d.content,
@@ -280,9 +283,28 @@ fn get(sock: &Path, id: ContentId, to: Option<PathBuf>, interactive: bool, json:
         d.bytes_from_peers,
         d.bytes_from_origin,
         d.bytes_already_held,
-        d.to.map(|t| format!(" -> {}", t.display())).unwrap_or_default()
+        to.map(|t| format!(" -> {}", t.display())).unwrap_or_default()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Copy the verified content out of the cache: to a temporary file beside
+/// `to`, synced, then renamed, so `to` is never seen half-written.
+fn export(src: &Path, to: &Path) -> anyhow::Result<()> {
+    let mut name = to.file_name().unwrap_or_default().to_os_string();
+    name.push(".lowtide-partial");
+    let tmp = to.with_file_name(name);
+    std::fs::copy(src, &tmp).with_context(|| {
+        format!(
+            "copying {} to {} (is this user in the agent's group, to read the cache?)",
+            src.display(),
+            tmp.display()
+        )
+    })?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, to).with_context(|| format!("renaming to {}", to.display()))
 }
 
 fn show(b: &ProgressBar, p: &Progress) {

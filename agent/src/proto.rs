@@ -6,9 +6,9 @@
 //! exactly one [`Reply::Ok`] or [`Reply::Error`] line, and closes.
 //!
 //! ```text
-//! > {"cmd":"get","content":"3f2a…","to":"/tmp/pkg.bin"}
+//! > {"cmd":"get","content":"3f2a…"}
 //! < {"progress":{"content":"3f2a…","size":1048576,"held_bytes":65536,"phase":"peers","sources":2,...}}
-//! < {"ok":{"content":"3f2a…","size":1048576,"bytes_from_peers":1048576,"bytes_from_origin":0,...}}
+//! < {"ok":{"content":"3f2a…","size":1048576,"bytes_from_peers":1048576,"path":"/var/cache/lowtide/store/3f2a…/data",...}}
 //! > {"cmd":"status"}
 //! < {"ok":{"agent_id":"…","site":"hq","transfers":[…],"bytes_by_source":{…},…}}
 //! ```
@@ -27,10 +27,10 @@ pub const REQUEST_BYTES_MAX: usize = 64 * 1024;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    /// Fetch a content into the cache, and copy it to `to` (an absolute path) when given.
+    /// Fetch a content into the cache. The answer names the cached file; the
+    /// client copies it where it wants (the daemon writes only its own directories).
     Get {
         content: ContentId,
-        to: Option<PathBuf>,
     },
     Status,
     CacheLs,
@@ -81,7 +81,8 @@ pub struct GetDone {
     pub bytes_from_origin: u64,
     /// Which sources were used and why.
     pub sources: Vec<String>,
-    pub to: Option<PathBuf>,
+    /// The verified content in the cache (readable by the agent's group).
+    pub path: PathBuf,
 }
 
 #[cfg(test)]
@@ -91,10 +92,7 @@ mod tests {
     #[test]
     fn proto_lines_roundtrip() {
         let id = ContentId::of(b"x");
-        let r = Request::Get {
-            content: id,
-            to: Some("/tmp/a".into()),
-        };
+        let r = Request::Get { content: id };
         let line = serde_json::to_string(&r).unwrap();
         assert!(line.starts_with("{\"cmd\":\"get\""), "{line}");
         assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);

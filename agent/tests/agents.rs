@@ -125,13 +125,31 @@ fn agents_bad_input_gives_clear_errors() {
     assert_eq!(std::fs::read(&out).unwrap(), small);
 
     // A manifest signed by a key other than the one pinned at enrolment is refused.
+    // (The restart also runs under a systemd-style notify socket and watchdog.)
     a.stop();
+    let notify_path = root.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    a.env = vec![
+        ("NOTIFY_SOCKET".into(), notify_path.to_str().unwrap().into()),
+        ("WATCHDOG_USEC".into(), "200000".into()),
+    ];
     let cred_path = a.state_dir().join("credential.json");
     let mut cred: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cred_path).unwrap()).unwrap();
     let other = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
     cred["server_public_key"] = hex::encode(other.verifying_key().to_bytes()).into();
     std::fs::write(&cred_path, serde_json::to_vec(&cred).unwrap()).unwrap();
     a.spawn();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !(seen.iter().any(|m: &String| m.starts_with("READY=1")) && seen.iter().any(|m| m == "WATCHDOG=1")) {
+        let n = notify
+            .recv(&mut buf)
+            .expect("READY=1 and WATCHDOG=1 on the notify socket");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
     let e = a.fails(&[
         "get",
         &small_id.to_string(),
@@ -145,6 +163,14 @@ fn agents_bad_input_gives_clear_errors() {
 
     // No daemon: the CLI says how to start one.
     a.stop();
+    let mut stopping = false;
+    while let Ok(n) = notify.recv(&mut buf) {
+        if &buf[..n] == b"STOPPING=1" {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "STOPPING=1 at shutdown");
     let e = a.fails(&["status"]);
     assert!(e.contains("lowtide-agent run"), "{e}");
 }

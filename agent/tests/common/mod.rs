@@ -141,6 +141,8 @@ pub struct Agent {
     pub config: PathBuf,
     pub log: PathBuf,
     pub site: String,
+    /// Extra environment for the daemon.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -183,6 +185,7 @@ impl Agent {
             dir,
             config,
             site: site.into(),
+            env: Vec::new(),
             child: None,
         };
         a.spawn();
@@ -198,6 +201,7 @@ impl Agent {
         let child = Command::new(bin())
             .args(["--config", self.config.to_str().unwrap(), "run"])
             .env("LOWTIDE_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("LOWTIDE_CONFIG")
             .env_remove("LOWTIDE_STATE_DIR")
             .stdin(Stdio::null())
