@@ -377,14 +377,10 @@ async fn heartbeat_loop(sh: Arc<Shared>) {
     }
 }
 
-/// Report the inventory if it changed since the last report (everything, replacing the old).
-async fn report_inventory(sh: &Shared) -> anyhow::Result<()> {
-    let list = sh.engine.call(|reply| Cmd::List { reply }).await?;
-    if sh.state().last_inventory.as_ref() == Some(&list) {
-        return Ok(());
-    }
-    let items = list
-        .iter()
+/// What to tell the server: complete content whole, partial content as its
+/// held byte ranges (at most [`INVENTORY_RANGES_MAX`]), nothing for empty entries.
+pub fn inventory_items(list: &[Held]) -> Vec<InventoryItem> {
+    list.iter()
         .filter(|h| h.complete || !h.ranges.is_empty())
         .map(|h| InventoryItem {
             content: h.content,
@@ -395,7 +391,16 @@ async fn report_inventory(sh: &Shared) -> anyhow::Result<()> {
                 h.ranges.iter().take(INVENTORY_RANGES_MAX).copied().collect()
             },
         })
-        .collect();
+        .collect()
+}
+
+/// Report the inventory if it changed since the last report (everything, replacing the old).
+async fn report_inventory(sh: &Shared) -> anyhow::Result<()> {
+    let list = sh.engine.call(|reply| Cmd::List { reply }).await?;
+    if sh.state().last_inventory.as_ref() == Some(&list) {
+        return Ok(());
+    }
+    let items = inventory_items(&list);
     sh.client
         .inventory(&sh.cred.credential, &Inventory { items, replace: true })
         .await?;
@@ -789,4 +794,37 @@ async fn fetch(
     st.totals.origin += origin_bytes;
     st.unreported.origin_bytes += origin_bytes;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(seed: &[u8], complete: bool, ranges: Vec<(u64, u64)>) -> Held {
+        Held {
+            content: ContentId::of(seed),
+            size: 1 << 20,
+            held_bytes: ranges.iter().map(|(s, e)| e - s).sum(),
+            complete,
+            ranges,
+            missing_blocks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn inventory_reports_ranges_of_partial_content() {
+        let many: Vec<(u64, u64)> = (0..100).map(|i| (i * 32768, i * 32768 + 16384)).collect();
+        let list = vec![
+            held(b"whole", true, vec![(0, 1 << 20)]),
+            held(b"part", false, vec![(0, 16384), (65536, 81920)]),
+            held(b"empty", false, vec![]),
+            held(b"many", false, many),
+        ];
+        let items = inventory_items(&list);
+        assert_eq!(items.len(), 3, "an entry with nothing held is not announced");
+        assert!(items[0].complete && items[0].ranges.is_empty());
+        assert_eq!(items[1].ranges, vec![(0, 16384), (65536, 81920)]);
+        assert!(!items[1].complete);
+        assert_eq!(items[2].ranges.len(), INVENTORY_RANGES_MAX);
+    }
 }

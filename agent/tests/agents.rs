@@ -174,3 +174,44 @@ fn agents_bad_input_gives_clear_errors() {
     let e = a.fails(&["status"]);
     assert!(e.contains("lowtide-agent run"), "{e}");
 }
+
+#[test]
+fn agents_fall_back_to_the_origin_when_peers_fail() {
+    let srv = Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let bytes = data(2 * 1024 * 1024 + 777, 3);
+    let id = srv.publish(&bytes, "tool", "2.0");
+    let mut a = Agent::start(&srv, root.path(), "a", 64);
+    let b = Agent::start(&srv, root.path(), "b", 64);
+    let c = Agent::start(&srv, root.path(), "c", 64);
+    a.get_json(&id, &root.path().join("a.bin"));
+
+    // A peer whose disk went bad serves blocks that do not verify: the fetching
+    // agent drops it and gets those blocks from the origin; nothing bad is kept.
+    let data_file = a.state_dir().join("store").join(id.to_string()).join("data");
+    let mut on_disk = std::fs::read(&data_file).unwrap();
+    for i in (0..on_disk.len()).step_by(16 * 1024) {
+        on_disk[i] ^= 0xff;
+    }
+    std::fs::write(&data_file, &on_disk).unwrap();
+    let out_b = root.path().join("b.bin");
+    let rb = b.get_json(&id, &out_b);
+    assert_eq!(
+        std::fs::read(&out_b).unwrap(),
+        bytes,
+        "byte-exact despite the lying peer"
+    );
+    assert!(rb["bytes_from_origin"].as_u64().unwrap() > 0, "{rb}");
+    assert!(rb["sources"].to_string().contains("origin"), "{rb}");
+    assert!(b.log_text().contains("sent a bad block"), "{}", b.log_text());
+    assert!(b.ok(&["cache", "verify"]).contains("ok"));
+
+    // The only good peer is killed: the next agent still completes, from the origin if need be.
+    let mut b = b;
+    b.stop();
+    a.stop();
+    let out_c = root.path().join("c.bin");
+    let rc = c.get_json(&id, &out_c);
+    assert_eq!(std::fs::read(&out_c).unwrap(), bytes, "byte-exact without peers");
+    assert_eq!(rc["bytes_from_origin"], bytes.len() as u64, "{rc}");
+}
