@@ -472,7 +472,18 @@ async fn serve_conn(sh: Arc<Shared>, conn: UnixStream) -> anyhow::Result<()> {
     let result = match req {
         Request::Get { content } => {
             let (ptx, mut prx) = mpsc::channel::<Progress>(16);
-            let task = tokio::spawn(get(sh.clone(), content, ptx));
+            let task = tokio::spawn({
+                let sh = sh.clone();
+                async move {
+                    let r = get(sh.clone(), content, ptx).await;
+                    // Forget the per-content locks nobody waits on.
+                    sh.locks
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .retain(|_, l| Arc::strong_count(l) > 1);
+                    r
+                }
+            });
             while let Some(p) = prx.recv().await {
                 if write_reply(&mut w, &Reply::Progress(p)).await.is_err() {
                     // The client went away; the download goes on.

@@ -215,3 +215,36 @@ fn agents_fall_back_to_the_origin_when_peers_fail() {
     assert_eq!(std::fs::read(&out_c).unwrap(), bytes, "byte-exact without peers");
     assert_eq!(rc["bytes_from_origin"], bytes.len() as u64, "{rc}");
 }
+
+#[test]
+fn agents_resume_partial_content_across_a_restart() {
+    let srv = Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let bytes = data(1024 * 1024, 5);
+    let id = srv.publish(&bytes, "tool", "3.0");
+    let mut a = Agent::start(&srv, root.path(), "a", 64);
+    a.get_json(&id, &root.path().join("first.bin"));
+
+    // Damage three blocks on disk; verify finds and forgets exactly those.
+    let data_file = a.state_dir().join("store").join(id.to_string()).join("data");
+    let mut on_disk = std::fs::read(&data_file).unwrap();
+    for block in [0usize, 17, 63] {
+        on_disk[block * 16384 + 5] ^= 0x40;
+    }
+    std::fs::write(&data_file, &on_disk).unwrap();
+    let out = a.cli(&["cache", "verify", &id.to_string()]);
+    assert_eq!(out.status.code(), Some(2), "bad blocks found: exit code 2");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 bad block(s)"));
+    let ls = a.ok(&["cache", "ls"]);
+    assert!(ls.contains("partial"), "{ls}");
+
+    // Partial content survives a restart, and the next get fetches only what is missing.
+    a.stop();
+    a.spawn();
+    let out_path = root.path().join("again.bin");
+    let r = a.get_json(&id, &out_path);
+    assert_eq!(std::fs::read(&out_path).unwrap(), bytes);
+    assert_eq!(r["bytes_already_held"], (bytes.len() - 3 * 16384) as u64, "{r}");
+    assert_eq!(r["bytes_from_origin"], 3 * 16384, "{r}");
+    assert!(a.ok(&["cache", "verify"]).contains("ok"));
+}
