@@ -572,4 +572,37 @@ impl Library for Store {
         }
         e.data.read_exact_at(buf, offset)
     }
+
+    fn read_vectored(
+        &self,
+        id: &ContentId,
+        stream: u8,
+        offset: u64,
+        bufs: &mut [io::IoSliceMut<'_>],
+    ) -> io::Result<()> {
+        let e = self.entries.get(id).ok_or(io::ErrorKind::NotFound)?;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if stream == wire::STREAM_CONTENT && bufs.len() <= 1024 {
+            // SAFETY: IoSliceMut is ABI-compatible with iovec; the fd is valid; preadv writes
+            // at most `total` bytes into the slices.
+            let n = unsafe {
+                libc::preadv(
+                    e.data.as_raw_fd(),
+                    bufs.as_ptr() as *const libc::iovec,
+                    bufs.len() as libc::c_int,
+                    offset as libc::off_t,
+                )
+            };
+            if n == total as isize {
+                return Ok(());
+            }
+        }
+        // A short read (or the table stream): one slice at a time.
+        let mut at = offset;
+        for b in bufs.iter_mut() {
+            self.read(id, stream, at, b)?;
+            at += b.len() as u64;
+        }
+        Ok(())
+    }
 }

@@ -62,6 +62,22 @@ pub trait Library {
     fn has_block(&self, id: &ContentId, block: u64) -> bool;
     /// Read `buf.len()` bytes of `stream` (0: content, 1: encoded block table) at `offset`.
     fn read(&self, id: &ContentId, stream: u8, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// Read consecutive bytes from `offset` into `bufs`, in order (a scatter read: one
+    /// system call for a whole GSO run where the store can).
+    fn read_vectored(
+        &self,
+        id: &ContentId,
+        stream: u8,
+        offset: u64,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> std::io::Result<()> {
+        let mut at = offset;
+        for b in bufs.iter_mut() {
+            self.read(id, stream, at, b)?;
+            at += b.len() as u64;
+        }
+        Ok(())
+    }
 }
 
 /// Payload bytes per datagram for a path MTU: MTU minus IPv4 (20) and UDP (8) headers and our data header.

@@ -167,6 +167,8 @@ pub struct Server {
     rng: rand::rngs::SmallRng,
     stats: ServerStats,
     background_paused: bool,
+    /// Chunks of the GSO run being built (kept to reuse its allocation).
+    plan: Vec<(u8, Range<u64>, bool)>,
 }
 
 impl Server {
@@ -181,6 +183,7 @@ impl Server {
             rng: rand::rngs::SmallRng::seed_from_u64(seed),
             stats: ServerStats::default(),
             background_paused: false,
+            plan: Vec::with_capacity(GSO_SEGMENTS_MAX),
         }
     }
 
@@ -486,56 +489,85 @@ impl Server {
             };
         }
         let segs_max = cfg.gso_segments_max.min((buf.len() as u64 / full) as usize);
-        let mut len = 0usize;
+        // 1. Plan the run: which chunks, within the budget, equal sizes but the last.
+        let mut plan = std::mem::take(&mut self.plan);
+        plan.clear();
         let mut seg_size = 0usize;
-        let mut count = 0usize;
-        while count < segs_max && budget > 0 {
+        while plan.len() < segs_max && budget > 0 {
             let Some((stream, chunk, resent)) = s.take_chunk(payload_max) else {
                 break;
             };
-            let plen = (chunk.end - chunk.start) as usize;
-            let dlen = DATA_HEADER_BYTES + plen;
-            if (dlen as u64) > budget || (count > 0 && dlen > seg_size) {
+            let dlen = DATA_HEADER_BYTES + (chunk.end - chunk.start) as usize;
+            if (dlen as u64) > budget || (!plan.is_empty() && dlen > seg_size) {
                 s.untake(stream, chunk, resent);
                 break;
             }
-            let at = len;
-            let payload = &mut buf[at + DATA_HEADER_BYTES..at + dlen];
-            if lib.read(&s.content, stream, chunk.start, payload).is_err() {
-                // The store lost the data (evicted or disk error): stop serving this session.
-                self.stats.read_errors += 1;
-                s.dead = true;
-                break;
-            }
-            let pn = s.recovery.on_sent(now, stream, chunk.start, plen as u32, dlen as u32);
-            let fixed = wire::DataFixed {
-                pn: pn.into(),
-                offset: chunk.start.into(),
-                send_ts_us: now.wire_us().into(),
-                stream,
-                reserved: [0; 3],
-            };
-            wire::seal_data(key, &mut buf[at..], s.id, &fixed, plen);
-            s.cc.on_sent(now, dlen as u64);
-            s.pacer.consume(dlen as u64);
             budget = budget.saturating_sub(dlen as u64);
-            self.stats.packets_sent += 1;
-            self.stats.payload_bytes_sent += plen as u64;
-            if resent {
-                self.stats.payload_bytes_resent += plen as u64;
-            }
-            len += dlen;
-            count += 1;
+            plan.push((stream, chunk, resent));
             if s.probes > 0 {
                 s.probes -= 1;
                 break; // a probe goes alone
             }
-            if count == 1 {
+            if plan.len() == 1 {
                 seg_size = dlen;
             } else if dlen < seg_size {
                 break; // a short datagram ends a GSO run
             }
         }
+        // 2. Read the payloads straight into their datagrams: one scatter read per contiguous span.
+        let mut at = 0usize;
+        let mut k = 0;
+        while k < plan.len() {
+            let mut j = k + 1;
+            while j < plan.len() && plan[j].0 == plan[k].0 && plan[j].1.start == plan[j - 1].1.end {
+                j += 1;
+            }
+            let mut slices = Vec::with_capacity(j - k);
+            let mut rest = &mut buf[at..];
+            for (_, chunk, _) in &plan[k..j] {
+                let dlen = DATA_HEADER_BYTES + (chunk.end - chunk.start) as usize;
+                let (datagram, tail) = rest.split_at_mut(dlen);
+                slices.push(std::io::IoSliceMut::new(&mut datagram[DATA_HEADER_BYTES..]));
+                at += dlen;
+                rest = tail;
+            }
+            if lib
+                .read_vectored(&s.content, plan[k].0, plan[k].1.start, &mut slices)
+                .is_err()
+            {
+                // The store lost the data (evicted or disk error): stop serving this session.
+                self.stats.read_errors += 1;
+                s.dead = true;
+                self.plan = plan;
+                return None;
+            }
+            k = j;
+        }
+        // 3. Seal and account for each datagram.
+        let mut len = 0usize;
+        for (stream, chunk, resent) in plan.iter() {
+            let plen = (chunk.end - chunk.start) as usize;
+            let dlen = DATA_HEADER_BYTES + plen;
+            let pn = s.recovery.on_sent(now, *stream, chunk.start, plen as u32, dlen as u32);
+            let fixed = wire::DataFixed {
+                pn: pn.into(),
+                offset: chunk.start.into(),
+                send_ts_us: now.wire_us().into(),
+                stream: *stream,
+                reserved: [0; 3],
+            };
+            wire::seal_data(key, &mut buf[len..], s.id, &fixed, plen);
+            s.cc.on_sent(now, dlen as u64);
+            s.pacer.consume(dlen as u64);
+            self.stats.packets_sent += 1;
+            self.stats.payload_bytes_sent += plen as u64;
+            if *resent {
+                self.stats.payload_bytes_resent += plen as u64;
+            }
+            len += dlen;
+        }
+        let count = plan.len();
+        self.plan = plan;
         s.app_limited = !s.has_data() && s.recovery.in_flight() < window;
         (count > 0).then(|| Transmit {
             dst: s.peer,
