@@ -484,6 +484,19 @@ mod tests {
     }
 
     #[test]
+    fn background_respects_a_share_of_measured_capacity() {
+        let mut c = Background::new(BackgroundConfig::default());
+        // ~1.4 MB/s delivered (one MSS per ms), then capped at half of it.
+        feed(&mut c, 1, 2000, |_| 20_000);
+        let capacity = c.delivery_rate();
+        assert!(capacity > 1_000_000, "{capacity}");
+        c.set_ceiling(None, Some(0.5));
+        feed(&mut c, 2000, 2100, |_| 20_000);
+        let rate = c.pacing_rate(Duration::from_millis(40)).unwrap();
+        assert!(rate <= capacity / 2 + 1, "{rate} > half of {capacity}");
+    }
+
+    #[test]
     fn background_respects_the_rate_ceiling() {
         let cfg = BackgroundConfig {
             rate_max: Some(125_000),
