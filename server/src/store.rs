@@ -51,7 +51,9 @@ pub const CONTENT_RECHECK_MS: i64 = 1000;
 pub const CONTENT_CACHE_MAX: usize = 4096;
 /// Most heartbeats written in one statement.
 pub const HEARTBEAT_BATCH_MAX: usize = 64;
-/// Most heartbeats waiting for the writer; further requests wait to enqueue.
+/// Heartbeat writers (concurrent batches) per process on PostgreSQL.
+pub const HEARTBEAT_WRITERS_PG: usize = 4;
+/// Most heartbeats waiting for the writers; further requests wait to enqueue.
 pub const HEARTBEAT_QUEUE_MAX: usize = 4096;
 /// Largest byte count one traffic report may add (1 PiB).
 pub const TRAFFIC_REPORT_BYTES_MAX: u64 = 1 << 50;
@@ -73,7 +75,9 @@ pub struct Store {
     write: AnyPool,
     backend: Backend,
     topo: Arc<Mutex<TopoCache>>,
-    hb_tx: tokio::sync::mpsc::Sender<HbItem>,
+    /// One queue per heartbeat writer; an agent always goes to the same one (by id), so
+    /// concurrent batches never update the same row (no lock-order deadlocks on PostgreSQL).
+    hb_tx: Arc<Vec<tokio::sync::mpsc::Sender<HbItem>>>,
     /// Content rows by id with the time they were read; trusted for [`CONTENT_RECHECK_MS`].
     content_cache: Arc<Mutex<HashMap<ContentId, (ContentInfo, i64)>>>,
 }
@@ -657,8 +661,20 @@ impl Store {
             false,
         )]);
         migrator.run(&write).await?;
-        let (hb_tx, hb_rx) = tokio::sync::mpsc::channel(HEARTBEAT_QUEUE_MAX);
-        tokio::spawn(heartbeat_writer(write.clone(), hb_rx));
+        // SQLite has one writer anyway; PostgreSQL takes concurrent batches.
+        let writers = match backend {
+            Backend::Sqlite => 1,
+            Backend::Postgres => HEARTBEAT_WRITERS_PG.min(connections_max as usize).max(1),
+        };
+        let hb_tx = Arc::new(
+            (0..writers)
+                .map(|_| {
+                    let (tx, rx) = tokio::sync::mpsc::channel(HEARTBEAT_QUEUE_MAX / writers);
+                    tokio::spawn(heartbeat_writer(write.clone(), rx));
+                    tx
+                })
+                .collect::<Vec<_>>(),
+        );
         let store = Self {
             read,
             write,
@@ -1073,7 +1089,11 @@ impl Store {
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
         let stopped = || Error::Internal("the heartbeat writer has stopped; restart the server".into());
-        self.hb_tx.send(HbItem { row, reply }).await.map_err(|_| stopped())?;
+        let lane = (blake3::hash(agent_id.as_bytes()).as_bytes()[0] as usize) % self.hb_tx.len();
+        self.hb_tx[lane]
+            .send(HbItem { row, reply })
+            .await
+            .map_err(|_| stopped())?;
         match answer.await.map_err(|_| stopped())? {
             Ok(true) => Ok((agent_id.to_string(), site)),
             Ok(false) => Err(self.refusal(agent_id, secret).await),
