@@ -193,6 +193,32 @@ mod tests {
     }
 
     #[test]
+    fn config_example_file_parses_to_the_defaults() {
+        let cfg = Config::from_toml(include_str!("../lowtide-server.example.toml")).unwrap();
+        let d = Config::default();
+        assert_eq!(cfg.listen.port(), 7400);
+        assert_eq!(
+            (
+                cfg.inactive_after_secs,
+                cfg.heartbeat_secs,
+                cfg.peers_active_max,
+                cfg.body_bytes_max
+            ),
+            (
+                d.inactive_after_secs,
+                d.heartbeat_secs,
+                d.peers_active_max,
+                d.body_bytes_max
+            )
+        );
+        assert_eq!(
+            (cfg.topology_bytes_max, cfg.db_connections_max, cfg.token_ttl_hours),
+            (d.topology_bytes_max, d.db_connections_max, d.token_ttl_hours)
+        );
+        cfg.check().unwrap();
+    }
+
+    #[test]
     fn config_rejects_unknown_keys_and_bad_env() {
         assert!(Config::from_toml("peers_activ_max = 3").is_err());
         let err = Config::load(None, |k| (k == "LOWTIDE_LISTEN").then(|| "nope".to_string())).unwrap_err();
