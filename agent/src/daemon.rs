@@ -710,6 +710,19 @@ async fn fetch(
     if peer_addrs.is_empty() {
         let t = table.clone();
         sh.engine.call(|reply| Cmd::Begin { table: t, reply }).await?;
+    } else if sh
+        .engine
+        .call(|reply| Cmd::Snapshot { reply })
+        .await?
+        .fetches
+        .iter()
+        .any(|f| f.content == id && f.live_sources > 0)
+    {
+        // A fetch of this content still runs (a client that went away): give it these peers too.
+        sh.engine.send(Cmd::AddPeers {
+            id,
+            peers: peer_addrs.clone(),
+        });
     } else {
         let t = table.clone();
         let peers = peer_addrs.clone();
@@ -738,7 +751,12 @@ async fn fetch(
             break;
         }
         let snap = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?;
-        let fv = snap.fetches.iter().find(|f| f.content == id);
+        // The engine cannot cancel a fetch, so an earlier one whose peers were all dropped may linger.
+        let fv = snap
+            .fetches
+            .iter()
+            .filter(|f| f.content == id)
+            .max_by_key(|f| f.live_sources);
         let live = fv.map_or(0, |f| f.live_sources);
         let rate = fv.map_or(0, |f| f.sources.iter().map(|s| s.rate_bytes_per_s).sum());
         let held_now = fv.map_or(h.held_bytes, |f| f.bytes_held.max(h.held_bytes));
