@@ -74,6 +74,31 @@ fn agents_get_from_origin_then_from_peers() {
     a.ok(&["cache", "rm", &id.to_string()]);
     assert!(!a.ok(&["cache", "ls"]).contains(&id.to_string()));
 
+    // Traffic goes to the server with the next heartbeats: the origin bytes of a, the
+    // LAN bytes of b and c at hq, the WAN bytes of d at branch.
+    let want = [
+        ("branch", "wan", bytes.len() as u64),
+        ("hq", "lan", 2 * bytes.len() as u64),
+        ("hq", "origin", bytes.len() as u64),
+    ];
+    let mut traffic = Vec::new();
+    for _ in 0..200 {
+        traffic = srv.traffic();
+        if want
+            .iter()
+            .all(|(s, l, b)| traffic.iter().any(|(ts, tl, tb)| ts == s && tl == l && tb >= b))
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for (s, l, b) in want {
+        assert!(
+            traffic.iter().any(|(ts, tl, tb)| ts == s && tl == l && *tb == b),
+            "{s}/{l} = {b} not in {traffic:?}"
+        );
+    }
+
     // The credential is private.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(a.state_dir().join("credential.json"))

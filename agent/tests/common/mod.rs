@@ -94,6 +94,16 @@ impl Server {
         }
     }
 
+    /// Bytes the agents reported per (site, link), as the server recorded them.
+    pub fn traffic(&self) -> Vec<(String, String, u64)> {
+        let app = self.app.clone();
+        self.rt
+            .block_on(async move { app.store.traffic().await.unwrap() })
+            .into_iter()
+            .map(|r| (r.site, r.link, r.bytes))
+            .collect()
+    }
+
     /// Publish `bytes` (kept in the server's file store, served at /files/{id}).
     pub fn publish(&self, bytes: &[u8], name: &str, version: &str) -> ContentId {
         let p = self.dir.path().join(format!("{name}-{version}.bin"));
@@ -166,7 +176,7 @@ impl Agent {
             format!(
                 "server_url = {:?}\nenrol_token = {:?}\ndeployment_secret = {SECRET:?}\nstate_dir = {:?}\n\
                  listen = \"127.0.0.1:0\"\ncache_limit_mib = {cache_limit_mib}\n\
-                 advertise_addresses = [\"127.0.0.1\"]\nhostname = {name:?}\npeer_stall_secs = 3\n\
+                 advertise_addresses = [\"127.0.0.1\"]\nhostname = {name:?}\npeer_stall_secs = 30\n\
                  heartbeat_secs = 1\ninventory_secs = 1\ndriver = \"portable\"\n{}",
                 srv.base,
                 srv.token,
