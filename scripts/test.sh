@@ -14,6 +14,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # The server's tests run the same suite on SQLite and on a private PostgreSQL.
 echo "== PostgreSQL for the server tests (scripts/pg-test.sh)" >&2
+# A port (and data directory) of this run's own, so two runs on one machine do not stop each other's database.
+export LOWTIDE_PG_PORT="${LOWTIDE_PG_PORT:-$((56000 + $$ % 1000))}"
 LOWTIDE_TEST_PG_URL="$(scripts/pg-test.sh start)"
 export LOWTIDE_TEST_PG_URL
 trap 'scripts/pg-test.sh stop' EXIT
