@@ -8,8 +8,10 @@ use lowtide_engine::content::BlockTable;
 
 use crate::worker::{Cmd, Handle};
 
-/// Most blocks asked for in one Range request (1 MiB at 16 KiB blocks).
-pub const RANGE_BLOCKS_MAX: u64 = 64;
+/// Most blocks asked for in one Range request (4 MiB at 16 KiB blocks).
+pub const RANGE_BLOCKS_MAX: u64 = 256;
+/// Written bytes made durable together (one `fdatasync` of data and journal).
+pub const COMMIT_BYTES: u64 = 16 << 20;
 
 /// Fetch the block runs `missing` (`[start, end)` block indices) from the
 /// first origin in `urls` that serves them, verify and store them. Calls
@@ -26,9 +28,54 @@ pub async fn fetch_missing(
         bail!("the server names no origin for this content");
     }
     let id = table.root();
+    let mut stored = 0u64;
+    let mut uncommitted = 0u64;
+    let r = fetch_runs(
+        http,
+        urls,
+        table,
+        missing,
+        engine,
+        &mut on_bytes,
+        &mut stored,
+        &mut uncommitted,
+    )
+    .await;
+    // Keep what verified even when a later range failed.
+    if uncommitted > 0 {
+        let c = engine
+            .call(|reply| Cmd::Write {
+                id,
+                blocks: Vec::new(),
+                commit: true,
+                reply,
+            })
+            .await
+            .with_context(|| format!("committing blocks of {id} from the origin"));
+        r.and(c)?;
+    } else {
+        r?;
+    }
+    Ok(stored)
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the loop of fetch_missing, split out so its error path commits"
+)]
+async fn fetch_runs(
+    http: &reqwest::Client,
+    urls: &[String],
+    table: &BlockTable,
+    missing: &[(u64, u64)],
+    engine: &Handle,
+    on_bytes: &mut impl FnMut(u64),
+    stored: &mut u64,
+    uncommitted: &mut u64,
+) -> anyhow::Result<()> {
+    let id = table.root();
     let g = table.geometry();
     let mut good = 0usize;
-    let mut stored = 0u64;
     for &(start, end) in missing {
         let mut b = start;
         while b < end {
@@ -40,11 +87,18 @@ pub async fn fetch_missing(
                 match range(http, &urls[u], table, b, e).await {
                     Ok(blocks) => {
                         let n: u64 = blocks.iter().map(|(_, d)| d.len() as u64).sum();
+                        let commit = *uncommitted + n >= COMMIT_BYTES;
                         engine
-                            .call(|reply| Cmd::Write { id, blocks, reply })
+                            .call(|reply| Cmd::Write {
+                                id,
+                                blocks,
+                                commit,
+                                reply,
+                            })
                             .await
                             .with_context(|| format!("storing blocks of {id} from the origin"))?;
-                        stored += n;
+                        *stored += n;
+                        *uncommitted = if commit { 0 } else { *uncommitted + n };
                         on_bytes(n);
                         good = u;
                         done = true;
@@ -66,7 +120,7 @@ pub async fn fetch_missing(
             b = e;
         }
     }
-    Ok(stored)
+    Ok(())
 }
 
 /// Blocks `[b, e)` from one origin URL, each verified.

@@ -87,10 +87,12 @@ pub enum Cmd {
         table: BlockTable,
         reply: Reply<()>,
     },
-    /// Write verified blocks (index, bytes) and commit them.
+    /// Write blocks (index, bytes) the caller verified against the content's
+    /// verified table; with `commit`, make everything written so far durable.
     Write {
         id: ContentId,
         blocks: Vec<(u64, Vec<u8>)>,
+        commit: bool,
         reply: Reply<()>,
     },
     Held {
@@ -212,12 +214,20 @@ fn handle(ep: &mut Endpoint, cmd: Cmd) -> bool {
                 .and_then(|()| ep.store.begin(&table).map_err(|x| e(&x)));
             let _ = reply.send(r);
         }
-        Cmd::Write { id, blocks, reply } => {
+        Cmd::Write {
+            id,
+            blocks,
+            commit,
+            reply,
+        } => {
             let r = (|| {
                 for (i, b) in &blocks {
-                    ep.store.write_block(&id, *i, b)?;
+                    ep.store.write_verified_block(&id, *i, b)?;
                 }
-                ep.store.commit(&id).map(|_| ())
+                if commit {
+                    ep.store.commit(&id)?;
+                }
+                Ok::<(), lowtide_engine::store::StoreError>(())
             })()
             .map_err(|x| e(&x));
             let _ = reply.send(r);
