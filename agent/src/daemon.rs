@@ -14,7 +14,7 @@
 //! Discovery (broadcast, neighbour cache, subnet scan) is not built: peers
 //! come from the server's source lists only.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -43,6 +43,8 @@ const TICK: Duration = Duration::from_millis(250);
 pub const INVENTORY_RANGES_MAX: usize = 64;
 /// Most finished downloads kept for `status`.
 const RECENT_MAX: usize = 16;
+/// Most peers remembered for `peers` and `status`.
+pub const PEERS_KNOWN_MAX: usize = 256;
 /// Most control connections served at once.
 const CONNECTIONS_MAX: usize = 64;
 /// Heartbeat interval when neither the config nor the server gives one.
@@ -129,6 +131,20 @@ struct Totals {
     origin: u64,
 }
 
+/// A peer the server named as a source, as last named.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    pub agent_id: Option<String>,
+    pub site: Option<String>,
+    pub kind: SourceKind,
+    pub protocol: Protocol,
+    /// The server's reason for ranking it, for the last content asked about.
+    pub reason: String,
+    pub content: ContentId,
+    pub held_percent: u64,
+}
+
 #[derive(Default)]
 struct State {
     site: Option<String>,
@@ -136,7 +152,8 @@ struct State {
     heartbeat_error: Option<String>,
     totals: Totals,
     unreported: TrafficReport,
-    peers_seen: BTreeSet<SocketAddr>,
+    /// Peers the server named, by address (at most [`PEERS_KNOWN_MAX`]).
+    peers: BTreeMap<SocketAddr, PeerInfo>,
     recent: VecDeque<GetDone>,
     last_inventory: Option<Vec<Held>>,
 }
@@ -496,6 +513,7 @@ async fn serve_conn(sh: Arc<Shared>, conn: UnixStream) -> anyhow::Result<()> {
             }
         }
         Request::Status => status(&sh).await,
+        Request::Peers => peers(&sh).await,
         Request::CacheLs => sh
             .engine
             .call(|reply| Cmd::List { reply })
@@ -530,6 +548,28 @@ async fn serve_conn(sh: Arc<Shared>, conn: UnixStream) -> anyhow::Result<()> {
     write_reply(&mut w, &reply).await
 }
 
+/// The peers the server named, with what the engine sees of those in use.
+async fn peers(sh: &Shared) -> anyhow::Result<serde_json::Value> {
+    let snap = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?;
+    let st = sh.state();
+    let v = st
+        .peers
+        .values()
+        .map(|p| {
+            let live = snap
+                .fetches
+                .iter()
+                .flat_map(|f| f.sources.iter())
+                .find(|s| s.addr == p.addr);
+            let mut j = serde_json::to_value(p).unwrap_or_default();
+            j["active"] = live.is_some_and(|s| s.active).into();
+            j["receiving_bytes_per_s"] = live.map_or(0, |s| s.rate_bytes_per_s).into();
+            j
+        })
+        .collect();
+    Ok(serde_json::Value::Array(v))
+}
+
 async fn status(sh: &Shared) -> anyhow::Result<serde_json::Value> {
     let snap = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?;
     let items = sh.engine.call(|reply| Cmd::List { reply }).await?;
@@ -546,7 +586,7 @@ async fn status(sh: &Shared) -> anyhow::Result<serde_json::Value> {
         "background_paused": snap.background_paused,
         // A fetch whose content completed another way (the origin) lingers in the engine: leave it out.
         "transfers": snap.fetches.iter().filter(|f| !items.iter().any(|h| h.content == f.content && h.complete)).collect::<Vec<_>>(),
-        "peers": st.peers_seen,
+        "peers": st.peers.keys().collect::<Vec<_>>(),
         "bytes_by_source": st.totals,
         "served": {
             "payload_bytes": snap.served_payload_bytes,
@@ -613,6 +653,8 @@ async fn get(sh: Arc<Shared>, id: ContentId, progress: mpsc::Sender<Progress>) -
         bytes_from_origin: 0,
         sources: Vec::new(),
         path: PathBuf::new(),
+        site: None,
+        you_are_rvp: false,
     };
     if !before.as_ref().is_some_and(|h| h.complete) {
         fetch(&sh, id, &manifest, already, &progress, &mut done).await?;
@@ -674,12 +716,35 @@ async fn fetch(
             }
             continue;
         }
-        if s.agent_id.as_deref() == Some(sh.cred.agent_id.as_str()) || s.held_percent == 0 {
+        if s.agent_id.as_deref() == Some(sh.cred.agent_id.as_str()) {
             continue;
         }
         let Some(addr) = s.port.and_then(|p| peer_addr(&s.addresses, p)) else {
             continue;
         };
+        {
+            let mut st = sh.state();
+            if st.peers.len() >= PEERS_KNOWN_MAX && !st.peers.contains_key(&addr) {
+                st.peers.pop_first();
+            }
+            st.peers.insert(
+                addr,
+                PeerInfo {
+                    addr,
+                    agent_id: s.agent_id.clone(),
+                    site: s.site.clone(),
+                    kind: s.kind,
+                    protocol: s.protocol,
+                    reason: s.reason.clone(),
+                    content: id,
+                    held_percent: s.held_percent,
+                },
+            );
+        }
+        // A peer that holds none of it yet cannot serve now.
+        if s.held_percent == 0 {
+            continue;
+        }
         let why = format!("{addr}: {}", s.reason);
         match s.protocol {
             Protocol::Foreground => fg.push((addr, why)),
@@ -705,7 +770,8 @@ async fn fetch(
             }
         ));
     }
-    sh.state().peers_seen.extend(peer_addrs.iter().copied());
+    done.site = answer.site.clone();
+    done.you_are_rvp = answer.you_are_rvp;
     let size = manifest.size;
     if peer_addrs.is_empty() {
         let t = table.clone();

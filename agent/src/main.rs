@@ -53,6 +53,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Peers the server named as sources, and which are in use.
+    Peers {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The content cache.
     Cache {
         #[command(subcommand)]
@@ -136,6 +142,30 @@ fn run() -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_status(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Peers { json } => {
+            let v = call(&sock, &Request::Peers)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for p in v.as_array().into_iter().flatten() {
+                    let s = |k: &str| p[k].as_str().unwrap_or("-").to_string();
+                    println!(
+                        "{:<22} {:<10} site {:<12} {:<11} {}{}",
+                        s("addr"),
+                        s("kind"),
+                        s("site"),
+                        s("protocol"),
+                        s("reason"),
+                        if p["active"].as_bool() == Some(true) {
+                            format!(", sending {} B/s", p["receiving_bytes_per_s"])
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

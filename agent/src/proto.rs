@@ -13,7 +13,7 @@
 //! < {"ok":{"agent_id":"…","site":"hq","transfers":[…],"bytes_by_source":{…},…}}
 //! ```
 //!
-//! Commands: `get`, `status`, `cache_ls`, `cache_rm`, `cache_verify`,
+//! Commands: `get`, `status`, `peers`, `cache_ls`, `cache_rm`, `cache_verify`,
 //! `pause`, `resume`.
 
 use std::path::PathBuf;
@@ -33,6 +33,8 @@ pub enum Request {
         content: ContentId,
     },
     Status,
+    /// The peers the server named as sources.
+    Peers,
     CacheLs,
     CacheRm {
         content: ContentId,
@@ -83,6 +85,9 @@ pub struct GetDone {
     pub sources: Vec<String>,
     /// The verified content in the cache (readable by the agent's group).
     pub path: PathBuf,
+    /// This agent's site, and whether the server made it the site's RVP for this content.
+    pub site: Option<String>,
+    pub you_are_rvp: bool,
 }
 
 #[cfg(test)]

@@ -33,6 +33,18 @@ fn agents_get_from_origin_then_from_peers() {
     assert_eq!(sb["bytes_by_source"]["peer"], bytes.len() as u64, "{sb}");
     assert_eq!(sb["bytes_by_source"]["origin"], 0, "{sb}");
     assert!(!sb["peers"].as_array().unwrap().is_empty(), "{sb}");
+    let a_id = a.status()["agent_id"].as_str().unwrap().to_string();
+    let peers: serde_json::Value = serde_json::from_str(&b.ok(&["peers", "--json"])).unwrap();
+    let pa = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["agent_id"] == a_id.as_str())
+        .unwrap_or_else(|| panic!("a is not among b's peers: {peers}"));
+    assert_eq!(pa["site"], "hq");
+    assert_eq!(pa["held_percent"], 100);
+    assert_eq!(pa["protocol"], "foreground");
+    assert_eq!(rb["site"], "hq");
 
     // A third agent started later: from peers too.
     let c = Agent::start(&srv, root.path(), "c", 64);
