@@ -156,10 +156,15 @@ fn agents_bad_input_gives_clear_errors() {
     assert!(!root.path().join("big").exists());
     assert!(!a.ok(&["cache", "ls"]).contains(&big_id.to_string()));
 
-    // A small one still fits and verifies.
+    // A small one still fits and verifies; a script sees one result line.
     let out = root.path().join("small.bin");
-    a.get_json(&small_id, &out);
+    let line = a.ok(&["get", &small_id.to_string(), "--to", out.to_str().unwrap(), "--quiet"]);
     assert_eq!(std::fs::read(&out).unwrap(), small);
+    assert_eq!(line.lines().count(), 1, "{line}");
+    assert!(
+        line.starts_with(&small_id.to_string()) && line.contains("small@1") && line.contains("100000 from the origin"),
+        "{line}"
+    );
 
     // A manifest signed by a key other than the one pinned at enrolment is refused.
     // (The restart also runs under a systemd-style notify socket and watchdog.)
