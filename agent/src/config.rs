@@ -17,6 +17,7 @@
 //! heartbeat_secs = 60                           # 0: the interval the server asks for
 //! inventory_secs = 2                            # how often inventory changes are reported
 //! driver = "auto"                               # engine I/O driver: auto, uring, portable
+//! metrics_listen = "127.0.0.1:9464"             # Prometheus /metrics over HTTP (off when absent)
 //! ```
 //!
 //! The server does not hand out a P2P key at enrolment yet, so every agent of
@@ -69,6 +70,8 @@ pub struct Config {
     /// Engine I/O driver: auto, uring or portable.
     #[serde(deserialize_with = "de_driver")]
     pub driver: DriverChoice,
+    /// Serve Prometheus metrics at `http://<this>/metrics`; off when absent.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn de_driver<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DriverChoice, D::Error> {
@@ -94,6 +97,7 @@ impl Default for Config {
             heartbeat_secs: 0,
             inventory_secs: 2,
             driver: DriverChoice::Auto,
+            metrics_listen: None,
         }
     }
 }
@@ -115,6 +119,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("LOWTIDE_HEARTBEAT_SECS", "heartbeat_secs"),
     ("LOWTIDE_INVENTORY_SECS", "inventory_secs"),
     ("LOWTIDE_DRIVER", "driver"),
+    ("LOWTIDE_METRICS_LISTEN", "metrics_listen"),
 ];
 
 impl Config {
@@ -177,6 +182,9 @@ impl Config {
                 "LOWTIDE_HEARTBEAT_SECS" => self.heartbeat_secs = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_INVENTORY_SECS" => self.inventory_secs = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_DRIVER" => self.driver = v.parse().map_err(|e: String| bad(&e))?,
+                "LOWTIDE_METRICS_LISTEN" => {
+                    self.metrics_listen = text().map(|t| t.parse()).transpose().map_err(|e| bad(&e))?
+                }
                 _ => unreachable!("every entry of ENV_OVERRIDES has an arm"),
             }
         }

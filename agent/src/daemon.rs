@@ -156,6 +156,7 @@ struct State {
     peers: BTreeMap<SocketAddr, PeerInfo>,
     recent: VecDeque<GetDone>,
     last_inventory: Option<Vec<Held>>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 struct Shared {
@@ -261,6 +262,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let hb = tokio::spawn(heartbeat_loop(sh.clone()));
     let inv = tokio::spawn(inventory_loop(sh.clone()));
     let acc = tokio::spawn(accept_loop(sh.clone(), listener));
+    let metrics = match sh.cfg.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding metrics_listen {addr}"))?;
+            let bound = l.local_addr()?;
+            tracing::info!("Prometheus metrics at http://{bound}/metrics");
+            sh.state().metrics_addr = Some(bound);
+            Some(tokio::spawn(metrics_loop(sh.clone(), l)))
+        }
+        None => None,
+    };
     crate::systemd::notify(&format!("READY=1\nSTATUS=serving on UDP {udp}"));
     let wd = crate::systemd::watchdog_from_env().map(|every| tokio::spawn(watchdog_loop(sh.clone(), every)));
 
@@ -276,6 +289,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         wd.abort();
     }
     acc.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     hb.abort();
     inv.abort();
     let _ = std::fs::remove_file(&sock_path);
@@ -437,6 +453,48 @@ async fn inventory_loop(sh: Arc<Shared>) {
     }
 }
 
+async fn metrics_text(sh: &Shared) -> String {
+    let (Ok(snap), Ok(items)) = (
+        sh.engine.call(|reply| Cmd::Snapshot { reply }).await,
+        sh.engine.call(|reply| Cmd::List { reply }).await,
+    ) else {
+        return "# the engine thread stopped\n".into();
+    };
+    let st = sh.state();
+    crate::metrics::render(&crate::metrics::Values {
+        peer_bytes: st.totals.peer,
+        parent_bytes: st.totals.parent,
+        origin_bytes: st.totals.origin,
+        served_bytes: snap.served_payload_bytes,
+        serve_sessions: snap.serve_sessions as u64,
+        transfers: snap.fetches.iter().filter(|f| f.live_sources > 0).count() as u64,
+        cache_used_bytes: snap.store_used_bytes,
+        cache_limit_bytes: snap.store_limit_bytes,
+        cache_items: items.len() as u64,
+        dropped_datagrams: snap.dropped_datagrams,
+        heartbeat_ok: st.heartbeat_error.is_none(),
+        background_paused: snap.background_paused,
+    })
+}
+
+async fn metrics_loop(sh: Arc<Shared>, listener: tokio::net::TcpListener) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            let _ = crate::metrics::answer(conn, || metrics_text(&sh)).await;
+            drop(permit);
+        });
+    }
+}
+
 // ---- control socket ----
 
 async fn accept_loop(sh: Arc<Shared>, listener: UnixListener) {
@@ -594,6 +652,7 @@ async fn status(sh: &Shared) -> anyhow::Result<serde_json::Value> {
             "sessions": snap.serve_sessions,
         },
         "dropped_datagrams": snap.dropped_datagrams,
+        "metrics": st.metrics_addr,
         "cache": {
             "used_bytes": snap.store_used_bytes,
             "limit_bytes": snap.store_limit_bytes,

@@ -13,13 +13,15 @@
 //! - [`daemon`]: `lowtide-agent run`.
 //! - [`proto`]: the JSON-lines protocol of the control socket.
 //! - [`systemd`]: `sd_notify` readiness and watchdog.
+//! - [`metrics`]: Prometheus metrics (bytes by source, share from peers).
 //!
 //! Not here yet: peer discovery on the local subnets (peers come from the
-//! server's source lists), Prometheus metrics, serving limits.
+//! server's source lists), serving limits.
 
 pub mod config;
 pub mod daemon;
 pub mod facts;
+pub mod metrics;
 pub mod origin;
 pub mod proto;
 pub mod server;

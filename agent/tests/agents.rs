@@ -32,6 +32,15 @@ fn agents_get_from_origin_then_from_peers() {
     let sb = b.status();
     assert_eq!(sb["bytes_by_source"]["peer"], bytes.len() as u64, "{sb}");
     assert_eq!(sb["bytes_by_source"]["origin"], 0, "{sb}");
+    let m = b.metrics();
+    assert!(
+        m.contains(&format!(
+            "lowtide_agent_received_bytes_total{{source=\"peer\"}} {}\n",
+            bytes.len()
+        )),
+        "{m}"
+    );
+    assert!(m.contains("lowtide_agent_peer_bytes_ratio 1.0000\n"), "{m}");
     assert!(!sb["peers"].as_array().unwrap().is_empty(), "{sb}");
     let a_id = a.status()["agent_id"].as_str().unwrap().to_string();
     let peers: serde_json::Value = serde_json::from_str(&b.ok(&["peers", "--json"])).unwrap();

@@ -177,7 +177,8 @@ impl Agent {
                 "server_url = {:?}\nenrol_token = {:?}\ndeployment_secret = {SECRET:?}\nstate_dir = {:?}\n\
                  listen = \"127.0.0.1:0\"\ncache_limit_mib = {cache_limit_mib}\n\
                  advertise_addresses = [\"127.0.0.1\"]\nhostname = {name:?}\npeer_stall_secs = 30\n\
-                 heartbeat_secs = 1\ninventory_secs = 1\ndriver = \"portable\"\n{}",
+                 heartbeat_secs = 1\ninventory_secs = 1\ndriver = \"portable\"\n\
+                 metrics_listen = \"127.0.0.1:0\"\n{}",
                 srv.base,
                 srv.token,
                 dir.join("state"),
@@ -288,6 +289,18 @@ impl Agent {
 
     pub fn get_json(&self, id: &ContentId, to: &Path) -> Value {
         serde_json::from_str(&self.ok(&["get", &id.to_string(), "--to", to.to_str().unwrap(), "--json"])).unwrap()
+    }
+
+    /// The agent's Prometheus metrics, scraped over HTTP.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let addr = self.status()["metrics"].as_str().unwrap().to_string();
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out
     }
 
     pub fn state_dir(&self) -> PathBuf {
