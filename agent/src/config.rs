@@ -17,6 +17,7 @@
 //! heartbeat_secs = 60                           # 0: the interval the server asks for
 //! inventory_secs = 2                            # how often inventory changes are reported
 //! driver = "auto"                               # engine I/O driver: auto, uring, portable
+//! uploads_max = 64                              # peers served at once (0: serve nobody)
 //! metrics_listen = "127.0.0.1:9464"             # Prometheus /metrics over HTTP (off when absent)
 //! ```
 //!
@@ -70,6 +71,8 @@ pub struct Config {
     /// Engine I/O driver: auto, uring or portable.
     #[serde(deserialize_with = "de_driver")]
     pub driver: DriverChoice,
+    /// Most peers served at once; further requests are refused as busy (0: serve nobody).
+    pub uploads_max: usize,
     /// Serve Prometheus metrics at `http://<this>/metrics`; off when absent.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -98,6 +101,7 @@ impl Default for Config {
             inventory_secs: 2,
             driver: DriverChoice::Auto,
             metrics_listen: None,
+            uploads_max: lowtide_engine::session::serve::ServerConfig::default().sessions_max,
         }
     }
 }
@@ -120,6 +124,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("LOWTIDE_INVENTORY_SECS", "inventory_secs"),
     ("LOWTIDE_DRIVER", "driver"),
     ("LOWTIDE_METRICS_LISTEN", "metrics_listen"),
+    ("LOWTIDE_UPLOADS_MAX", "uploads_max"),
 ];
 
 impl Config {
@@ -182,6 +187,7 @@ impl Config {
                 "LOWTIDE_HEARTBEAT_SECS" => self.heartbeat_secs = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_INVENTORY_SECS" => self.inventory_secs = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_DRIVER" => self.driver = v.parse().map_err(|e: String| bad(&e))?,
+                "LOWTIDE_UPLOADS_MAX" => self.uploads_max = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_METRICS_LISTEN" => {
                     self.metrics_listen = text().map(|t| t.parse()).transpose().map_err(|e| bad(&e))?
                 }

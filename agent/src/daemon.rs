@@ -190,6 +190,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     })?;
     // The endpoint is not Send: it is opened on the engine thread, which reports how that went.
     let (store_dir, limit, listen, driver) = (cfg.store_dir(), cfg.cache_limit_bytes(), cfg.listen, cfg.driver);
+    let server_cfg = lowtide_engine::session::serve::ServerConfig {
+        sessions_max: cfg.uploads_max,
+        ..Default::default()
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     let (up_tx, up_rx) = std::sync::mpsc::channel::<anyhow::Result<SocketAddr>>();
     let engine_thread = std::thread::Builder::new()
@@ -204,6 +208,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         store,
                         EndpointConfig {
                             driver,
+                            server: server_cfg,
                             ..EndpointConfig::default()
                         },
                     )

@@ -299,3 +299,21 @@ fn agents_resume_partial_content_across_a_restart() {
     assert_eq!(r["bytes_from_origin"], 3 * 16384, "{r}");
     assert!(a.ok(&["cache", "verify"]).contains("ok"));
 }
+
+#[test]
+fn agents_with_uploads_max_zero_serve_nobody() {
+    let srv = Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let bytes = data(1024 * 1024 + 1, 9);
+    let id = srv.publish(&bytes, "tool", "4.0");
+    let z = Agent::start_with(&srv, root.path(), "z", 64, "hq", "uploads_max = 0");
+    z.get_json(&id, &root.path().join("z.bin"));
+    // The only holder refuses as busy: the next agent drops it and uses the origin.
+    let y = Agent::start(&srv, root.path(), "y", 64);
+    let out = root.path().join("y.bin");
+    let r = y.get_json(&id, &out);
+    assert_eq!(std::fs::read(&out).unwrap(), bytes);
+    assert_eq!(r["bytes_from_origin"], bytes.len() as u64, "{r}");
+    assert!(y.log_text().contains("Busy"), "{}", y.log_text());
+    assert_eq!(z.status()["served"]["payload_bytes"], 0);
+}

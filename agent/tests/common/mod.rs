@@ -168,6 +168,11 @@ impl Agent {
 
     /// Start an agent pinned to `site` (with `site_override` unless it is `hq`).
     pub fn start_in(srv: &Server, root: &Path, name: &str, cache_limit_mib: u64, site: &str) -> Self {
+        Self::start_with(srv, root, name, cache_limit_mib, site, "")
+    }
+
+    /// Start an agent with `extra` lines appended to its config.
+    pub fn start_with(srv: &Server, root: &Path, name: &str, cache_limit_mib: u64, site: &str, extra: &str) -> Self {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("agent.toml");
@@ -178,7 +183,7 @@ impl Agent {
                  listen = \"127.0.0.1:0\"\ncache_limit_mib = {cache_limit_mib}\n\
                  advertise_addresses = [\"127.0.0.1\"]\nhostname = {name:?}\npeer_stall_secs = 30\n\
                  heartbeat_secs = 1\ninventory_secs = 1\ndriver = \"portable\"\n\
-                 metrics_listen = \"127.0.0.1:0\"\n{}",
+                 metrics_listen = \"127.0.0.1:0\"\n{}{extra}\n",
                 srv.base,
                 srv.token,
                 dir.join("state"),
