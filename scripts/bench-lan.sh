@@ -6,6 +6,7 @@
 #                        [--modes "offload software"]
 #                        [--tools "lowtide-uring lowtide-uring-zc lowtide-portable iperf3-tcp"]
 #                        [--zero-copy auto|on|off] [--bin PATH] [--no-build] [--logs DIR]
+#                        [--perf DIR]
 #
 # Needs root, iproute2, ethtool, iperf3 and GNU time (/usr/bin/time).
 # Tools: lowtide-uring (`--driver uring`, `--zero-copy auto` unless
@@ -50,6 +51,12 @@
 #   discards what it receives (memory to memory). The store location is
 #   printed. TCP uses the system's default congestion control (printed).
 #
+# --logs DIR keeps every process's log, timing and JSON. --perf DIR also
+# records a `perf record -e cpu-clock -g` profile of each sender and receiver
+# process (DIR/<tool>-<mode>-<run>-{sender,receiver}.data; read them with
+# `perf report -i FILE --no-children`). Profiling perturbs the figures: use it
+# to see where the time goes, not for the table.
+#
 # With --runs N each case runs N times (cases interleaved) and the median of
 # each figure is reported. --json PATH writes:
 #   {"cases":[{"tool":"lowtide-uring"|"lowtide-portable"|"iperf3-tcp",
@@ -59,7 +66,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 size_mib=1024 runs=1 json_out="" modes="offload software"
-tools="lowtide-uring lowtide-uring-zc lowtide-portable iperf3-tcp" zero_copy=auto bin="" build=1 logs=""
+tools="lowtide-uring lowtide-uring-zc lowtide-portable iperf3-tcp" zero_copy=auto bin="" build=1 logs="" perf_dir=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --size-mib) size_mib="$2"; shift 2 ;;
@@ -71,6 +78,7 @@ while [ $# -gt 0 ]; do
     --bin) bin="$2"; build=0; shift 2 ;;
     --no-build) build=0; shift ;;
     --logs) logs="$2"; shift 2 ;;
+    --perf) perf_dir="$2"; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -83,6 +91,12 @@ for t in $tools; do case "$t" in lowtide-uring|lowtide-uring-zc|lowtide-portable
 for c in ip ethtool iperf3 /usr/bin/time awk; do
   command -v "$c" >/dev/null || { echo "missing $c (apt-get install iproute2 ethtool iperf3 time)" >&2; exit 1; }
 done
+
+if [ -n "$perf_dir" ]; then
+  command -v perf >/dev/null || { echo "--perf needs perf (apt-get install linux-perf)" >&2; exit 1; }
+  mkdir -p "$perf_dir"
+  perf_dir="$(realpath "$perf_dir")"
+fi
 
 if [ "$build" = 1 ]; then
   echo "== building lowtide-xfer (release)" >&2
@@ -200,6 +214,33 @@ forget_pid() {
   pids=("${keep[@]}")
 }
 
+# With --perf: profile the running process $1 into $perf_dir/$2 until
+# perf_finish (servers); perf_wrap NAME prints the command prefix that runs a
+# client under perf from its start.
+perf_pids=()
+perf_attach() {
+  [ -n "$perf_dir" ] && [ -n "$1" ] || return 0
+  perf record -q -e cpu-clock -g -p "$1" -o "$perf_dir/$2" >/dev/null 2>&1 &
+  perf_pids+=("$!")
+  pids+=("$!")
+  wait_for 10 test -s "$perf_dir/$2" || true
+  sleep 0.2
+}
+perf_wrap=()
+set_perf_wrap() {
+  perf_wrap=()
+  [ -z "$perf_dir" ] || perf_wrap=(perf record -q -e cpu-clock -g -o "$perf_dir/$1" --)
+}
+perf_finish() {
+  local p
+  for p in "${perf_pids[@]}"; do
+    kill -INT "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+    forget_pid "$p"
+  done
+  perf_pids=()
+}
+
 timeout_secs=$((60 + size_mib / 8))
 
 echo "== preparing a ${size_mib} MiB file in $store_fs" >&2
@@ -229,11 +270,13 @@ run_lowtide() {
   }
   local srv_child
   srv_child="$(child_of "$srv")"
+  perf_attach "$srv_child" "$tag-sender.data"
   local p0 b0 k0 t0 t1 rc=0
   p0="$(tx_stat packets)" b0="$(tx_stat bytes)" k0="$(ksoft_s)"
   t0="$(now_ns)"
   # In the background and waited for, so that INT/TERM reach the trap at once.
-  ip netns exec "$ns_b" /usr/bin/time -f '%e %U %S' -o "$work/cli-$tag.time" \
+  set_perf_wrap "$tag-receiver.data"
+  ip netns exec "$ns_b" "${perf_wrap[@]}" /usr/bin/time -f '%e %U %S' -o "$work/cli-$tag.time" \
     "$bin" --store "$rx" --driver "$driver" --zero-copy "$zc" fetch "$id" --from "$ip_a:$port" \
     --json "$work/cli-$tag.json" -q --timeout-secs "$timeout_secs" >"$work/cli-$tag.log" 2>&1 &
   local cli=$!
@@ -246,6 +289,7 @@ run_lowtide() {
   kill -INT "$srv_child" 2>/dev/null || true
   wait "$srv" || true
   forget_pid "$srv"
+  perf_finish
   rm -rf "$rx"
   if [ "$rc" != 0 ]; then
     echo "lowtide fetch ($tool, $mode) failed with status $rc:" >&2
@@ -272,10 +316,12 @@ run_iperf3() {
     cat "$work/srv-$tag.log" >&2
     exit 1
   }
+  [ -z "$perf_dir" ] || perf_attach "$(child_of "$srv" || true)" "$tag-receiver.data"
   local p0 b0 k0 t0 t1 rc=0
   p0="$(tx_stat packets)" b0="$(tx_stat bytes)" k0="$(ksoft_s)"
   t0="$(now_ns)"
-  ip netns exec "$ns_a" /usr/bin/time -f '%e %U %S' -o "$work/cli-$tag.time" \
+  set_perf_wrap "$tag-sender.data"
+  ip netns exec "$ns_a" "${perf_wrap[@]}" /usr/bin/time -f '%e %U %S' -o "$work/cli-$tag.time" \
     iperf3 -c "$ip_b" -p "$port" -B "$ip_a" -n "$bytes" -J >"$work/cli-$tag.json" 2>"$work/cli-$tag.log" &
   local cli=$!
   pids+=("$cli")
@@ -289,6 +335,7 @@ run_iperf3() {
   fi
   wait "$srv" || true
   forget_pid "$srv"
+  perf_finish
   if [ "$rc" != 0 ]; then
     echo "iperf3 client ($mode) failed with status $rc:" >&2
     cat "$work/cli-$tag.log" "$work/cli-$tag.json" >&2
