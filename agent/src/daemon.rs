@@ -747,6 +747,8 @@ async fn get(sh: Arc<Shared>, id: ContentId, progress: mpsc::Sender<Progress>) -
         content = %id.short(),
         peers = done.bytes_from_peers,
         origin = done.bytes_from_origin,
+        rvp = done.you_are_rvp,
+        sources = %done.sources.join("; "),
         "get complete"
     );
     Ok(done)
