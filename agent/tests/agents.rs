@@ -316,4 +316,30 @@ fn agents_with_uploads_max_zero_serve_nobody() {
     assert_eq!(r["bytes_from_origin"], bytes.len() as u64, "{r}");
     assert!(y.log_text().contains("Busy"), "{}", y.log_text());
     assert_eq!(z.status()["served"]["payload_bytes"], 0);
+
+    // Two gets of one content at once on a fresh agent: one fetches, the other waits and finds it cached.
+    let x = Agent::start(&srv, root.path(), "x", 64);
+    let spawn = |n: &str| {
+        std::process::Command::new(common::bin())
+            .arg("--config")
+            .arg(&x.config)
+            .args(["get", &id.to_string(), "--json", "--to"])
+            .arg(root.path().join(n))
+            .env_remove("LOWTIDE_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (g1, g2) = (spawn("x1.bin"), spawn("x2.bin"));
+    let mut held = Vec::new();
+    for g in [g1, g2] {
+        let out = g.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        held.push(v["bytes_already_held"].as_u64().unwrap());
+    }
+    held.sort();
+    assert_eq!(held, vec![0, bytes.len() as u64], "one fetched, one waited");
+    assert_eq!(std::fs::read(root.path().join("x1.bin")).unwrap(), bytes);
+    assert_eq!(std::fs::read(root.path().join("x2.bin")).unwrap(), bytes);
 }
