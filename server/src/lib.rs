@@ -23,6 +23,14 @@
 //! - [`publish`]: hashing, storing and signing a package.
 
 pub mod api;
+
+/// Install rustls' ring provider as the process default (idempotent). reqwest is
+/// built without a provider of its own in this workspace (the agent chooses ring
+/// explicitly), so anything in the server that makes an HTTP client calls this first.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub mod clock;
 pub mod config;
 pub mod error;

@@ -126,6 +126,7 @@ async fn download(url: &str, to: &Path) -> Result<()> {
             "this server build downloads http:// URLs only; fetch {url} yourself, publish the file, and add the URL with --origin"
         )));
     }
+    crate::install_tls_provider();
     let mut resp = reqwest::get(url)
         .await
         .map_err(|e| Error::Upstream(format!("fetching {url}: {e}")))?;

@@ -384,6 +384,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
 }
 
 fn main() -> std::process::ExitCode {
+    lowtide_server::install_tls_provider();
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

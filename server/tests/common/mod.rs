@@ -202,6 +202,7 @@ impl H {
 
     pub async fn start_with(db: Db, tweak: impl FnOnce(&mut Config)) -> Option<Self> {
         let db = TestDb::new(db).await?;
+        lowtide_server::install_tls_provider();
         let clock = Clock::manual(T0_MS);
         let srv = Server::start(&db, clock.clone(), tweak).await;
         Some(Self {
