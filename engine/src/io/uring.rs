@@ -164,6 +164,9 @@ impl Uring {
                     self.zc_notifs
                 ));
             }
+            if let Some(note) = &self.zc_note {
+                tracing::info!("{note}");
+            }
         }
     }
 
