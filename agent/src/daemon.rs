@@ -188,6 +188,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cfg.state_dir.display()
         )
     })?;
+    // Before touching the store: is another daemon using this state directory?
+    let sock = cfg.socket_path();
+    if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+        bail!(
+            "another lowtide-agent is running with this state directory (its socket {} answers)",
+            sock.display()
+        );
+    }
     // The endpoint is not Send: it is opened on the engine thread, which reports how that went.
     let (store_dir, limit, listen, driver) = (cfg.store_dir(), cfg.cache_limit_bytes(), cfg.listen, cfg.driver);
     let server_cfg = lowtide_engine::session::serve::ServerConfig {
@@ -230,14 +238,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .map_err(|_| anyhow!("the engine thread stopped while starting"))??;
     let engine = Handle::new(tx);
 
-    let client = Client::new(url)?;
-    let hostname = if cfg.hostname.is_empty() {
-        facts::hostname()
-    } else {
-        cfg.hostname.clone()
-    };
-    let cred = match load_or_enrol(&cfg, &client, &hostname).await {
-        Ok(c) => c,
+    let started = async {
+        let client = Client::new(url)?;
+        let hostname = if cfg.hostname.is_empty() {
+            facts::hostname()
+        } else {
+            cfg.hostname.clone()
+        };
+        let cred = load_or_enrol(&cfg, &client, &hostname).await?;
+        let metrics = match cfg.metrics_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding metrics_listen {addr} (change it or LOWTIDE_METRICS_LISTEN)"))?,
+            ),
+            None => None,
+        };
+        let listener = bind_socket(&cfg.socket_path())?;
+        anyhow::Ok((client, hostname, cred, metrics, listener))
+    }
+    .await;
+    let (client, hostname, cred, metrics_listener, listener) = match started {
+        Ok(v) => v,
         Err(e) => {
             engine.send(Cmd::Stop);
             let _ = engine_thread.join();
@@ -245,7 +267,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     let sock_path = cfg.socket_path();
-    let listener = bind_socket(&sock_path)?;
     let sh = Arc::new(Shared {
         http: server::http_client()?,
         cfg,
@@ -267,18 +288,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let hb = tokio::spawn(heartbeat_loop(sh.clone()));
     let inv = tokio::spawn(inventory_loop(sh.clone()));
     let acc = tokio::spawn(accept_loop(sh.clone(), listener));
-    let metrics = match sh.cfg.metrics_listen {
-        Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding metrics_listen {addr}"))?;
-            let bound = l.local_addr()?;
-            tracing::info!("Prometheus metrics at http://{bound}/metrics");
-            sh.state().metrics_addr = Some(bound);
-            Some(tokio::spawn(metrics_loop(sh.clone(), l)))
+    let metrics = metrics_listener.map(|l| {
+        let bound = l.local_addr().ok();
+        if let Some(b) = bound {
+            tracing::info!("Prometheus metrics at http://{b}/metrics");
         }
-        None => None,
-    };
+        sh.state().metrics_addr = bound;
+        tokio::spawn(metrics_loop(sh.clone(), l))
+    });
     crate::systemd::notify(&format!("READY=1\nSTATUS=serving on UDP {udp}"));
     let wd = crate::systemd::watchdog_from_env().map(|every| tokio::spawn(watchdog_loop(sh.clone(), every)));
 

@@ -139,6 +139,37 @@ fn agents_bad_input_gives_clear_errors() {
     let big_id = srv.publish(&big, "big", "1");
     let mut a = Agent::start(&srv, root.path(), "a", 2);
 
+    // The daemon refuses to start twice on one state directory, and says why a start fails.
+    let e = a.fails(&["run"]);
+    assert!(e.contains("another lowtide-agent is running"), "{e}");
+    let bare = root.path().join("bare.toml");
+    std::fs::write(&bare, format!("state_dir = {:?}\n", root.path().join("bare"))).unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["--config", bare.to_str().unwrap(), "run"])
+        .env_remove("LOWTIDE_SERVER_URL")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no server_url"));
+    let badtok = root.path().join("badtok.toml");
+    std::fs::write(
+        &badtok,
+        format!(
+            "server_url = {:?}\nenrol_token = \"lte1.nope\"\ndeployment_secret = \"s\"\nstate_dir = {:?}\nlisten = \"127.0.0.1:0\"\n",
+            srv.base,
+            root.path().join("badtok")
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["--config", badtok.to_str().unwrap(), "run"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("enrolling") && e.contains("401"), "{e}");
+    assert!(!root.path().join("badtok/credential.json").exists());
+
     // Unknown content id: the server's answer, with the id.
     let unknown = ContentId::of(b"never published");
     let e = a.fails(&[
