@@ -608,6 +608,7 @@ async fn serve_conn(sh: Arc<Shared>, conn: UnixStream) -> anyhow::Result<()> {
             .engine
             .call(|reply| Cmd::Verify { id: content, reply })
             .await
+            .inspect(|_| sh.inventory_now.notify_one())
             .map(|v| {
                 serde_json::Value::Array(
                     v.into_iter()

@@ -374,3 +374,60 @@ fn agents_with_uploads_max_zero_serve_nobody() {
     assert_eq!(std::fs::read(root.path().join("x1.bin")).unwrap(), bytes);
     assert_eq!(std::fs::read(root.path().join("x2.bin")).unwrap(), bytes);
 }
+
+#[test]
+fn agents_fetch_held_ranges_from_a_partial_peer_and_the_rest_from_the_origin() {
+    let srv = Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let block = 16 * 1024;
+    let bytes = data(64 * block, 11);
+    let id = srv.publish(&bytes, "tool", "5.0");
+    let a = Agent::start(&srv, root.path(), "a", 64);
+    a.get_json(&id, &root.path().join("a.bin"));
+    // a loses its second half (bad on disk, dropped by verify) and announces the first half only.
+    let data_file = a.state_dir().join("store").join(id.to_string()).join("data");
+    let mut on_disk = std::fs::read(&data_file).unwrap();
+    for b in 32..64 {
+        on_disk[b * block] ^= 1;
+    }
+    std::fs::write(&data_file, &on_disk).unwrap();
+    assert_eq!(a.cli(&["cache", "verify"]).status.code(), Some(2));
+    let a_id = a.status()["agent_id"].as_str().unwrap().to_string();
+    let b = Agent::start_with(&srv, root.path(), "b", 64, "hq", "peer_stall_secs = 1");
+    let b_id = b.status()["agent_id"].as_str().unwrap().to_string();
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..200 {
+        seen = srv.sources_for(&b_id, "hq", &id);
+        let pa = seen["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["agent_id"] == a_id.as_str());
+        if pa.is_some_and(|p| p["held_percent"] == 50) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pa = seen["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["agent_id"] == a_id.as_str())
+        .unwrap_or_else(|| panic!("a is not a source: {seen}"))
+        .clone();
+    assert_eq!(pa["held_percent"], 50, "{seen}");
+    assert_eq!(pa["ranges"], serde_json::json!([[0, 32 * block]]), "{seen}");
+
+    // b takes the held half from a and, once a has nothing more, the rest from the origin.
+    let out = root.path().join("b.bin");
+    let r = b.get_json(&id, &out);
+    assert_eq!(std::fs::read(&out).unwrap(), bytes);
+    // (Exactly half and half unless the machine stalls b for peer_stall_secs mid-way.)
+    let (peers, origin) = (
+        r["bytes_from_peers"].as_u64().unwrap(),
+        r["bytes_from_origin"].as_u64().unwrap(),
+    );
+    assert!(peers > 0 && peers <= 32 * block as u64, "{r}");
+    assert!(origin >= 32 * block as u64, "{r}");
+    assert_eq!(peers + origin, bytes.len() as u64, "{r}");
+}

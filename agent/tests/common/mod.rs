@@ -104,6 +104,25 @@ impl Server {
             .collect()
     }
 
+    /// The sources the server would name to agent `agent_id` of site `site` for `id`.
+    pub fn sources_for(&self, agent_id: &str, site: &str, id: &ContentId) -> Value {
+        let app = self.app.clone();
+        let auth = lowtide_server::store::AgentAuth {
+            id: agent_id.into(),
+            site: Some(site.into()),
+        };
+        let id = *id;
+        let answer = self.rt.block_on(async move {
+            let now = app.clock.now_ms();
+            let since = now - app.cfg.inactive_after_ms();
+            app.store
+                .sources(&auth, &id, since, app.cfg.peers_active_max as usize, now)
+                .await
+                .unwrap()
+        });
+        serde_json::to_value(answer).unwrap()
+    }
+
     /// Publish `bytes` (kept in the server's file store, served at /files/{id}).
     pub fn publish(&self, bytes: &[u8], name: &str, version: &str) -> ContentId {
         let p = self.dir.path().join(format!("{name}-{version}.bin"));
@@ -171,30 +190,36 @@ impl Agent {
         Self::start_with(srv, root, name, cache_limit_mib, site, "")
     }
 
-    /// Start an agent with `extra` lines appended to its config.
+    /// Start an agent with `extra` config lines, which replace the defaults' lines of the same keys.
     pub fn start_with(srv: &Server, root: &Path, name: &str, cache_limit_mib: u64, site: &str, extra: &str) -> Self {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "server_url = {:?}\nenrol_token = {:?}\ndeployment_secret = {SECRET:?}\nstate_dir = {:?}\n\
-                 listen = \"127.0.0.1:0\"\ncache_limit_mib = {cache_limit_mib}\n\
-                 advertise_addresses = [\"127.0.0.1\"]\nhostname = {name:?}\npeer_stall_secs = 30\n\
-                 heartbeat_secs = 1\ninventory_secs = 1\ndriver = \"portable\"\n\
-                 metrics_listen = \"127.0.0.1:0\"\n{}{extra}\n",
-                srv.base,
-                srv.token,
-                dir.join("state"),
-                if site == "hq" {
-                    String::new()
-                } else {
-                    format!("site_override = {site:?}\n")
-                }
-            ),
-        )
-        .unwrap();
+        let base = format!(
+            "server_url = {:?}\nenrol_token = {:?}\ndeployment_secret = {SECRET:?}\nstate_dir = {:?}\n\
+             listen = \"127.0.0.1:0\"\ncache_limit_mib = {cache_limit_mib}\n\
+             advertise_addresses = [\"127.0.0.1\"]\nhostname = {name:?}\npeer_stall_secs = 30\n\
+             heartbeat_secs = 1\ninventory_secs = 1\ndriver = \"portable\"\n\
+             metrics_listen = \"127.0.0.1:0\"\n{}",
+            srv.base,
+            srv.token,
+            dir.join("state"),
+            if site == "hq" {
+                String::new()
+            } else {
+                format!("site_override = {site:?}\n")
+            }
+        );
+        let key = |l: &str| l.split('=').next().unwrap_or_default().trim().to_string();
+        let overridden: Vec<String> = extra.lines().map(key).collect();
+        let mut text: String = base
+            .lines()
+            .filter(|l| !overridden.contains(&key(l)))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        text.push_str(extra);
+        text.push('\n');
+        std::fs::write(&config, text).unwrap();
         let mut a = Self {
             name: name.into(),
             log: dir.join("agent.log"),
