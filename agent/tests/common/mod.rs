@@ -337,6 +337,14 @@ impl Agent {
         self.dir.join("state")
     }
 
+    /// SIGKILL and reap, as a crash or a pulled plug would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// SIGTERM and wait; the daemon must exit cleanly.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
