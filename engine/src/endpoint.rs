@@ -267,6 +267,13 @@ impl Endpoint {
             .collect()
     }
 
+    /// Hand the egress monitor's latest view of the local interface to the background sessions
+    /// (the agent samples its eBPF monitor, or the netlink fallback, and calls this).
+    pub fn on_path_signal(&mut self, signal: &crate::cc::background::PathSignal) {
+        let now = self.clock.now();
+        self.server.on_path_signal(now, signal);
+    }
+
     /// News since the last call.
     pub fn take_news(&mut self) -> Vec<FetchNews> {
         std::mem::take(&mut self.news)
