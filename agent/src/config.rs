@@ -133,9 +133,18 @@ impl Config {
     /// `path` is the file named by `--config`/`LOWTIDE_CONFIG` (it must exist);
     /// without one, [`CONFIG_PATH_DEFAULT`] is read if it exists.
     pub fn load(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        Self::load_or_default(path, Path::new(CONFIG_PATH_DEFAULT), env)
+    }
+
+    /// [`load`](Self::load) with another default file (tests must not read `/etc`).
+    pub fn load_or_default(
+        path: Option<&Path>,
+        default: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Self> {
         let file = match path {
             Some(p) => Some(p.to_path_buf()),
-            None => Some(PathBuf::from(CONFIG_PATH_DEFAULT)).filter(|p| p.exists()),
+            None => Some(default.to_path_buf()).filter(|p| p.exists()),
         };
         let mut cfg = match &file {
             Some(p) => {
@@ -270,21 +279,25 @@ mod tests {
         assert_eq!(cfg.store_dir(), PathBuf::from("/tmp/x/store"));
     }
 
+    fn load_env(env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
+        Config::load_or_default(None, Path::new("/nonexistent/lowtide-agent.toml"), env)
+    }
+
     #[test]
     fn config_errors_say_what_to_do() {
         let e = Config::from_toml("server_ur = \"x\"").unwrap_err();
         assert!(format!("{e:#}").contains("server_ur"), "{e:#}");
-        let e = Config::load(None, |k| (k == "LOWTIDE_LISTEN").then(|| "nope".into())).unwrap_err();
+        let e = load_env(|k| (k == "LOWTIDE_LISTEN").then(|| "nope".into())).unwrap_err();
         assert!(e.to_string().contains("LOWTIDE_LISTEN"), "{e}");
         let e = Config::load(Some(Path::new("/nonexistent/agent.toml")), |_| None).unwrap_err();
         assert!(format!("{e:#}").contains("--config"), "{e:#}");
-        let cfg = Config::load(None, |_| None).unwrap();
+        let cfg = load_env(|_| None).unwrap();
         let e = cfg.check_for_daemon().unwrap_err();
         assert!(e.to_string().contains("LOWTIDE_SERVER_URL"), "{e}");
-        let cfg = Config::load(None, |k| (k == "LOWTIDE_SERVER_URL").then(|| "http://s".into())).unwrap();
+        let cfg = load_env(|k| (k == "LOWTIDE_SERVER_URL").then(|| "http://s".into())).unwrap();
         let e = cfg.check_for_daemon().unwrap_err();
         assert!(e.to_string().contains("LOWTIDE_DEPLOYMENT_SECRET"), "{e}");
-        let e = Config::load(None, |k| (k == "LOWTIDE_SERVER_URL").then(|| "ftp://s".into())).unwrap_err();
+        let e = load_env(|k| (k == "LOWTIDE_SERVER_URL").then(|| "ftp://s".into())).unwrap_err();
         assert!(e.to_string().contains("http://"), "{e}");
     }
 }

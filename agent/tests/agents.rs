@@ -147,9 +147,8 @@ fn agents_bad_input_gives_clear_errors() {
     assert!(e.contains("another lowtide-agent is running"), "{e}");
     let bare = root.path().join("bare.toml");
     std::fs::write(&bare, format!("state_dir = {:?}\n", root.path().join("bare"))).unwrap();
-    let out = std::process::Command::new(common::bin())
+    let out = common::command()
         .args(["--config", bare.to_str().unwrap(), "run"])
-        .env_remove("LOWTIDE_SERVER_URL")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -164,7 +163,7 @@ fn agents_bad_input_gives_clear_errors() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(common::bin())
+    let out = common::command()
         .args(["--config", badtok.to_str().unwrap(), "run"])
         .output()
         .unwrap();
@@ -354,12 +353,11 @@ fn agents_with_uploads_max_zero_serve_nobody() {
     // Two gets of one content at once on a fresh agent: one fetches, the other waits and finds it cached.
     let x = Agent::start(&srv, root.path(), "x", 64);
     let spawn = |n: &str| {
-        std::process::Command::new(common::bin())
+        common::command()
             .arg("--config")
             .arg(&x.config)
             .args(["get", &id.to_string(), "--json", "--to"])
             .arg(root.path().join(n))
-            .env_remove("LOWTIDE_CONFIG")
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap()
@@ -445,12 +443,11 @@ fn agents_lose_nothing_when_the_serving_peer_is_killed_mid_transfer() {
     a.get_json(&id, &root.path().join("a.bin"));
     let b = Agent::start(&srv, root.path(), "b", 256);
     let out = root.path().join("b.bin");
-    let get = std::process::Command::new(common::bin())
+    let get = common::command()
         .arg("--config")
         .arg(&b.config)
         .args(["get", &id.to_string(), "--json", "--to"])
         .arg(&out)
-        .env_remove("LOWTIDE_CONFIG")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

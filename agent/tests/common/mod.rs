@@ -179,6 +179,19 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_lowtide-agent")
 }
 
+/// A `lowtide-agent` command without any `LOWTIDE_*` variable of the test's
+/// environment (the server's share the prefix), logging at `warn`.
+pub fn command() -> Command {
+    let mut c = Command::new(bin());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("LOWTIDE_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("LOWTIDE_LOG", "warn");
+    c
+}
+
 impl Agent {
     /// Write a config under `root/name` and start the daemon; returns once it heartbeated.
     pub fn start(srv: &Server, root: &Path, name: &str, cache_limit_mib: u64) -> Self {
@@ -239,12 +252,10 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(bin())
+        let child = command()
             .args(["--config", self.config.to_str().unwrap(), "run"])
             .env("LOWTIDE_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env_remove("LOWTIDE_CONFIG")
-            .env_remove("LOWTIDE_STATE_DIR")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -276,13 +287,10 @@ impl Agent {
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin())
+        command()
             .arg("--config")
             .arg(&self.config)
             .args(args)
-            .env("LOWTIDE_LOG", "warn")
-            .env_remove("LOWTIDE_CONFIG")
-            .env_remove("LOWTIDE_STATE_DIR")
             .stdin(Stdio::null())
             .output()
             .expect("run lowtide-agent")
