@@ -7,20 +7,18 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use super::udp::{is_transient_send_error, split_gro, Driver, MsgSlot, Socket, BATCH_BYTES_MAX};
+use super::udp::{is_transient_send_error, Driver, MsgSlot, RecvBatch, Socket, BATCH_BYTES_MAX};
 use crate::session::Transmit;
 
 /// Transmit slots per `sendmmsg`.
 pub const TX_SLOTS: usize = 16;
 /// Receive slots per `recvmmsg`.
 pub const RX_SLOTS: usize = 16;
-/// Most `recvmmsg` rounds in one `recv` call before returning to the loop.
-const RX_ROUNDS_MAX: usize = 8;
 
 pub struct Portable {
     sock: Socket,
     tx: Vec<MsgSlot>,
-    rx: Vec<MsgSlot>,
+    rx: RecvBatch,
     mmsg: Vec<libc::mmsghdr>,
 }
 
@@ -29,9 +27,9 @@ impl Portable {
         Self {
             sock,
             tx: (0..TX_SLOTS).map(|_| MsgSlot::new(BATCH_BYTES_MAX)).collect(),
-            rx: (0..RX_SLOTS).map(|_| MsgSlot::new(BATCH_BYTES_MAX)).collect(),
+            rx: RecvBatch::new(RX_SLOTS),
             // SAFETY: all-zero mmsghdr is valid; fields are set before each call.
-            mmsg: vec![unsafe { std::mem::zeroed() }; TX_SLOTS.max(RX_SLOTS)],
+            mmsg: vec![unsafe { std::mem::zeroed() }; TX_SLOTS],
         }
     }
 
@@ -127,50 +125,10 @@ impl Driver for Portable {
     }
 
     fn recv(&mut self, timeout: Option<Duration>, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
-        let mut delivered = 0;
         if timeout != Some(Duration::ZERO) && !self.sock.wait_readable(timeout)? {
             return Ok(0);
         }
-        for _ in 0..RX_ROUNDS_MAX {
-            for k in 0..RX_SLOTS {
-                self.rx[k].prepare_recv();
-                self.mmsg[k].msg_hdr = self.rx[k].hdr;
-                self.mmsg[k].msg_len = 0;
-            }
-            // SAFETY: mmsg[..RX_SLOTS] point at slots in never-resized Vecs that outlive the call.
-            let r = unsafe {
-                libc::recvmmsg(
-                    self.sock.as_raw_fd(),
-                    self.mmsg.as_mut_ptr(),
-                    RX_SLOTS as u32,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null_mut(),
-                )
-            };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
-                    break;
-                }
-                if e.raw_os_error() == Some(libc::ECONNREFUSED) {
-                    continue;
-                }
-                return Err(e);
-            }
-            for k in 0..r as usize {
-                let len = self.mmsg[k].msg_len as usize;
-                // The kernel updated msg_controllen in the mmsghdr copy; reflect it in the slot.
-                self.rx[k].hdr.msg_controllen = self.mmsg[k].msg_hdr.msg_controllen;
-                let (from, seg) = self.rx[k].received();
-                if let Some(from) = from {
-                    delivered += split_gro(from, &self.rx[k].buf[..len], seg, f);
-                }
-            }
-            if (r as usize) < RX_SLOTS {
-                break;
-            }
-        }
-        Ok(delivered)
+        self.rx.drain(self.sock.as_raw_fd(), f)
     }
 
     fn describe(&self) -> String {

@@ -325,6 +325,72 @@ impl MsgSlot {
     }
 }
 
+/// Slots for `recvmmsg`: drains whatever the socket holds without blocking,
+/// `slots` messages per system call. Both real drivers receive with it.
+pub struct RecvBatch {
+    slots: Vec<MsgSlot>,
+    mmsg: Vec<libc::mmsghdr>,
+}
+
+/// Most `recvmmsg` rounds in one drain before returning to the loop.
+const RECV_ROUNDS_MAX: usize = 8;
+
+impl RecvBatch {
+    pub fn new(slots: usize) -> Self {
+        Self {
+            slots: (0..slots).map(|_| MsgSlot::new(BATCH_BYTES_MAX)).collect(),
+            // SAFETY: all-zero mmsghdr is valid; fields are set before each call.
+            mmsg: vec![unsafe { zeroed() }; slots],
+        }
+    }
+
+    /// Receive until the socket is empty (or [`RECV_ROUNDS_MAX`] full rounds), handing each
+    /// datagram (GRO super-datagrams split) to `f`. Returns the number delivered.
+    pub fn drain(&mut self, fd: RawFd, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+        let n = self.slots.len();
+        let mut delivered = 0;
+        for _ in 0..RECV_ROUNDS_MAX {
+            for (slot, m) in self.slots.iter_mut().zip(self.mmsg.iter_mut()) {
+                slot.prepare_recv();
+                m.msg_hdr = slot.hdr;
+                m.msg_len = 0;
+            }
+            // SAFETY: mmsg[..n] point at slots in a never-resized Vec that outlives the call.
+            let r = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    self.mmsg.as_mut_ptr(),
+                    n as u32,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => break,
+                    // ICMP feedback for an earlier send: not this receive's business.
+                    _ if e.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
+                    _ => return Err(e),
+                }
+            }
+            for k in 0..r as usize {
+                let len = self.mmsg[k].msg_len as usize;
+                // The kernel updated msg_controllen in the mmsghdr copy; reflect it in the slot.
+                self.slots[k].hdr.msg_controllen = self.mmsg[k].msg_hdr.msg_controllen;
+                let (from, seg) = self.slots[k].received();
+                if let Some(from) = from {
+                    delivered += split_gro(from, &self.slots[k].buf[..len], seg, f);
+                }
+            }
+            if (r as usize) < n {
+                break;
+            }
+        }
+        Ok(delivered)
+    }
+}
+
 /// Hand each datagram of a (possibly GRO-coalesced) receive to `f`.
 pub fn split_gro(from: SocketAddr, data: &[u8], seg: Option<usize>, f: &mut dyn FnMut(SocketAddr, &[u8])) -> usize {
     match seg {
