@@ -14,6 +14,7 @@
 //! preferred = false                             # ranking hint for RVP election
 //! site_override = "branch-7"                    # pin this agent to a site
 //! peer_stall_secs = 5                           # no progress from peers this long: use the origin
+//! sources_refresh_secs = 10                     # while fetching from peers, ask the server for more this often
 //! heartbeat_secs = 60                           # 0: the interval the server asks for
 //! inventory_secs = 2                            # how often inventory changes are reported
 //! driver = "auto"                               # engine I/O driver: auto, uring, portable
@@ -64,6 +65,8 @@ pub struct Config {
     pub site_override: Option<String>,
     /// No progress from peers for this long (or no peer at all): fetch the rest from the origin.
     pub peer_stall_secs: u64,
+    /// While fetching from peers, ask the server for more sources this often.
+    pub sources_refresh_secs: u64,
     /// Heartbeat interval; 0 takes the interval the server asks for.
     pub heartbeat_secs: u64,
     /// How often inventory changes are reported to the server.
@@ -97,6 +100,7 @@ impl Default for Config {
             preferred: false,
             site_override: None,
             peer_stall_secs: 5,
+            sources_refresh_secs: 10,
             heartbeat_secs: 0,
             inventory_secs: 2,
             driver: DriverChoice::Auto,
@@ -120,6 +124,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("LOWTIDE_PREFERRED", "preferred"),
     ("LOWTIDE_SITE_OVERRIDE", "site_override"),
     ("LOWTIDE_PEER_STALL_SECS", "peer_stall_secs"),
+    ("LOWTIDE_SOURCES_REFRESH_SECS", "sources_refresh_secs"),
     ("LOWTIDE_HEARTBEAT_SECS", "heartbeat_secs"),
     ("LOWTIDE_INVENTORY_SECS", "inventory_secs"),
     ("LOWTIDE_DRIVER", "driver"),
@@ -193,6 +198,7 @@ impl Config {
                 "LOWTIDE_PREFERRED" => self.preferred = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_SITE_OVERRIDE" => self.site_override = text(),
                 "LOWTIDE_PEER_STALL_SECS" => self.peer_stall_secs = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_SOURCES_REFRESH_SECS" => self.sources_refresh_secs = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_HEARTBEAT_SECS" => self.heartbeat_secs = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_INVENTORY_SECS" => self.inventory_secs = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_DRIVER" => self.driver = v.parse().map_err(|e: String| bad(&e))?,
@@ -214,6 +220,10 @@ impl Config {
         }
         anyhow::ensure!(self.cache_limit_mib >= 1, "cache_limit_mib must be at least 1");
         anyhow::ensure!(self.inventory_secs >= 1, "inventory_secs must be at least 1");
+        anyhow::ensure!(
+            self.sources_refresh_secs >= 1,
+            "sources_refresh_secs must be at least 1"
+        );
         anyhow::ensure!(
             self.peer_stall_secs <= PEER_STALL_SECS_MAX,
             "peer_stall_secs must be at most {PEER_STALL_SECS_MAX}"

@@ -14,7 +14,7 @@
 //! Discovery (broadcast, neighbour cache, subnet scan) is not built: peers
 //! come from the server's source lists only.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -772,31 +772,26 @@ async fn get(sh: Arc<Shared>, id: ContentId, progress: mpsc::Sender<Progress>) -
     Ok(done)
 }
 
-async fn fetch(
-    sh: &Shared,
-    id: ContentId,
-    manifest: &server::Manifest,
-    already: u64,
-    progress: &mpsc::Sender<Progress>,
-    done: &mut GetDone,
-) -> anyhow::Result<()> {
-    let cred = &sh.cred.credential;
-    let table = sh.client.table(cred, &id).await?;
-    if table.geometry().size != manifest.size {
-        bail!(
-            "the block table of {id} describes {} bytes but the signed manifest says {}: refusing it",
-            table.geometry().size,
-            manifest.size
-        );
-    }
-    let answer = sh.client.sources(cred, &id).await?;
-    let mut fg = Vec::new();
-    let mut bg = Vec::new();
-    let mut origins = Vec::new();
+/// What a sources answer offers this agent now.
+struct Usable {
+    /// Same-site peers holding some of it (foreground), with the server's reason.
+    fg: Vec<(SocketAddr, String)>,
+    /// Parent-site peers holding some of it (background).
+    bg: Vec<(SocketAddr, String)>,
+    origins: Vec<String>,
+}
+
+/// Sort an answer into usable peers and origins, and remember every peer named.
+fn usable_sources(sh: &Shared, id: ContentId, answer: &server::SourcesAnswer) -> Usable {
+    let mut u = Usable {
+        fg: Vec::new(),
+        bg: Vec::new(),
+        origins: Vec::new(),
+    };
     for s in &answer.sources {
         if s.kind == SourceKind::Origin {
-            if let Some(u) = &s.url {
-                origins.push(u.clone());
+            if let Some(url) = &s.url {
+                u.origins.push(url.clone());
             }
             continue;
         }
@@ -831,61 +826,94 @@ async fn fetch(
         }
         let why = format!("{addr}: {}", s.reason);
         match s.protocol {
-            Protocol::Foreground => fg.push((addr, why)),
-            Protocol::Background => bg.push((addr, why)),
+            Protocol::Foreground => u.fg.push((addr, why)),
+            Protocol::Background => u.bg.push((addr, why)),
         }
     }
+    u
+}
+
+fn note_peers(done: &mut GetDone, peers: &[(SocketAddr, String)], background: bool) {
+    let how = if background {
+        "background from"
+    } else {
+        "foreground from"
+    };
+    done.sources.extend(peers.iter().map(|(_, why)| format!("{how} {why}")));
+}
+
+/// Give `peers` to the running fetch of the content if one still has live
+/// sources, else start a fetch (the engine cannot cancel a dead one).
+async fn start_or_join(
+    sh: &Shared,
+    table: &lowtide_engine::content::BlockTable,
+    peers: Vec<SocketAddr>,
+    background: bool,
+) -> anyhow::Result<()> {
+    let id = table.root();
+    let snap = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?;
+    if snap.fetches.iter().any(|f| f.content == id && f.live_sources > 0) {
+        sh.engine.send(Cmd::AddPeers { id, peers });
+        return Ok(());
+    }
+    let t = table.clone();
+    sh.engine
+        .call(|reply| Cmd::Fetch {
+            table: t,
+            peers,
+            background,
+            reply,
+        })
+        .await
+}
+
+async fn fetch(
+    sh: &Shared,
+    id: ContentId,
+    manifest: &server::Manifest,
+    already: u64,
+    progress: &mpsc::Sender<Progress>,
+    done: &mut GetDone,
+) -> anyhow::Result<()> {
+    let cred = &sh.cred.credential;
+    let table = sh.client.table(cred, &id).await?;
+    if table.geometry().size != manifest.size {
+        bail!(
+            "the block table of {id} describes {} bytes but the signed manifest says {}: refusing it",
+            table.geometry().size,
+            manifest.size
+        );
+    }
+    let answer = sh.client.sources(cred, &id).await?;
+    let mut found = usable_sources(sh, id, &answer);
+    let mut origins = found.origins.clone();
     for o in &manifest.origins {
         if !origins.contains(o) {
             origins.push(o.clone());
         }
     }
     // The engine runs one protocol per fetch: same-site peers when there are any, else the parent site.
-    let background = fg.is_empty() && !bg.is_empty();
-    let peers: Vec<(SocketAddr, String)> = if background { bg } else { fg };
-    let peer_addrs: Vec<SocketAddr> = peers.iter().map(|(a, _)| *a).collect();
-    for (_, why) in &peers {
-        done.sources.push(format!(
-            "{} {why}",
-            if background {
-                "background from"
-            } else {
-                "foreground from"
-            }
-        ));
-    }
+    let background = found.fg.is_empty() && !found.bg.is_empty();
+    let peers: Vec<(SocketAddr, String)> = if background {
+        std::mem::take(&mut found.bg)
+    } else {
+        std::mem::take(&mut found.fg)
+    };
+    let mut tried: HashSet<SocketAddr> = peers.iter().map(|(a, _)| *a).collect();
+    let fetching = !peers.is_empty();
+    note_peers(done, &peers, background);
     done.site = answer.site.clone();
     done.you_are_rvp = answer.you_are_rvp;
     let size = manifest.size;
-    if peer_addrs.is_empty() {
+    if peers.is_empty() {
         let t = table.clone();
         sh.engine.call(|reply| Cmd::Begin { table: t, reply }).await?;
-    } else if sh
-        .engine
-        .call(|reply| Cmd::Snapshot { reply })
-        .await?
-        .fetches
-        .iter()
-        .any(|f| f.content == id && f.live_sources > 0)
-    {
-        // A fetch of this content still runs (a client that went away): give it these peers too.
-        sh.engine.send(Cmd::AddPeers {
-            id,
-            peers: peer_addrs.clone(),
-        });
     } else {
-        let t = table.clone();
-        let peers = peer_addrs.clone();
-        sh.engine
-            .call(|reply| Cmd::Fetch {
-                table: t,
-                peers,
-                background,
-                reply,
-            })
-            .await?;
+        start_or_join(sh, &table, peers.iter().map(|(a, _)| *a).collect(), background).await?;
     }
     let stall_ticks = (sh.cfg.peer_stall_secs * 1000 / TICK.as_millis() as u64).max(1);
+    let refresh_ticks = (sh.cfg.sources_refresh_secs * 1000 / TICK.as_millis() as u64).max(1);
+    let mut since_refresh = 0u64;
     let mut still = 0u64;
     let mut last_held = already;
     let mut origin_bytes = 0u64;
@@ -924,7 +952,7 @@ async fn fetch(
         } else {
             still += 1;
         }
-        let why = if peer_addrs.is_empty() {
+        let why = if !fetching {
             Some("no peer holds it")
         } else if fv.is_some() && live == 0 {
             Some("every peer was dropped")
@@ -933,6 +961,31 @@ async fn fetch(
         } else {
             None
         };
+        // While fetching from peers, ask the server again now and then, and before giving up on
+        // peers: agents that got the content meanwhile can serve it.
+        since_refresh += 1;
+        if fetching && (since_refresh >= refresh_ticks || why.is_some()) {
+            since_refresh = 0;
+            match sh.client.sources(cred, &id).await {
+                Ok(a) => {
+                    let f = usable_sources(sh, id, &a);
+                    let new: Vec<(SocketAddr, String)> =
+                        f.fg.into_iter()
+                            .chain(f.bg)
+                            .filter(|(a, _)| !tried.contains(a))
+                            .collect();
+                    if !new.is_empty() {
+                        tracing::info!("{}: {} more peer(s) from the server", id.short(), new.len());
+                        tried.extend(new.iter().map(|(a, _)| *a));
+                        note_peers(done, &new, background);
+                        start_or_join(sh, &table, new.iter().map(|(a, _)| *a).collect(), background).await?;
+                        still = 0;
+                        continue;
+                    }
+                }
+                Err(e) => tracing::warn!("{}: asking for sources again: {e:#}", id.short()),
+            }
+        }
         let Some(why) = why else { continue };
         tracing::info!("{}: {why}; fetching the rest from the origin", id.short());
         done.sources.push(format!("origin ({why}): {}", origins.join(", ")));

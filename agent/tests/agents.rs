@@ -501,3 +501,61 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+#[test]
+fn agents_pick_up_peers_that_got_the_content_meanwhile() {
+    let srv = Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let block = 16 * 1024;
+    let bytes = data(64 * block, 17);
+    let id = srv.publish(&bytes, "tool", "6.0");
+    // a holds the first half only.
+    let a = Agent::start(&srv, root.path(), "a", 64);
+    a.get_json(&id, &root.path().join("a.bin"));
+    let data_file = a.state_dir().join("store").join(id.to_string()).join("data");
+    let mut on_disk = std::fs::read(&data_file).unwrap();
+    for b in 32..64 {
+        on_disk[b * block] ^= 1;
+    }
+    std::fs::write(&data_file, &on_disk).unwrap();
+    assert_eq!(a.cli(&["cache", "verify"]).status.code(), Some(2));
+
+    // b takes that half from a and waits (peer_stall_secs is long), asking the server again every second.
+    let b = Agent::start_with(&srv, root.path(), "b", 64, "hq", "sources_refresh_secs = 1");
+    let out_b = root.path().join("b.bin");
+    let get_b = ChildGuard(Some(
+        common::command()
+            .arg("--config")
+            .arg(&b.config)
+            .args(["get", &id.to_string(), "--json", "--to"])
+            .arg(&out_b)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let mut half = false;
+    for _ in 0..600 {
+        let s = b.status();
+        if s["transfers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["bytes_held"].as_u64() >= Some(32 * block as u64))
+        {
+            half = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(half, "b never got a's half: {}", b.log_text());
+
+    // c gets the whole content (the missing half from the origin); b then finishes from c.
+    let c = Agent::start_with(&srv, root.path(), "c", 64, "hq", "peer_stall_secs = 1");
+    c.get_json(&id, &root.path().join("c.bin"));
+    let r: serde_json::Value = serde_json::from_slice(&get_b.wait().stdout).unwrap();
+    assert_eq!(std::fs::read(&out_b).unwrap(), bytes);
+    assert_eq!(r["bytes_from_origin"], 0, "{r}");
+    assert_eq!(r["bytes_from_peers"], bytes.len() as u64, "{r}");
+    let c_udp = c.status()["udp"].as_str().unwrap().to_string();
+    assert!(r["sources"].to_string().contains(&c_udp), "c is among b's sources: {r}");
+}
