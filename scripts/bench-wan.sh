@@ -24,6 +24,8 @@
 #   --quick             10 Mbit/s and 50 Mbit/s at 20 ms, router bottleneck only
 #   --allow-foreground  run the Lowtide transfer as a plain (foreground) fetch
 #                       when lowtide-xfer has no --background (harness checks only)
+#   --lowtide-foreground  always run it as a plain fetch (to compare with the
+#                       foreground controller; the rows are then not the background protocol)
 # Needs root, iperf3, python3 and gnuplot (installed with apt-get if missing).
 # Binaries come from ${CARGO_TARGET_DIR:-target}/release (built if missing;
 # LOWTIDE_XFER, LOWTIDE_WANPROBE, LOWTIDE_DELAYLINE override them).
@@ -190,6 +192,7 @@ queue_ms=200
 json=""
 out=""
 allow_fg=0
+lowtide_fg=0
 WARM_S=4 SOLO_S=8 FG_S=8 REC_S=4
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -202,6 +205,7 @@ while [ $# -gt 0 ]; do
     --json) json=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --allow-foreground) allow_fg=1; shift ;;
+    --lowtide-foreground) lowtide_fg=1; shift ;;
     --warm) WARM_S=$2; shift 2 ;;
     --solo) SOLO_S=$2; shift 2 ;;
     --fg) FG_S=$2; shift 2 ;;
@@ -236,7 +240,9 @@ XFER=""
 BG_FLAG=""
 if [[ ",$tools," == *,lowtide,* ]]; then
   XFER=$(build lowtide-engine lowtide-xfer LOWTIDE_XFER)
-  if "$XFER" fetch --help | grep -q -- '--background'; then
+  if [ "$lowtide_fg" = 1 ]; then
+    log "WARNING: --lowtide-foreground: the lowtide rows are FOREGROUND fetches (for comparison)"
+  elif "$XFER" fetch --help | grep -q -- '--background'; then
     BG_FLAG=--background
   elif [ "$allow_fg" = 1 ]; then
     log "WARNING: $XFER has no 'fetch --background': the lowtide rows are FOREGROUND fetches"
@@ -296,5 +302,7 @@ done
 args=(--out "$out" --plot-all)
 [ -n "$json" ] && args+=(--json "$json")
 python3 "$REPO/benches/wanprobe/analyze.py" "${args[@]}" | tee "$out/table.txt"
-[ -z "$BG_FLAG" ] && [ -n "$XFER" ] && echo "NOTE: lowtide rows are foreground fetches (no --background in $XFER)" | tee -a "$out/table.txt"
+if [ -z "$BG_FLAG" ] && [ -n "$XFER" ]; then
+  echo "NOTE: the lowtide rows are FOREGROUND fetches (no --background used)" | tee -a "$out/table.txt"
+fi
 log "raw data, table and plots in $out"
