@@ -222,7 +222,7 @@ fn handle(ep: &mut Endpoint, cmd: Cmd) -> bool {
         } => {
             let r = (|| {
                 for (i, b) in &blocks {
-                    ep.store.write_verified_block(&id, *i, b)?;
+                    ep.write_block(&id, *i, b)?;
                 }
                 if commit {
                     ep.store.commit(&id)?;
@@ -299,7 +299,7 @@ pub fn run(mut ep: Endpoint, rx: mpsc::Receiver<Cmd>) {
         }
         for n in ep.take_news() {
             match n {
-                FetchNews::Complete { content } => tracing::info!("{} complete from peers", content.short()),
+                FetchNews::Complete { content, .. } => tracing::info!("{} complete from peers", content.short()),
                 FetchNews::SourceDropped { content, addr, reason } => {
                     tracing::warn!("peer {addr} dropped for {}: {reason}", content.short())
                 }

@@ -75,8 +75,11 @@ pub enum FetchNews {
         addr: SocketAddr,
         reason: DropReason,
     },
-    /// Every block is verified and committed to disk.
-    Complete { content: ContentId },
+    /// Every block is verified and committed to disk; `sources` says who sent what.
+    Complete {
+        content: ContentId,
+        sources: Vec<SourceStats>,
+    },
 }
 
 /// Progress of one fetch.
@@ -108,7 +111,9 @@ pub struct Endpoint {
     commit_rx: mpsc::Receiver<Result<CommitJob, StoreError>>,
     commits_in_flight: HashMap<ContentId, usize>,
     /// Fetches whose last blocks are being committed: complete once their jobs are done.
-    finishing: Vec<ContentId>,
+    finishing: Vec<(ContentId, Vec<SourceStats>)>,
+    /// Contents with blocks written through [`Endpoint::write_block`] and no fetch to commit them.
+    loose: std::collections::HashSet<ContentId>,
 }
 
 fn spawn_committer() -> (mpsc::Sender<CommitJob>, mpsc::Receiver<Result<CommitJob, StoreError>>) {
@@ -181,6 +186,7 @@ impl Endpoint {
             commit_rx,
             commits_in_flight: HashMap::new(),
             finishing: Vec::new(),
+            loose: std::collections::HashSet::new(),
             server: Server::new(key.clone(), cfg.server.clone(), seed),
             driver,
             key,
@@ -237,7 +243,10 @@ impl Endpoint {
             f.add_source(now, *s);
         }
         if f.is_complete() {
-            self.news.push(FetchNews::Complete { content: id });
+            self.news.push(FetchNews::Complete {
+                content: id,
+                sources: Vec::new(),
+            });
             self.store.unpin(&id);
             return Ok(());
         }
@@ -245,13 +254,47 @@ impl Endpoint {
         Ok(())
     }
 
-    /// Add a source to a running fetch.
+    /// Add a source to a running fetch, with the fetch's default protocol.
     pub fn add_source(&mut self, id: &ContentId, addr: SocketAddr) -> bool {
         let now = self.clock.now();
         self.fetches
             .iter_mut()
             .find(|f| f.content() == *id)
             .is_some_and(|f| f.add_source(now, addr))
+    }
+
+    /// Add a source to a running fetch, saying whether to ask it for the background protocol.
+    pub fn add_source_with(&mut self, id: &ContentId, addr: SocketAddr, background: bool) -> bool {
+        let now = self.clock.now();
+        self.fetches
+            .iter_mut()
+            .find(|f| f.content() == *id)
+            .is_some_and(|f| f.add_source_with(now, addr, background))
+    }
+
+    /// Stop fetching `id`: what was verified stays in the store (committed on the next turn)
+    /// and the content is unpinned. Sources' sessions end by their idle timeout.
+    pub fn cancel_fetch(&mut self, id: &ContentId) -> bool {
+        let Some(k) = self.fetches.iter().position(|f| f.content() == *id) else {
+            return false;
+        };
+        self.fetches.remove(k);
+        self.loose.insert(*id);
+        self.store.unpin(id);
+        true
+    }
+
+    /// Store a block that came from outside the engine (an HTTP range from the origin),
+    /// verifying it first; a running fetch of the content stops asking peers for it.
+    pub fn write_block(&mut self, id: &ContentId, index: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.store.write_block(id, index, data)?;
+        match self.fetches.iter_mut().find(|f| f.content() == *id) {
+            Some(f) => f.mark_held(index),
+            None => {
+                self.loose.insert(*id);
+            }
+        }
+        Ok(())
     }
 
     pub fn progress(&self) -> Vec<FetchProgress> {
@@ -408,7 +451,7 @@ impl Endpoint {
                             reason,
                         });
                     }
-                    Event::Complete => done.push(k),
+                    Event::Complete => done.push((k, f.sources())),
                 }
             }
         }
@@ -419,14 +462,22 @@ impl Endpoint {
                 self.send_commit(&id)?;
             }
         }
+        let loose: Vec<ContentId> = self.loose.drain().collect();
+        for id in loose {
+            if self.store.uncommitted(&id) >= self.cfg.commit_blocks || due {
+                self.send_commit(&id)?;
+            } else {
+                self.loose.insert(id);
+            }
+        }
         if due {
             self.last_commit = now;
         }
-        for k in done.into_iter().rev() {
+        for (k, sources) in done.into_iter().rev() {
             let f = self.fetches.remove(k);
             let id = f.content();
             self.send_commit(&id)?;
-            self.finishing.push(id);
+            self.finishing.push((id, sources));
         }
         self.reap_commits(false)
     }
@@ -462,11 +513,11 @@ impl Endpoint {
         }
         let mut k = 0;
         while k < self.finishing.len() {
-            let id = self.finishing[k];
+            let id = self.finishing[k].0;
             if self.commits_in_flight.get(&id).copied().unwrap_or(0) == 0 {
-                self.finishing.swap_remove(k);
+                let (_, sources) = self.finishing.swap_remove(k);
                 self.store.unpin(&id);
-                self.news.push(FetchNews::Complete { content: id });
+                self.news.push(FetchNews::Complete { content: id, sources });
             } else {
                 k += 1;
             }
@@ -476,7 +527,12 @@ impl Endpoint {
 
     /// Wait until every written block is committed (for an orderly shutdown).
     pub fn flush_commits(&mut self) -> io::Result<()> {
-        let ids: Vec<ContentId> = self.fetches.iter().map(|f| f.content()).collect();
+        let ids: Vec<ContentId> = self
+            .fetches
+            .iter()
+            .map(|f| f.content())
+            .chain(self.loose.drain())
+            .collect();
         for id in ids {
             self.send_commit(&id)?;
         }

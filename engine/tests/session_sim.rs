@@ -247,3 +247,37 @@ fn garbage_datagrams_are_counted_and_dropped() {
     let d = &s.sim.nodes[target].drops;
     assert_eq!((d.truncated, d.bad_magic, d.bad_tag), (2, 1, 1), "{d:?}");
 }
+
+#[test]
+fn blocks_stored_from_elsewhere_are_not_fetched_again() {
+    let seed = 61;
+    let mut s = setup(
+        seed,
+        4 << 20,
+        1,
+        LinkSpec {
+            rate_bytes_per_s: 20_000_000,
+            ..LinkSpec::lan()
+        },
+    );
+    start_fetch(&mut s, FetchConfig::default(), true);
+    // Half of the blocks arrive from the origin (as the agent's HTTP fallback would deliver them).
+    let t = BlockTable::from_bytes(&s.data, 4);
+    let g = t.geometry();
+    let fetcher = s.fetcher;
+    for b in (0..g.block_count()).filter(|b| b % 2 == 1) {
+        let r = g.block_range(b);
+        s.sim.nodes[fetcher]
+            .library
+            .put_block(&s.id, b, &s.data[r.start as usize..r.end as usize]);
+        s.sim.nodes[fetcher].fetches[0].mark_held(b);
+    }
+    assert!(run(&mut s, Duration::from_secs(30)), "did not complete");
+    assert_byte_exact(&s);
+    let sent = s.sim.nodes[s.senders[0]].server.stats().payload_bytes_sent;
+    assert!(
+        sent < s.data.len() as u64 * 6 / 10,
+        "the server sent {sent} of {} bytes",
+        s.data.len()
+    );
+}

@@ -178,6 +178,8 @@ struct Source {
     want_cancel: Vec<(u64, u32)>,
     want_table: bool,
     want_close: bool,
+    /// Ask this source for the background (scavenger) protocol.
+    background: bool,
 }
 
 impl Source {
@@ -329,8 +331,15 @@ impl Fetch {
         self.sources.iter().filter(|s| s.phase != Phase::Gone).count()
     }
 
-    /// Add a source; returns false if it is already there or the source table is full.
+    /// Add a source with the fetch's default protocol; returns false if it is already
+    /// there or the source table is full.
     pub fn add_source(&mut self, now: Time, addr: SocketAddr) -> bool {
+        self.add_source_with(now, addr, self.cfg.background)
+    }
+
+    /// Add a source, asking it for the background protocol or not (a parent site's
+    /// RVP across a WAN, a same-site peer on the LAN).
+    pub fn add_source_with(&mut self, now: Time, addr: SocketAddr, background: bool) -> bool {
         if self.sources.iter().any(|s| s.addr == addr && s.phase != Phase::Gone) {
             return false;
         }
@@ -369,6 +378,7 @@ impl Fetch {
             want_cancel: Vec::new(),
             want_table: false,
             want_close: false,
+            background,
         };
         match slot {
             Some(i) => self.sources[i] = src,
@@ -390,6 +400,24 @@ impl Fetch {
 
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// Block `b` was verified and stored by other means (an HTTP range from the origin):
+    /// stop asking sources for it.
+    pub fn mark_held(&mut self, b: u64) {
+        if self.table.is_none() || !self.have.insert(b) {
+            return;
+        }
+        self.taken.insert(b);
+        if let Some(p) = self.pending.remove(&b) {
+            self.recycle(p.buf);
+        }
+        if let Some(f) = self.inflight.remove(&b) {
+            for s in f.sources {
+                self.sources[s].outstanding = self.sources[s].outstanding.saturating_sub(1);
+                self.sources[s].want_cancel.push((b, 1));
+            }
+        }
     }
 
     /// Give a block buffer back for reuse.
@@ -783,9 +811,9 @@ impl Fetch {
 
     /// Write the next control datagram (hello, request, cancel, ack, close) into `buf`.
     pub fn poll_transmit(&mut self, now: Time, buf: &mut [u8]) -> Option<Transmit> {
-        let background = if self.cfg.background { REQUEST_BACKGROUND } else { 0 };
         for s in self.sources.iter_mut() {
             let request = |buf: &mut [u8], s: &Source, stream: u8, ranges: &[WireRange], window: u64| {
+                let background = if s.background { REQUEST_BACKGROUND } else { 0 };
                 let f = wire::RequestFixed {
                     content: self.content.0,
                     nonce_echo: s.nonce.into(),
@@ -945,5 +973,31 @@ impl Fetch {
         for (b, s) in late {
             self.unassign(b, s);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{decode, DeploymentKey, Packet};
+
+    #[test]
+    fn fetch_asks_each_source_for_its_own_protocol() {
+        let key = DeploymentKey::derive(b"t");
+        let mut f = Fetch::new(key.clone(), ContentId::of(b"x"), FetchConfig::default(), None, 1);
+        let wan: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let lan: SocketAddr = "10.0.0.2:1".parse().unwrap();
+        assert!(f.add_source_with(Time(0), wan, true));
+        assert!(f.add_source_with(Time(0), lan, false));
+        let mut buf = vec![0u8; 2048];
+        let mut seen = Vec::new();
+        while let Some(t) = f.poll_transmit(Time(0), &mut buf) {
+            match decode(&key, &buf[..t.len]).unwrap() {
+                Packet::Request { fixed, .. } => seen.push((t.dst, fixed.flags & REQUEST_BACKGROUND != 0)),
+                p => panic!("{p:?}"),
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, vec![(wan, true), (lan, false)]);
     }
 }
