@@ -29,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use super::Transmit;
 use crate::content::{BlockTable, ContentId, Geometry, VerifyError};
 use crate::ranges::{BlockSet, SpanSet};
-use crate::session::serve::REQUEST_BACKGROUND;
+use crate::session::serve::{REQUEST_BACKGROUND, REQUEST_BLOCKS_MAX};
 use crate::time::Time;
 use crate::wire::{self, DeploymentKey, Kind, Packet, RejectReason, WireRange};
 
@@ -746,7 +746,7 @@ impl Fetch {
             if self.sources[i].phase != Phase::Active {
                 continue;
             }
-            let window = self.sources[i].window_blocks(&self.cfg, &g);
+            let window = self.sources[i].window_blocks(&self.cfg, &g).min(REQUEST_BLOCKS_MAX);
             let mut room = window.saturating_sub(self.sources[i].outstanding);
             // Only top up when a useful amount is free, so requests carry long runs.
             if room < (window / 4).max(1) {

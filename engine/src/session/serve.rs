@@ -27,6 +27,9 @@ use crate::wire::{self, DeploymentKey, Kind, Packet, RejectReason, WireRange, DA
 /// Builds a controller for a new session; `background` is the fetcher's request flag.
 pub type ControllerFactory = Arc<dyn Fn(bool) -> Box<dyn Controller> + Send + Sync>;
 
+/// Most blocks one request may name; the rest of it is ignored.
+pub const REQUEST_BLOCKS_MAX: u64 = 8192;
+
 /// `RequestFixed::flags`: the fetcher asks for the background (scavenger) protocol.
 pub const REQUEST_BACKGROUND: u8 = 1;
 
@@ -338,8 +341,14 @@ impl Server {
         }
         let g = s.geometry;
         let mut missing: Vec<(u64, u32)> = Vec::new();
+        // Bound the work one request can cause: a fetcher never has more than its window
+        // (at most 32 MiB = 2048 blocks of 16 KiB) outstanding; blocks past the bound are
+        // ignored and requested again later.
+        let mut blocks_left = REQUEST_BLOCKS_MAX;
         for r in ranges {
-            let end = (r.start.get().saturating_add(r.count.get() as u64)).min(g.block_count());
+            let count = (r.count.get() as u64).min(blocks_left);
+            blocks_left -= count;
+            let end = (r.start.get().saturating_add(count)).min(g.block_count());
             let mut b = r.start.get();
             while b < end {
                 // Queue runs of held blocks; collect runs of missing ones for NotHave.
@@ -638,4 +647,49 @@ fn remove_range(q: &mut VecDeque<(u8, Range<u64>)>, cut: &Range<u64>) {
         }
     }
     *q = out;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::content::BlockTable;
+    use crate::io::sim::MemLibrary;
+    use crate::wire::{decode, encode_request, wire_ranges, RequestFixed};
+
+    #[test]
+    fn server_bounds_the_blocks_one_request_can_queue() {
+        let key = DeploymentKey::derive(b"t");
+        let data = vec![7u8; 20 << 20];
+        let table = BlockTable::from_bytes(&data, 0); // 1 KiB blocks: 20480 of them
+        let id = table.root();
+        let mut lib = MemLibrary::default();
+        lib.insert_full(table, data);
+        let mut server = Server::new(key.clone(), ServerConfig::default(), 1);
+        let peer: SocketAddr = "10.0.0.9:9".parse().unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut request = |server: &mut Server, nonce: u64, ranges: &[(u64, u32)]| {
+            let f = RequestFixed {
+                content: id.0,
+                nonce_echo: nonce.into(),
+                reserved: [0; 8],
+                window_bytes: 0.into(),
+                stream: wire::STREAM_CONTENT,
+                flags: 0,
+                range_count: 0.into(),
+            };
+            let n = encode_request(&key, &mut buf, 5, &f, &wire_ranges(ranges.iter().copied()));
+            let p = decode(&key, &buf[..n]).unwrap();
+            server.handle(Time(0), peer, &p, &lib);
+        };
+        request(&mut server, 0, &[]);
+        let mut out = vec![0u8; 64 * 1024];
+        let t = server.poll_transmit(Time(0), &lib, &mut out).unwrap();
+        let nonce = match decode(&key, &out[..t.len]).unwrap() {
+            Packet::Accept { fixed, .. } => fixed.nonce.get(),
+            p => panic!("{p:?}"),
+        };
+        request(&mut server, nonce, &[(0, u32::MAX), (0, u32::MAX)]);
+        let queued: u64 = server.sessions[0].queue.iter().map(|(_, r)| r.end - r.start).sum();
+        assert_eq!(queued, REQUEST_BLOCKS_MAX * 1024);
+    }
 }
