@@ -265,6 +265,13 @@ if [ -n "$XFER" ]; then
   head -c "${mb}M" /dev/urandom >"$SHM/data.bin"
 fi
 
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "commit: $(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "uncommitted in engine/: $(git -C "$REPO" status --short engine 2>/dev/null | tr '\n' ' ')"
+  echo "lowtide-xfer: ${XFER:-not used} ${BG_FLAG:-(foreground fetch)}"
+  echo "args: rates=$rates rtts=$rtts bottlenecks=$bottlenecks tools=$tools queue_ms=$queue_ms"
+} >"$out/provenance.txt"
 n=0
 log "output in $out"
 for b in ${bottlenecks//,/ }; do

@@ -208,6 +208,8 @@ def analyse_case(case_dir):
                 solo = res["fg_solo_mbit"].get(h)
                 f["share_of_solo"] = f["mbit"] / solo if solo else None
                 f["bg_share_during"] = bytes_between(bg, f0, f1) * 8 / (rate * (f1 - f0) / 1e9)
+                # Background rate in the second before the foreground: yielding is trivial below the threshold.
+                f["bg_share_before"] = bytes_between(bg, f0 - 1_000_000_000, f0) * 8 / rate
                 t_y = first_time(series, f0, lambda v: v < YIELD_FRACTION * rate)
                 f["yield_ms"] = ms(t_y - f0) if t_y is not None and t_y < f1 else None
                 t_r = first_time(series, f1, lambda v: v >= RECLAIM_FRACTION * rate)
@@ -332,7 +334,8 @@ def main():
                     continue
                 row += (
                     f" | {fmt(f.get('share_of_solo'), '{:.1%}', '-'):>5} {fmt(f.get('bg_share_during'), '{:.0%}', '-'):>5} "
-                    f"{fmt(f.get('yield_ms')):>6} {fmt(f.get('reclaim_ms')):>6}"
+                    f"{fmt(f.get('yield_ms')) + ('*' if (f.get('bg_share_before') or 0) < YIELD_FRACTION else ''):>6} "
+                    f"{fmt(f.get('reclaim_ms')):>6}"
                 )
             table.append(row)
             key = tool
@@ -355,6 +358,7 @@ def main():
         "\nbg% = background wire rate / bottleneck rate while the foreground ran;"
         f"\nyield = ms from the foreground's first bulk frame until the background's 50 ms rate < {YIELD_FRACTION:.0%} of the link;"
         f"\nreclm = ms from the foreground's last bulk frame until the background's 50 ms rate >= {RECLAIM_FRACTION:.0%} of the link;"
+        f"\n* = the background was already below {YIELD_FRACTION:.0%} of the link in the second before the foreground started;"
         "\n'never' = not within the phase. JSON: foreground_yield = worst share, yield_ms/reclaim_ms = worst (null if never)."
     )
     for d, res in cases:
