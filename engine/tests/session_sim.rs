@@ -281,3 +281,39 @@ fn blocks_stored_from_elsewhere_are_not_fetched_again() {
         s.data.len()
     );
 }
+
+#[test]
+fn a_paused_background_server_is_not_dropped_and_resumes() {
+    let seed = 71;
+    let link = LinkSpec {
+        rate_bytes_per_s: 2_500_000,
+        delay: Duration::from_millis(20),
+        ..LinkSpec::lan()
+    };
+    let mut s = setup(seed, 6 << 20, 1, link);
+    start_fetch(
+        &mut s,
+        FetchConfig {
+            background: true,
+            ..FetchConfig::default()
+        },
+        true,
+    );
+    let sender = s.senders[0];
+    s.sim.run_until(Time::ZERO + Duration::from_secs(1), |_| false);
+    let before = s.sim.nodes[s.fetcher].fetches[0].bytes_held();
+    assert!(before > 0);
+    // Paused for longer than the fetcher's stall limit and the server's idle timeout.
+    s.sim.nodes[sender].server.set_background_paused(true);
+    s.sim.run_until(Time::ZERO + Duration::from_secs(13), |_| false);
+    let during = s.sim.nodes[s.fetcher].fetches[0].bytes_held();
+    assert!(
+        during - before < 200_000,
+        "kept sending while paused: {} bytes",
+        during - before
+    );
+    s.sim.nodes[sender].server.set_background_paused(false);
+    assert!(run(&mut s, Duration::from_secs(40)), "did not complete after resume");
+    assert_byte_exact(&s);
+    assert!(dropped(&s).is_empty(), "{:?}", dropped(&s));
+}

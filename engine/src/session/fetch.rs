@@ -444,6 +444,16 @@ impl Fetch {
                 self.drop_source(i, DropReason::Rejected(RejectReason::from_u8(fixed.reason)))
             }
             Packet::Data { fixed, payload, .. } => self.on_data(now, i, fixed, payload),
+            // An empty NotHave is a paused server's keepalive: alive, just not sending now.
+            // Its blocks still move to other sources by the late-block timer.
+            Packet::NotHave { ranges, .. } if ranges.is_empty() => {
+                let s = &mut self.sources[i];
+                if s.phase == Phase::Active {
+                    s.last_data = now;
+                    s.strikes = 0;
+                    s.ack_at = Some(now); // and we are alive too: keeps the server's session open
+                }
+            }
             Packet::NotHave { fixed, ranges, .. } if fixed.stream == wire::STREAM_CONTENT => {
                 self.on_not_have(now, i, ranges)
             }

@@ -27,6 +27,10 @@ use crate::wire::{self, DeploymentKey, Kind, Packet, RejectReason, WireRange, DA
 /// Builds a controller for a new session; `background` is the fetcher's request flag.
 pub type ControllerFactory = Arc<dyn Fn(bool) -> Box<dyn Controller> + Send + Sync>;
 
+/// While background sessions are paused, each gets an empty `NotHave` this often,
+/// so its fetcher knows the server is alive and does not drop it as stalled.
+pub const PAUSED_KEEPALIVE: Duration = Duration::from_millis(500);
+
 /// Most blocks one request may name; the rest of it is ignored.
 pub const REQUEST_BLOCKS_MAX: u64 = 8192;
 
@@ -117,6 +121,8 @@ struct Session {
     /// Probe datagrams that may go out past the congestion window (after a probe timeout).
     probes: u32,
     background: bool,
+    /// Last keepalive sent while background sessions are paused.
+    last_keepalive: Time,
 }
 
 impl Session {
@@ -321,6 +327,7 @@ impl Server {
                     dead: false,
                     probes: 0,
                     background,
+                    last_keepalive: now,
                 });
                 // Ranges in the very first request are queued but not sent before validation.
                 self.sessions.len() - 1
@@ -461,6 +468,16 @@ impl Server {
             buf[..pkt.len()].copy_from_slice(&pkt);
             return Some(Transmit::single(dst, pkt.len()));
         }
+        if self.background_paused {
+            let key = &self.key;
+            for s in self.sessions.iter_mut().filter(|s| s.background && s.has_data()) {
+                if now.since(s.last_keepalive) >= PAUSED_KEEPALIVE {
+                    s.last_keepalive = now;
+                    let n = wire::encode_ranges(key, buf, Kind::NotHave, s.id, wire::STREAM_CONTENT, &[]);
+                    return Some(Transmit::single(s.peer, n));
+                }
+            }
+        }
         let n = self.sessions.len();
         for k in 0..n {
             let i = (self.rr + k) % n;
@@ -594,7 +611,14 @@ impl Server {
                 let pace = (s.may_send(self.background_paused) && s.recovery.in_flight() + full <= s.cc.window())
                     .then(|| s.pacing_rate().map(|r| s.pacer.next_send(full, r)))
                     .flatten();
-                [s.recovery.timeout(), Some(s.last_recv + self.config.idle_timeout), pace]
+                let keepalive = (self.background_paused && s.background && s.has_data())
+                    .then(|| s.last_keepalive + PAUSED_KEEPALIVE);
+                [
+                    s.recovery.timeout(),
+                    Some(s.last_recv + self.config.idle_timeout),
+                    pace,
+                    keepalive,
+                ]
             })
             .flatten()
             .min()
