@@ -446,7 +446,7 @@ impl Fetch {
             Packet::Data { fixed, payload, .. } => self.on_data(now, i, fixed, payload),
             // An empty NotHave is a paused server's keepalive: alive, just not sending now.
             // Its blocks still move to other sources by the late-block timer.
-            Packet::NotHave { ranges, .. } if ranges.is_empty() => {
+            Packet::NotHave { ranges: [], .. } => {
                 let s = &mut self.sources[i];
                 if s.phase == Phase::Active {
                     s.last_data = now;
