@@ -67,6 +67,12 @@ impl Default for EndpointConfig {
     }
 }
 
+// An endpoint can be built on one thread and handed to the thread that runs it.
+const _: fn() = || {
+    fn assert_send<T: Send>() {}
+    assert_send::<Endpoint>();
+};
+
 /// What happened to a fetch, for the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FetchNews {

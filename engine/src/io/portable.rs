@@ -22,6 +22,9 @@ pub struct Portable {
     mmsg: Vec<libc::mmsghdr>,
 }
 
+// SAFETY: the mmsghdr array points into this driver's own slots (see MsgSlot).
+unsafe impl Send for Portable {}
+
 impl Portable {
     pub fn new(sock: Socket) -> Self {
         Self {

@@ -18,8 +18,9 @@ pub const BATCH_BYTES_MAX: usize = 65535;
 const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
 
-/// What every real driver offers the endpoint loop.
-pub trait Driver {
+/// What every real driver offers the endpoint loop. Drivers are `Send` so an
+/// endpoint can be built on one thread and run on another.
+pub trait Driver: Send {
     /// "io_uring" or "portable", for logs.
     fn name(&self) -> &'static str;
     fn local_addr(&self) -> SocketAddr;
@@ -250,6 +251,11 @@ pub struct MsgSlot {
     pub hdr: libc::msghdr,
 }
 
+// SAFETY: the raw pointers in `hdr`/`iov` point into this slot's own heap buffers
+// (which do not move when the slot's owner moves between threads) and are only
+// dereferenced by the kernel during a call made by whichever single thread owns it.
+unsafe impl Send for MsgSlot {}
+
 impl MsgSlot {
     pub fn new(bytes: usize) -> Self {
         Self {
@@ -331,6 +337,9 @@ pub struct RecvBatch {
     slots: Vec<MsgSlot>,
     mmsg: Vec<libc::mmsghdr>,
 }
+
+// SAFETY: as for MsgSlot: the mmsghdr copies point into the slots' own heap buffers.
+unsafe impl Send for RecvBatch {}
 
 /// Most `recvmmsg` rounds in one drain before returning to the loop.
 const RECV_ROUNDS_MAX: usize = 8;
