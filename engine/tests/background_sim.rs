@@ -37,6 +37,11 @@ struct Net {
 }
 
 fn net(seed: u64) -> Net {
+    net_with(seed, RATE, ONE_WAY, Duration::ZERO, 500_000)
+}
+
+/// A bottleneck of `rate` with `forward` delay toward the receiver and `back` on the way back.
+fn net_with(seed: u64, rate: u64, forward: Duration, back: Duration, queue_bytes_max: u64) -> Net {
     let mut sim = Sim::new(seed, DeploymentKey::derive(b"bg"), LinkSpec::lan());
     let bg = sim.add_node(ServerConfig::default());
     let fg = sim.add_node(ServerConfig::default());
@@ -44,12 +49,24 @@ fn net(seed: u64) -> Net {
     sim.set_bottleneck(
         rx,
         LinkSpec {
-            rate_bytes_per_s: RATE,
-            delay: ONE_WAY,
-            queue_bytes_max: 500_000,
+            rate_bytes_per_s: rate,
+            delay: forward,
+            queue_bytes_max,
             ..LinkSpec::lan()
         },
     );
+    if back > Duration::ZERO {
+        for from in [bg, fg] {
+            sim.set_link(
+                rx,
+                from,
+                LinkSpec {
+                    delay: back,
+                    ..LinkSpec::lan()
+                },
+            );
+        }
+    }
     Net { sim, bg, fg, rx }
 }
 
@@ -70,6 +87,10 @@ fn start(n: &mut Net, server: usize, data: Vec<u8>, background: bool, seed: u64)
 
 /// Datagram bytes from `from` that left the bottleneck in `[a, b)`, as a fraction of its capacity.
 fn share(sim: &Sim, from: SocketAddr, a: Duration, b: Duration) -> f64 {
+    share_of(sim, from, a, b, RATE)
+}
+
+fn share_of(sim: &Sim, from: SocketAddr, a: Duration, b: Duration, rate: u64) -> f64 {
     let (a, b) = (Time::ZERO + a, Time::ZERO + b);
     let sent: u64 = sim
         .bottleneck_log
@@ -77,7 +98,7 @@ fn share(sim: &Sim, from: SocketAddr, a: Duration, b: Duration) -> f64 {
         .filter(|r| r.from == from && r.left >= a && r.left < b)
         .map(|r| r.bytes as u64)
         .sum();
-    sent as f64 / (RATE as f64 * b.since(a).as_secs_f64())
+    sent as f64 / (rate as f64 * b.since(a).as_secs_f64())
 }
 
 fn queue_delay_percentile(sim: &Sim, a: Duration, b: Duration, p: f64) -> Duration {
@@ -191,4 +212,32 @@ fn background_yields_to_foreground_and_reclaims_when_it_leaves() {
         "seed {seed}: foreground kept {:.3} of its solo share, background yielded in {yield_time:?}, reclaimed 90% in {reclaim:?}",
         fg_with_bg / fg_solo
     );
+}
+
+#[test]
+fn background_fills_a_long_fat_link() {
+    // 50 Mbit/s, 80 ms round trip (40 ms each way), 200 ms queue: the bench's hardest case.
+    for seed in [301, 302] {
+        let rate = 6_250_000;
+        let mut n = net_with(
+            seed,
+            rate,
+            Duration::from_millis(40),
+            Duration::from_millis(40),
+            rate / 5,
+        );
+        let bg = n.bg;
+        start(&mut n, bg, bytes(160 << 20, 3), true, seed);
+        run_to(&mut n, Duration::from_secs(16));
+        let addr = n.sim.nodes[bg].addr;
+        let (a, b) = (Duration::from_secs(8), Duration::from_secs(16));
+        let util = share_of(&n.sim, addr, a, b, rate);
+        let p99 = queue_delay_percentile(&n.sim, a, b, 0.99);
+        eprintln!("seed {seed}: 50 Mbit/s 80 ms: solo utilisation {util:.3}, queueing delay p99 {p99:?}");
+        assert!(util >= 0.95, "seed {seed}: solo utilisation {util:.3}");
+        assert!(
+            p99 <= Duration::from_millis(10),
+            "seed {seed}: p99 queueing delay {p99:?}"
+        );
+    }
 }

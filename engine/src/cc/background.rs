@@ -26,9 +26,10 @@
 //!
 //! - Queue below target: the window grows by `acked × (target − q)/target`,
 //!   exponentially when the queue is empty and not at all at the target, but
-//!   only up to the measured bandwidth-delay product plus the target queue
-//!   (the delay signal lags a round trip; blind doubling overshoots by a
-//!   window); past that it probes by one segment per round trip.
+//!   only up to the link's bandwidth-delay product plus the target queue once
+//!   that is known (the delivery rate seen while a queue stood; the delay
+//!   signal lags a round trip, and blind doubling overshoots by a window);
+//!   past that it probes by one segment per round trip.
 //! - Queue above target: once per round trip, the window is multiplied by
 //!   `target/q` (at least halved is the floor of the cut, 0.95 the ceiling).
 //! - Queue above [`YIELD_FACTOR`] × target, or competing traffic on the local
@@ -133,6 +134,9 @@ pub struct Background {
     rate_next: usize,
     /// Delivery rate remembered from before a yield.
     remembered_rate: u64,
+    /// Highest delivery rate seen while the queue was at least half the target: the link
+    /// was full then, so this is its capacity. Zero until the link has been filled once.
+    capacity_rate: u64,
     yielded: bool,
     slowdown_until: Option<Time>,
     saved_window: u64,
@@ -158,6 +162,7 @@ impl Background {
             rates: [0; RATE_SAMPLES],
             rate_next: 0,
             remembered_rate: 0,
+            capacity_rate: 0,
             yielded: false,
             slowdown_until: None,
             saved_window: 0,
@@ -293,6 +298,9 @@ impl Controller for Background {
         };
         let q = q_owd.max(q_local);
         self.queue_us = q;
+        if q >= target_us / 2 {
+            self.capacity_rate = self.capacity_rate.max(self.delivery_rate());
+        }
 
         // Periodic slowdown: drain the queue so every flow sees the true base delay.
         if let Some(until) = self.slowdown_until {
@@ -330,12 +338,15 @@ impl Controller for Background {
                 self.window = self.window.max(self.bdp(self.remembered_rate) / 2);
             }
             if !ack.app_limited {
-                // Exponential growth up to the measured bandwidth-delay product plus the target
+                // Exponential growth up to the link's bandwidth-delay product plus the target
                 // queue (the delay signal lags a round trip, so growing past it blindly would
                 // overshoot by a whole window); beyond that, probe for more by one segment per
-                // round trip.
+                // round trip. The capacity is the delivery rate seen while a queue stood, so
+                // the cap is known only once the link has been full: during the first ramp-up
+                // the delivery rate is just the current window, and capping at it would make
+                // growth linear (a 50 Mbit/s, 80 ms link then takes minutes to fill).
                 let gain = (target_us - q.max(0)) as f64 / target_us as f64;
-                let rate = self.delivery_rate().max(self.remembered_rate);
+                let rate = self.capacity_rate.max(self.remembered_rate);
                 let cap = if rate > 0 {
                     self.bdp(rate) + (rate as f64 * self.cfg.queue_delay_target.as_secs_f64()) as u64
                 } else {
