@@ -403,8 +403,11 @@ impl Endpoint {
             drops,
             ..
         } = self;
-        let now = clock.now();
         let mut on_datagram = |from: SocketAddr, bytes: &[u8]| {
+            // The time a datagram is handled, not the time the wait began: a stale `now` (up to
+            // the whole wait) corrupts round-trip and one-way delay samples, and the background
+            // controller then sees a standing queue that is not there.
+            let now = clock.now();
             let packet = match wire::decode(key, bytes) {
                 Ok(p) => p,
                 Err(e) => {
