@@ -35,9 +35,12 @@
 //! - Queue above [`YIELD_FACTOR`] × target, or competing traffic on the local
 //!   interface: someone else is sending; the window drops to its minimum at
 //!   once (the yield), remembering the delivery rate it had.
-//! - Queue empty again after a yield: the window jumps back to half of the
-//!   remembered bandwidth-delay product and grows from there (the reclaim),
-//!   so regaining the link takes a few round trips, not hundreds.
+//! - Queue empty again after a yield, and staying empty for a hold-off (two
+//!   round trips, at least 100 ms; doubled up to 4 s each time a yield follows
+//!   a reclaim within 2 s, because then the foreground flow had not left, its
+//!   sawtooth had only drained the queue): the window jumps back to half of
+//!   the remembered bandwidth-delay product and grows from there (the
+//!   reclaim), so regaining the link takes a few round trips, not hundreds.
 //! - Loss (a bottleneck that drops instead of queueing): halve, once per round trip.
 //!
 //! # What breaks LEDBAT, and what this does about it
@@ -71,6 +74,12 @@ pub const CURRENT_FILTER: usize = 4;
 pub const YIELD_FACTOR: i64 = 4;
 /// How often the window drops to its minimum so every flow can see the true base.
 pub const SLOWDOWN_INTERVAL: Duration = Duration::from_secs(20);
+/// Least time the queue must stay empty after a yield before the link is reclaimed.
+pub const RECLAIM_HOLDOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest hold-off, after repeated yields shortly after reclaiming.
+pub const RECLAIM_HOLDOFF_MAX: Duration = Duration::from_secs(4);
+/// A yield this soon after a reclaim means the foreground never left.
+const RECLAIM_REGRET: Duration = Duration::from_secs(2);
 /// Rate samples kept for the delivery-rate maximum.
 const RATE_SAMPLES: usize = 16;
 
@@ -138,6 +147,12 @@ pub struct Background {
     /// was full then, so this is its capacity. Zero until the link has been filled once.
     capacity_rate: u64,
     yielded: bool,
+    /// Since when the queue has been empty while yielded.
+    low_since: Option<Time>,
+    /// How long the queue must stay empty before reclaiming; doubles when a yield follows a
+    /// reclaim closely (the foreground flow was still there, its sawtooth had drained the queue).
+    holdoff: Duration,
+    last_reclaim: Time,
     slowdown_until: Option<Time>,
     saved_window: u64,
     next_slowdown: Time,
@@ -164,6 +179,9 @@ impl Background {
             remembered_rate: 0,
             capacity_rate: 0,
             yielded: false,
+            low_since: None,
+            holdoff: RECLAIM_HOLDOFF_MIN,
+            last_reclaim: Time::ZERO,
             slowdown_until: None,
             saved_window: 0,
             next_slowdown: Time::ZERO,
@@ -238,7 +256,14 @@ impl Background {
         if !self.yielded {
             self.remembered_rate = self.delivery_rate().max(self.remembered_rate);
             self.yielded = true;
+            let base = RECLAIM_HOLDOFF_MIN.max(self.srtt * 2);
+            self.holdoff = if self.last_reclaim != Time::ZERO && now.since(self.last_reclaim) < RECLAIM_REGRET {
+                (self.holdoff * 2).clamp(base, RECLAIM_HOLDOFF_MAX)
+            } else {
+                base
+            };
         }
+        self.low_since = None;
         self.window = self.cfg.window_bytes_min;
         self.last_cut = now;
     }
@@ -332,10 +357,19 @@ impl Controller for Background {
                 self.last_cut = now;
             }
         } else {
-            if self.yielded && q < target_us / 4 && now.since(self.last_cut) >= self.srtt {
-                // The link is free again: jump back toward what it carried before the yield.
-                self.yielded = false;
-                self.window = self.window.max(self.bdp(self.remembered_rate) / 2);
+            if self.yielded {
+                if q < target_us / 4 {
+                    let since = *self.low_since.get_or_insert(now);
+                    if now.since(since) >= self.holdoff {
+                        // The link has stayed free: jump back toward what it carried before the yield.
+                        self.yielded = false;
+                        self.low_since = None;
+                        self.last_reclaim = now;
+                        self.window = self.window.max(self.bdp(self.remembered_rate) / 2);
+                    }
+                } else {
+                    self.low_since = None;
+                }
             }
             if !ack.app_limited {
                 // Exponential growth up to the link's bandwidth-delay product plus the target
