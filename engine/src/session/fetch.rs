@@ -683,10 +683,8 @@ impl Fetch {
         }
     }
 
-    fn drop_source(&mut self, i: usize, reason: DropReason) {
-        if self.sources[i].phase == Phase::Gone {
-            return;
-        }
+    /// Take every block away from source `i`.
+    fn unassign_all(&mut self, i: usize) {
         let mine: Vec<u64> = self
             .inflight
             .iter()
@@ -696,6 +694,13 @@ impl Fetch {
         for b in mine {
             self.unassign(b, i);
         }
+    }
+
+    fn drop_source(&mut self, i: usize, reason: DropReason) {
+        if self.sources[i].phase == Phase::Gone {
+            return;
+        }
+        self.unassign_all(i);
         // Partial blocks that hold bytes from this source are suspect.
         let bit = 1u64 << i;
         let suspect: Vec<u64> = self
@@ -951,15 +956,7 @@ impl Fetch {
             }
             self.sources[i].strikes = strikes;
             self.sources[i].last_data = now;
-            let mine: Vec<u64> = self
-                .inflight
-                .iter()
-                .filter(|(_, f)| f.sources.contains(&i))
-                .map(|(b, _)| *b)
-                .collect();
-            for b in mine {
-                self.unassign(b, i);
-            }
+            self.unassign_all(i);
             if self.table_fetch.as_ref().is_some_and(|(src, _, _)| *src == i) {
                 self.sources[i].want_table = true; // the table request or its data was lost: ask again
             }
