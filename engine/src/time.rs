@@ -62,10 +62,6 @@ impl Clock {
     pub fn now(&self) -> Time {
         Time(self.epoch.elapsed().as_micros() as u64)
     }
-    /// The real instant corresponding to `t`.
-    pub fn instant(&self, t: Time) -> std::time::Instant {
-        self.epoch + Duration::from_micros(t.0)
-    }
 }
 
 impl Default for Clock {

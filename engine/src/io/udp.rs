@@ -110,19 +110,6 @@ impl Socket {
         Ok(Self { fd, local, gso, gro })
     }
 
-    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        let fd = self.as_raw_fd();
-        // SAFETY: fcntl on our own fd.
-        let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
-        let flags = if on {
-            flags | libc::O_NONBLOCK
-        } else {
-            flags & !libc::O_NONBLOCK
-        };
-        // SAFETY: as above.
-        cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) }).map(|_| ())
-    }
-
     fn probe_gso(fd: RawFd) -> bool {
         let mut v: libc::c_int = 0;
         let mut len = size_of::<libc::c_int>() as libc::socklen_t;

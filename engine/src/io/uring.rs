@@ -63,8 +63,6 @@ pub struct Uring {
     zc_active: bool,
     zc_notifs: u32,
     zc_copied: u32,
-    /// Log line when the zero-copy decision changes.
-    pub zc_note: Option<String>,
 }
 
 impl Uring {
@@ -90,7 +88,6 @@ impl Uring {
             zc_active: zc != ZeroCopy::Off,
             zc_notifs: 0,
             zc_copied: 0,
-            zc_note: None,
         };
         me.arm_poll()?;
         me.ring.submit()?;
@@ -153,30 +150,24 @@ impl Uring {
     }
 
     fn decide_zc(&mut self) {
-        if self.zc == ZeroCopy::Auto && self.zc_active && self.zc_notifs >= ZC_PROBE_NOTIFS {
-            if self.zc_copied * 10 >= self.zc_notifs * 9 {
-                self.zc_active = false;
-                self.zc_note = Some(format!(
-                    "zero-copy send: the kernel copied {} of {} sends on this route (loopback/veth do); using plain sends",
-                    self.zc_copied, self.zc_notifs
-                ));
-            } else {
-                self.zc = ZeroCopy::On;
-                self.zc_note = Some(format!(
-                    "zero-copy send: {} of {} sends avoided the copy; keeping it",
-                    self.zc_notifs - self.zc_copied,
-                    self.zc_notifs
-                ));
-            }
-            if let Some(note) = &self.zc_note {
-                tracing::info!("{note}");
-            }
+        if self.zc != ZeroCopy::Auto || !self.zc_active || self.zc_notifs < ZC_PROBE_NOTIFS {
+            return;
         }
-    }
-
-    /// True while zero-copy sends are in use.
-    pub fn zero_copy_active(&self) -> bool {
-        self.zc_active
+        if self.zc_copied * 10 >= self.zc_notifs * 9 {
+            self.zc_active = false;
+            tracing::info!(
+                "zero-copy send: the kernel copied {} of {} sends on this route (loopback/veth do); using plain sends",
+                self.zc_copied,
+                self.zc_notifs
+            );
+        } else {
+            self.zc = ZeroCopy::On;
+            tracing::info!(
+                "zero-copy send: {} of {} sends avoided the copy; keeping it",
+                self.zc_notifs - self.zc_copied,
+                self.zc_notifs
+            );
+        }
     }
 }
 

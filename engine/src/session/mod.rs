@@ -41,14 +41,6 @@ impl Transmit {
             segment_size: None,
         }
     }
-
-    /// Number of datagrams this transmit carries.
-    pub fn segments(&self) -> usize {
-        match self.segment_size {
-            Some(s) => self.len.div_ceil(s),
-            None => 1,
-        }
-    }
 }
 
 /// What a server holds: the capability to look up and read content. The
@@ -78,11 +70,6 @@ pub trait Library {
         }
         Ok(())
     }
-}
-
-/// Payload bytes per datagram for a path MTU: MTU minus IPv4 (20) and UDP (8) headers and our data header.
-pub fn payload_for_mtu(mtu: usize) -> usize {
-    mtu - 28 - crate::wire::DATA_HEADER_BYTES
 }
 
 /// Payload per datagram on a standard 1500-byte Ethernet MTU.
