@@ -21,21 +21,8 @@ use lowtide_engine::content::{BlockTable, CHUNK_BYTES};
 const CONTENT_BYTES: usize = 64 << 20;
 const BLOCK_LOGS: [u8; 5] = [2, 3, 4, 5, 6];
 
-fn content(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn table(c: &mut Criterion<ThreadCpuTime>) {
-    let data = content(CONTENT_BYTES);
+    let data = lowtide_benches::content(0x9E37_79B9_7F4A_7C15, CONTENT_BYTES);
     let mut g = c.benchmark_group("table_64MiB");
     g.sample_size(10)
         .sampling_mode(SamplingMode::Flat)
@@ -58,7 +45,7 @@ fn table(c: &mut Criterion<ThreadCpuTime>) {
 
 fn verify(c: &mut Criterion<ThreadCpuTime>) {
     // 4 MiB is enough for many blocks of every size; verification cost does not depend on the content size.
-    let data = content(4 << 20);
+    let data = lowtide_benches::content(0x9E37_79B9_7F4A_7C15, 4 << 20);
     let mut g = c.benchmark_group("verify_block");
     g.sample_size(20)
         .measurement_time(Duration::from_secs(2))

@@ -79,19 +79,6 @@ fn controller(c: &mut Criterion<ThreadCpuTime>) {
     g.finish();
 }
 
-fn content(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Build a simulator with one server holding `data` and one fetcher; run the fetch
 /// to completion. Returns (CPU time of the run, simulated time it took).
 fn sim_transfer(data: &[u8], table: &BlockTable) -> (Duration, Duration) {
@@ -115,7 +102,7 @@ fn sim_transfer(data: &[u8], table: &BlockTable) -> (Duration, Duration) {
 
 fn simulated(c: &mut Criterion<ThreadCpuTime>) {
     const BYTES: usize = 64 << 20;
-    let data = content(BYTES);
+    let data = lowtide_benches::content(0x2545_F491_4F6C_DD1D, BYTES);
     let table = BlockTable::from_bytes(&data, 4);
     let (cpu, simulated) = sim_transfer(&data, &table);
     eprintln!(
