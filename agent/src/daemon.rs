@@ -592,6 +592,11 @@ async fn serve_conn(sh: Arc<Shared>, conn: UnixStream) -> anyhow::Result<()> {
                 Err(e) => Err(anyhow!("the download task failed: {e}")),
             }
         }
+        Request::Resolve { name, version } => sh
+            .client
+            .resolve(&sh.cred.credential, &name, version.as_deref())
+            .await
+            .map(|r| serde_json::json!({"content": r.id, "name": r.name, "version": r.version})),
         Request::Status => status(&sh).await,
         Request::Peers => peers(&sh).await,
         Request::CacheLs => sh

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use lowtide_agent::config::Config;
-use lowtide_agent::proto::{GetDone, Progress, Reply, Request};
+use lowtide_agent::proto::{GetDone, Progress, Reply, Request, Target};
 use lowtide_engine::content::ContentId;
 
 #[derive(Parser)]
@@ -33,9 +33,10 @@ struct Cli {
 enum Cmd {
     /// Run the agent daemon until SIGINT or SIGTERM.
     Run,
-    /// Fetch a content (by its id) through the running agent.
+    /// Fetch a content (by its id, or name[@version]) through the running agent.
     Get {
-        /// Content id: 64 hexadecimal characters (the BLAKE3 hash the server published).
+        /// Content id (64 hexadecimal characters, the BLAKE3 hash the server published), or
+        /// name[@version]: without a version, the newest one that is not retired.
         content: String,
         /// Copy the finished content to this file.
         #[arg(long)]
@@ -118,13 +119,23 @@ fn run() -> anyhow::Result<ExitCode> {
             quiet,
             json,
         } => {
-            let id: ContentId = content.parse().map_err(|_| {
-                anyhow::anyhow!(
-                    "{content:?} is not a content id (64 hexadecimal characters); looking content up by \
-                     name@version needs a server endpoint that does not exist yet, so pass the id \
-                     `lowtide-server content ls` shows"
-                )
-            })?;
+            let interactive = !quiet && std::io::stderr().is_terminal();
+            let id = match content.parse::<Target>().map_err(anyhow::Error::msg)? {
+                Target::Id(id) => id,
+                Target::Name { name, version } => {
+                    let v = call(&sock, &Request::Resolve { name, version })?;
+                    let id: ContentId = serde_json::from_value(v["content"].clone())
+                        .context("the agent's answer to the name look-up is not understood")?;
+                    if interactive {
+                        eprintln!(
+                            "{} {} is {id}",
+                            v["name"].as_str().unwrap_or(""),
+                            v["version"].as_str().unwrap_or("")
+                        );
+                    }
+                    id
+                }
+            };
             let to = match to {
                 Some(t) if t.is_relative() => Some(
                     std::env::current_dir()
@@ -133,7 +144,6 @@ fn run() -> anyhow::Result<ExitCode> {
                 ),
                 t => t,
             };
-            let interactive = !quiet && std::io::stderr().is_terminal();
             get(&sock, id, to, interactive, json)
         }
         Cmd::Status { json } => {

@@ -13,8 +13,9 @@
 //! < {"ok":{"agent_id":"…","site":"hq","transfers":[…],"bytes_by_source":{…},…}}
 //! ```
 //!
-//! Commands: `get`, `status`, `peers`, `cache_ls`, `cache_rm`, `cache_verify`,
-//! `pause`, `resume`.
+//! Commands: `get`, `resolve` (a name and optional version to a content id,
+//! asked of the server), `status`, `peers`, `cache_ls`, `cache_rm`,
+//! `cache_verify`, `pause`, `resume`.
 
 use std::path::PathBuf;
 
@@ -32,6 +33,12 @@ pub enum Request {
     Get {
         content: ContentId,
     },
+    /// The content id the server publishes under `name` (`version`, or the
+    /// highest version that is not retired). Answers `{"content", "name", "version"}`.
+    Resolve {
+        name: String,
+        version: Option<String>,
+    },
     Status,
     /// The peers the server named as sources.
     Peers,
@@ -46,6 +53,43 @@ pub enum Request {
     /// Pause serving background (WAN) transfers.
     Pause,
     Resume,
+}
+
+/// What `get` was asked for: a content id, or a name with an optional version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Id(ContentId),
+    Name { name: String, version: Option<String> },
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    /// 64 hexadecimal characters are a content id; anything else is
+    /// `name[@version]`, split at the last `@`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(id) = s.parse::<ContentId>() {
+            return Ok(Target::Id(id));
+        }
+        let (name, version) = match s.rsplit_once('@') {
+            Some((n, v)) => (n, Some(v)),
+            None => (s, None),
+        };
+        if name.trim().is_empty() {
+            return Err(format!(
+                "{s:?} names no content: give a content id (64 hexadecimal characters) or name[@version]"
+            ));
+        }
+        if version.is_some_and(|v| v.trim().is_empty()) {
+            return Err(format!(
+                "{s:?} ends in @ without a version: write {name}@VERSION, or {name} for the newest version"
+            ));
+        }
+        Ok(Target::Name {
+            name: name.to_string(),
+            version: version.map(str::to_string),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -108,5 +152,22 @@ mod tests {
         assert!(serde_json::from_str::<Request>("{\"cmd\":\"format_disk\"}").is_err());
         let e = serde_json::to_string(&Reply::Error("no".into())).unwrap();
         assert_eq!(e, "{\"error\":\"no\"}");
+    }
+
+    #[test]
+    fn target_parses_ids_and_names() {
+        let id = ContentId::of(b"x");
+        assert_eq!(id.to_string().parse::<Target>(), Ok(Target::Id(id)));
+        let t = |name: &str, v: Option<&str>| Target::Name {
+            name: name.into(),
+            version: v.map(Into::into),
+        };
+        assert_eq!("tool".parse::<Target>(), Ok(t("tool", None)));
+        assert_eq!("tool kit@1.10".parse::<Target>(), Ok(t("tool kit", Some("1.10"))));
+        assert_eq!("a@b@2".parse::<Target>(), Ok(t("a@b", Some("2"))), "the last @ splits");
+        let e = "tool@".parse::<Target>().unwrap_err();
+        assert!(e.contains("tool@VERSION"), "{e}");
+        assert!("@1.0".parse::<Target>().unwrap_err().contains("name[@version]"));
+        assert!("".parse::<Target>().is_err());
     }
 }

@@ -121,6 +121,14 @@ pub struct SourcesAnswer {
     pub sources: Vec<Source>,
 }
 
+/// What a name look-up answers (the server's content record; more fields are ignored).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Resolved {
+    pub id: ContentId,
+    pub name: String,
+    pub version: String,
+}
+
 /// What the server signs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Manifest {
@@ -304,6 +312,22 @@ impl Client {
                 &what,
             )
             .await?;
+        Self::json(r, &what).await
+    }
+
+    /// The content published as `name` (`version`, or the highest version not retired).
+    pub async fn resolve(&self, cred: &str, name: &str, version: Option<&str>) -> anyhow::Result<Resolved> {
+        let what = match version {
+            Some(v) => format!("looking up {name}@{v}"),
+            None => format!("looking up {name}"),
+        };
+        let mut url = reqwest::Url::parse(&self.base).with_context(|| format!("server_url {:?}", self.base))?;
+        url.path_segments_mut()
+            .map_err(|()| anyhow!("server_url {} cannot take a path", self.base))?
+            .pop_if_empty()
+            .extend(["v1", "names", name])
+            .extend(version);
+        let r = self.send(self.http.get(url).bearer_auth(cred), &what).await?;
         Self::json(r, &what).await
     }
 

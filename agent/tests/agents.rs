@@ -3,8 +3,9 @@
 //! from their peers (a child site's from the parent site's RVP, in the
 //! background); peers that lie, refuse, hold part of it, vanish or are killed
 //! mid-transfer cost nothing but origin bytes; partial content survives a
-//! restart; and bad input (an unknown id, a name, a manifest signed by another
-//! key, a full store, a bad token) gives clear errors and corrupts nothing.
+//! restart; content is fetched by name[@version] as well as by id; and bad
+//! input (an unknown id or name, a manifest signed by another key, a full
+//! store, a bad token) gives clear errors and corrupts nothing.
 
 mod common;
 
@@ -183,9 +184,9 @@ fn agents_bad_input_gives_clear_errors() {
     assert!(e.contains(&unknown.to_string()) && e.contains("404"), "{e}");
     assert!(!root.path().join("u").exists());
 
-    // Not a content id: says what to pass instead.
+    // Not a content id and not a name the server knows: says what there is.
     let e = a.fails(&["get", "tool@1.0"]);
-    assert!(e.contains("not a content id") && e.contains("name@version"), "{e}");
+    assert!(e.contains("no content named \"tool\"") && e.contains("404"), "{e}");
 
     // A package bigger than the store: refused before any transfer, nothing left behind.
     let e = a.fails(&[
@@ -558,4 +559,36 @@ fn agents_pick_up_peers_that_got_the_content_meanwhile() {
     assert_eq!(r["bytes_from_peers"], bytes.len() as u64, "{r}");
     let c_udp = c.status()["udp"].as_str().unwrap().to_string();
     assert!(r["sources"].to_string().contains(&c_udp), "c is among b's sources: {r}");
+}
+
+#[test]
+fn agents_get_by_name_and_version() {
+    let srv = Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let (old, new, newest) = (data(50_000, 21), data(60_000, 22), data(70_000, 23));
+    srv.publish(&old, "tool kit", "1.9");
+    let newest_id = srv.publish(&newest, "tool kit", "1.10");
+    srv.publish(&new, "tool kit", "1.2");
+    let a = Agent::start(&srv, root.path(), "a", 64);
+    let get = |target: &str, file: &str| -> serde_json::Value {
+        let to = root.path().join(file);
+        let v = serde_json::from_str(&a.ok(&["get", target, "--to", to.to_str().unwrap(), "--json"])).unwrap();
+        v
+    };
+    // No version: the highest (1.10 sorts after 1.9), whatever the publish order.
+    let r = get("tool kit", "latest.bin");
+    assert_eq!(r["version"], "1.10", "{r}");
+    assert_eq!(r["content"], newest_id.to_string().as_str());
+    assert_eq!(std::fs::read(root.path().join("latest.bin")).unwrap(), newest);
+    let r = get("tool kit@1.9", "old.bin");
+    assert_eq!(r["version"], "1.9", "{r}");
+    assert_eq!(std::fs::read(root.path().join("old.bin")).unwrap(), old);
+    // Unknown version: the versions there are; unknown name; a dangling @: caught before asking.
+    let e = a.fails(&["get", "tool kit@3", "--to", root.path().join("x").to_str().unwrap()]);
+    assert!(e.contains("1.2, 1.9, 1.10") && e.contains("404"), "{e}");
+    let e = a.fails(&["get", "no-such-tool"]);
+    assert!(e.contains("no content named \"no-such-tool\""), "{e}");
+    let e = a.fails(&["get", "tool kit@"]);
+    assert!(e.contains("tool kit@VERSION"), "{e}");
+    assert!(!root.path().join("x").exists());
 }

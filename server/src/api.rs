@@ -237,6 +237,20 @@ async fn table(State(app): State<Arc<App>>, h: HeaderMap, Path(id): Path<String>
         .into_response())
 }
 
+async fn resolve_latest(State(app): State<Arc<App>>, h: HeaderMap, Path(name): Path<String>) -> ApiResult {
+    agent(&app, &h).await?;
+    json(&app.store.resolve_name(&name, None).await?)
+}
+
+async fn resolve_version(
+    State(app): State<Arc<App>>,
+    h: HeaderMap,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult {
+    agent(&app, &h).await?;
+    json(&app.store.resolve_name(&name, Some(&version)).await?)
+}
+
 async fn server_key(State(app): State<Arc<App>>) -> ApiResult {
     json(&serde_json::json!({"public_key": app.public_key}))
 }
@@ -447,6 +461,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/content/{id}/sources", get(sources))
         .route("/v1/content/{id}/manifest", get(manifest))
         .route("/v1/content/{id}/table", get(table))
+        .route("/v1/names/{name}", get(resolve_latest))
+        .route("/v1/names/{name}/{version}", get(resolve_version))
         .route("/v1/server-key", get(server_key))
         .route("/files/{id}", get(files))
         .route("/v1/admin/content", get(content_ls).post(content_publish))

@@ -68,6 +68,20 @@ pub const ROUTES: &[(&str, &str, Auth, Option<&str>, &str)] = &[
     ),
     (
         "get",
+        "/v1/names/{name}",
+        Auth::Agent,
+        None,
+        "The content id of the highest version of a name that is not retired (404 unknown, 410 all retired)",
+    ),
+    (
+        "get",
+        "/v1/names/{name}/{version}",
+        Auth::Agent,
+        None,
+        "The content id of one version of a name (404 unknown, 410 retired)",
+    ),
+    (
+        "get",
         "/v1/server-key",
         Auth::None,
         None,
@@ -234,7 +248,7 @@ pub fn document() -> Value {
         let err = json!({"description": "the reason, in words", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
         op.insert(
             "responses".into(),
-            json!({"200": {"description": "success"}, "400": err, "401": err, "403": err, "404": err, "413": err, "422": err}),
+            json!({"200": {"description": "success"}, "400": err, "401": err, "403": err, "404": err, "410": err, "413": err, "422": err}),
         );
         let entry = paths
             .entry(path.to_string())

@@ -523,6 +523,44 @@ fn split_secret<'a>(s: &'a str, prefix: &str, what: &str) -> Result<(&'a str, &'
     Ok((id, secret))
 }
 
+/// Order version strings as people read them: split into runs of digits and
+/// of other characters, digits compared as numbers (`1.10` after `1.9`), the
+/// rest as text; a version that is a prefix of another sorts first.
+pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(s: &str) -> impl Iterator<Item = (bool, &str)> {
+        let mut rest = s;
+        std::iter::from_fn(move || {
+            let first = rest.chars().next()?;
+            let digit = first.is_ascii_digit();
+            let end = rest.find(|c: char| c.is_ascii_digit() != digit).unwrap_or(rest.len());
+            let (head, tail) = rest.split_at(end);
+            rest = tail;
+            Some((digit, head))
+        })
+    }
+    let (mut x, mut y) = (parts(a), parts(b));
+    loop {
+        match (x.next(), y.next()) {
+            (None, None) => return a.cmp(b),
+            (None, Some(_)) => return std::cmp::Ordering::Less,
+            (Some(_), None) => return std::cmp::Ordering::Greater,
+            (Some((true, p)), Some((true, q))) => {
+                let (p, q) = (p.trim_start_matches('0'), q.trim_start_matches('0'));
+                let o = p.len().cmp(&q.len()).then_with(|| p.cmp(q));
+                if o.is_ne() {
+                    return o;
+                }
+            }
+            (Some((_, p)), Some((_, q))) => {
+                let o = p.cmp(q);
+                if o.is_ne() {
+                    return o;
+                }
+            }
+        }
+    }
+}
+
 /// Shorten input echoed back in an error.
 fn clip(s: &str) -> String {
     s.chars().take(80).collect()
@@ -848,6 +886,67 @@ impl Store {
             .fetch_one(&self.read)
             .await?;
         Ok(r.try_get(0)?)
+    }
+
+    /// The content an agent means by `name` (and `version`): with a version,
+    /// that version (the most recently published if it was published more
+    /// than once); without, the highest version by [`version_cmp`] that is not
+    /// retired. Unknown names are `NotFound`, retired ones `Gone`, each saying
+    /// which versions there are.
+    pub async fn resolve_name(&self, name: &str, version: Option<&str>) -> Result<ContentInfo> {
+        let rows = sqlx::query(
+            "SELECT id, name, version, size, block_chunks_log, origins, stored, published_ms, retired_ms FROM content \
+             WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_all(&self.read)
+        .await?;
+        let all: Vec<ContentInfo> = rows.iter().map(content_info).collect::<Result<_>>()?;
+        if all.is_empty() {
+            return Err(Error::NotFound(format!(
+                "no content named {:?} is published here; ask an administrator (`lowtide-server content ls` lists what is)",
+                clip(name)
+            )));
+        }
+        let live: Vec<&ContentInfo> = all.iter().filter(|c| c.retired_ms.is_none()).collect();
+        let mut versions: Vec<&str> = live.iter().map(|c| c.version.as_str()).collect();
+        versions.sort_by(|a, b| version_cmp(a, b));
+        versions.dedup();
+        let listed = if versions.is_empty() {
+            "none (every version was retired)".to_string()
+        } else {
+            versions.join(", ")
+        };
+        fn newest(cs: Vec<&ContentInfo>) -> Option<&ContentInfo> {
+            cs.into_iter().max_by(|a, b| {
+                version_cmp(&a.version, &b.version)
+                    .then(a.published_ms.cmp(&b.published_ms))
+                    .then(a.id.to_string().cmp(&b.id.to_string()))
+            })
+        }
+        match version {
+            Some(v) => {
+                if let Some(c) = newest(live.iter().copied().filter(|c| c.version == v).collect()) {
+                    return Ok(c.clone());
+                }
+                let msg = format!("{:?} version {:?}", clip(name), clip(v));
+                if all.iter().any(|c| c.version == v) {
+                    Err(Error::Gone(format!(
+                        "{msg} was retired; versions that can be fetched: {listed}"
+                    )))
+                } else {
+                    Err(Error::NotFound(format!(
+                        "no {msg} is published here; versions that can be fetched: {listed}"
+                    )))
+                }
+            }
+            None => newest(live).cloned().ok_or_else(|| {
+                Error::Gone(format!(
+                    "every version of {:?} was retired; an administrator can publish it again",
+                    clip(name)
+                ))
+            }),
+        }
     }
 
     pub async fn retire_content(&self, id: &ContentId, now_ms: i64) -> Result<ContentInfo> {
@@ -1783,5 +1882,23 @@ impl Store {
             wan_down_kbps: site.and_then(|s| s.wan_down_kbps),
             sources,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_cmp;
+    use std::cmp::Ordering::*;
+
+    #[test]
+    fn version_cmp_reads_numbers_as_numbers() {
+        assert_eq!(version_cmp("1.10", "1.9"), Greater);
+        assert_eq!(version_cmp("1.2", "1.2.1"), Less);
+        assert_eq!(version_cmp("2.0", "10.0"), Less);
+        assert_eq!(version_cmp("1.0-rc1", "1.0-rc2"), Less);
+        assert_eq!(version_cmp("1.01", "1.1"), Less, "equal numbers fall back to the text");
+        assert_eq!(version_cmp("abc", "abd"), Less);
+        assert_eq!(version_cmp("", "0"), Less);
+        assert_eq!(version_cmp("2026.11.21", "2026.11.21"), Equal);
     }
 }

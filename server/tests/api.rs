@@ -734,7 +734,11 @@ async fn metrics_openapi_and_every_route(db: Db) {
     // Every documented route exists: the router answers with our JSON, not its empty 404/405.
     let cid = ContentId::of(b"x").to_string();
     for (method, path, ..) in lowtide_server::openapi::ROUTES {
-        let p = path.replace("{id}", &cid).replace("{site}", "hq");
+        let p = path
+            .replace("{id}", &cid)
+            .replace("{site}", "hq")
+            .replace("{name}", "app")
+            .replace("{version}", "1");
         let r = h.req(&method.to_uppercase(), &p, None, Some(b"{}".to_vec()), &[]).await;
         assert!(
             !r.body.is_empty() || r.status == 204,
@@ -743,6 +747,72 @@ async fn metrics_openapi_and_every_route(db: Db) {
         );
         assert_ne!(r.status, 405, "{method} {path}");
     }
+    h.finish().await;
+}
+
+async fn names_resolve_to_the_newest_live_version(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let publish = |version: &'static str, seed: u8| {
+        let h = &h;
+        async move {
+            let p = h.db.dir.path().join(format!("tool-{version}.pkg"));
+            std::fs::write(&p, data(20_000, seed)).unwrap();
+            let r = h
+                .send(
+                    "POST",
+                    "/v1/admin/content",
+                    Some(ADMIN),
+                    &json!({"name": "tool kit", "version": version, "path": p}),
+                )
+                .await;
+            assert_eq!(r.status, 201, "{}", r.text());
+            r.json()["id"].as_str().unwrap().to_string()
+        }
+    };
+    let v9 = publish("1.9", 1).await;
+    let v10 = publish("1.10", 2).await;
+    let v2 = publish("1.2", 3).await;
+    let tok = h.token(1).await;
+    let (_, cred) = h.enrol(&tok, "pc").await;
+    // Without a version: the highest one (1.10 > 1.9 > 1.2), whatever the publish order.
+    let r = h.get("/v1/names/tool%20kit", Some(&cred)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["id"], v10.as_str());
+    assert_eq!(r.json()["version"], "1.10");
+    let r = h.get("/v1/names/tool%20kit/1.9", Some(&cred)).await;
+    assert_eq!(r.json()["id"], v9.as_str());
+    // Retiring the newest makes the next one the answer; asking for it by version says it was retired.
+    let r = h
+        .send(
+            "POST",
+            &format!("/v1/admin/content/{v10}/retire"),
+            Some(ADMIN),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        h.get("/v1/names/tool%20kit", Some(&cred)).await.json()["id"],
+        v9.as_str()
+    );
+    assert_4xx(&h.get("/v1/names/tool%20kit/1.10", Some(&cred)).await, 410, "retired");
+    // Unknown names and versions: 404 naming what there is.
+    let r = h.get("/v1/names/tool%20kit/3.0", Some(&cred)).await;
+    assert_4xx(&r, 404, "1.2, 1.9");
+    assert_4xx(&h.get("/v1/names/nope", Some(&cred)).await, 404, "no content named");
+    // Every version retired: 410.
+    for id in [&v9, &v2] {
+        h.send(
+            "POST",
+            &format!("/v1/admin/content/{id}/retire"),
+            Some(ADMIN),
+            &json!({}),
+        )
+        .await;
+    }
+    assert_4xx(&h.get("/v1/names/tool%20kit", Some(&cred)).await, 410, "every version");
+    // Agents only.
+    assert_eq!(h.get("/v1/names/tool%20kit", None).await.status, 401);
     h.finish().await;
 }
 
@@ -851,4 +921,5 @@ both!(
     inventory_and_traffic,
     metrics_openapi_and_every_route,
     two_servers_share_one_database,
+    names_resolve_to_the_newest_live_version,
 );
