@@ -5,7 +5,7 @@
 //! ```toml
 //! server_url = "https://lowtide.example.org"   # the Lowtide server's HTTP API
 //! enrol_token = "lte1...."                      # used once, on first start
-//! deployment_secret = "long shared passphrase"  # P2P packet key, the same on every agent
+//! deployment_secret = "long shared passphrase"  # optional: overrides the P2P key the server hands out
 //! state_dir = "/var/lib/lowtide"                # credential, control socket, store/ by default
 //! store_dir = "/var/cache/lowtide/store"        # the content store (default: <state_dir>/store)
 //! listen = "0.0.0.0:4500"                       # UDP address peers fetch from
@@ -22,8 +22,10 @@
 //! metrics_listen = "127.0.0.1:9464"             # Prometheus /metrics over HTTP (off when absent)
 //! ```
 //!
-//! The server does not hand out a P2P key at enrolment yet, so every agent of
-//! a deployment is configured with the same `deployment_secret`.
+//! The P2P deployment key comes from the server at enrolment and with every
+//! heartbeat (over TLS when `server_url` is https). `deployment_secret`
+//! overrides it: then every agent of the deployment needs the same passphrase,
+//! and agents keyed by the server cannot talk to these.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -45,7 +47,7 @@ pub struct Config {
     pub server_url: Option<String>,
     /// Enrolment token, used once; afterwards the credential in `state_dir` is used.
     pub enrol_token: Option<String>,
-    /// Passphrase the P2P deployment key is derived from (the same on every agent).
+    /// Passphrase the P2P deployment key is derived from, instead of the key the server hands out.
     pub deployment_secret: Option<String>,
     /// Credential, control socket and (unless `store_dir` says otherwise) the content store.
     pub state_dir: PathBuf,
@@ -231,18 +233,13 @@ impl Config {
         Ok(())
     }
 
-    /// What `run` needs on top of what every command needs.
-    pub fn check_for_daemon(&self) -> anyhow::Result<(&str, &str)> {
+    /// What `run` needs on top of what every command needs: the server URL and the
+    /// deployment secret that overrides the server's key, if any.
+    pub fn check_for_daemon(&self) -> anyhow::Result<(&str, Option<&str>)> {
         let Some(url) = self.server_url.as_deref() else {
             bail!("no server_url: set it in the config file ({CONFIG_PATH_DEFAULT} by default) or LOWTIDE_SERVER_URL");
         };
-        let Some(secret) = self.deployment_secret.as_deref() else {
-            bail!(
-                "no deployment_secret: set it in the config file or LOWTIDE_DEPLOYMENT_SECRET, \
-                 the same passphrase on every agent (it keys the P2P packets)"
-            );
-        };
-        Ok((url.trim_end_matches('/'), secret))
+        Ok((url.trim_end_matches('/'), self.deployment_secret.as_deref()))
     }
 
     pub fn store_dir(&self) -> PathBuf {
@@ -305,8 +302,7 @@ mod tests {
         let e = cfg.check_for_daemon().unwrap_err();
         assert!(e.to_string().contains("LOWTIDE_SERVER_URL"), "{e}");
         let cfg = load_env(|k| (k == "LOWTIDE_SERVER_URL").then(|| "http://s".into())).unwrap();
-        let e = cfg.check_for_daemon().unwrap_err();
-        assert!(e.to_string().contains("LOWTIDE_DEPLOYMENT_SECRET"), "{e}");
+        assert_eq!(cfg.check_for_daemon().unwrap(), ("http://s", None));
         let e = load_env(|k| (k == "LOWTIDE_SERVER_URL").then(|| "ftp://s".into())).unwrap_err();
         assert!(e.to_string().contains("http://"), "{e}");
     }

@@ -61,6 +61,42 @@ pub struct Credential {
     /// The server's Ed25519 manifest key, pinned at enrolment.
     pub server_public_key: String,
     pub heartbeat_secs: u64,
+    /// The P2P deployment keys (hex) the server last handed out, kept so the agent serves
+    /// and fetches from peers while the server is unreachable.
+    #[serde(default)]
+    pub deployment_key: Option<String>,
+    #[serde(default)]
+    pub deployment_key_previous: Option<String>,
+}
+
+/// The engine's keys: from `deployment_secret` when set (it overrides the server), else
+/// the server's `current` and `previous` (hex).
+pub fn p2p_keys(
+    secret: Option<&str>,
+    current: Option<&str>,
+    previous: Option<&str>,
+) -> anyhow::Result<lowtide_engine::wire::Keys> {
+    use lowtide_engine::wire::Keys;
+    if let Some(s) = secret {
+        return Ok(Keys::new(DeploymentKey::derive(s.as_bytes())));
+    }
+    let parse = |h: &str| -> anyhow::Result<DeploymentKey> {
+        let mut k = [0u8; 32];
+        hex::decode_to_slice(h, &mut k).map_err(|_| {
+            anyhow!("the deployment key from the server is not 64 hex characters; delete the credential file and enrol again")
+        })?;
+        Ok(DeploymentKey(k))
+    };
+    let Some(current) = current else {
+        bail!(
+            "the server handed out no P2P deployment key (a server older than this agent?): \
+             upgrade the server, or set deployment_secret (LOWTIDE_DEPLOYMENT_SECRET) to the same passphrase on every agent"
+        );
+    };
+    Ok(Keys {
+        current: parse(current)?,
+        previous: previous.map(parse).transpose()?,
+    })
 }
 
 /// Write `bytes` to `path` atomically with mode 0600.
@@ -116,6 +152,8 @@ async fn load_or_enrol(cfg: &Config, client: &Client, hostname: &str) -> anyhow:
         credential: e.credential,
         server_public_key: e.server_public_key,
         heartbeat_secs: e.heartbeat_secs,
+        deployment_key: e.deployment_key,
+        deployment_key_previous: e.deployment_key_previous,
     };
     write_private(&path, &serde_json::to_vec_pretty(&c)?)?;
     tracing::info!(agent = %c.agent_id, "enrolled; credential kept in {}", path.display());
@@ -170,6 +208,8 @@ struct Shared {
     /// One download per content at a time; a second `get` waits for the first.
     locks: Mutex<HashMap<ContentId, Arc<tokio::sync::Mutex<()>>>>,
     inventory_now: tokio::sync::Notify,
+    /// The server's deployment keys (current, previous) the engine runs with.
+    server_keys: Mutex<(Option<String>, Option<String>)>,
 }
 
 impl Shared {
@@ -181,7 +221,6 @@ impl Shared {
 /// Run the daemon until SIGINT or SIGTERM.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (url, secret) = cfg.check_for_daemon()?;
-    let key = DeploymentKey::derive(secret.as_bytes());
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
         format!(
             "creating the state directory {} (set state_dir or LOWTIDE_STATE_DIR to a writable place)",
@@ -194,6 +233,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         bail!(
             "another lowtide-agent is running with this state directory (its socket {} answers)",
             sock.display()
+        );
+    }
+    // Enrol (or read the credential) first: the engine is keyed with what the server hands out.
+    let client = Client::new(url)?;
+    let hostname = if cfg.hostname.is_empty() {
+        facts::hostname()
+    } else {
+        cfg.hostname.clone()
+    };
+    let cred = load_or_enrol(&cfg, &client, &hostname).await?;
+    let keys = p2p_keys(
+        secret,
+        cred.deployment_key.as_deref(),
+        cred.deployment_key_previous.as_deref(),
+    )?;
+    if secret.is_some() {
+        tracing::info!("P2P packets keyed by deployment_secret from the config (the server's key is not used)");
+    } else if url.starts_with("http://") {
+        tracing::warn!(
+            "server_url is http://: the P2P deployment key and credentials cross the network in clear; use https"
         );
     }
     // The endpoint is not Send: it is opened on the engine thread, which reports how that went.
@@ -212,7 +271,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .and_then(|store| {
                     Endpoint::bind(
                         listen,
-                        key,
+                        keys.current.clone(),
                         store,
                         EndpointConfig {
                             driver,
@@ -223,7 +282,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     .with_context(|| format!("starting the engine on UDP {listen} (change listen or LOWTIDE_LISTEN)"))
                 });
             match ep {
-                Ok(ep) => {
+                Ok(mut ep) => {
+                    ep.set_keys(keys);
                     let _ = up_tx.send(Ok(ep.local_addr()));
                     worker::run(ep, rx)
                 }
@@ -239,13 +299,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let engine = Handle::new(tx);
 
     let started = async {
-        let client = Client::new(url)?;
-        let hostname = if cfg.hostname.is_empty() {
-            facts::hostname()
-        } else {
-            cfg.hostname.clone()
-        };
-        let cred = load_or_enrol(&cfg, &client, &hostname).await?;
         let metrics = match cfg.metrics_listen {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -255,10 +308,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             None => None,
         };
         let listener = bind_socket(&cfg.socket_path())?;
-        anyhow::Ok((client, hostname, cred, metrics, listener))
+        anyhow::Ok((metrics, listener))
     }
     .await;
-    let (client, hostname, cred, metrics_listener, listener) = match started {
+    let (metrics_listener, listener) = match started {
         Ok(v) => v,
         Err(e) => {
             engine.send(Cmd::Stop);
@@ -269,6 +322,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let sock_path = cfg.socket_path();
     let sh = Arc::new(Shared {
         http: server::http_client()?,
+        server_keys: Mutex::new((cred.deployment_key.clone(), cred.deployment_key_previous.clone())),
         cfg,
         client,
         cred,
@@ -383,6 +437,7 @@ async fn gather_facts(sh: &Shared) -> anyhow::Result<Facts> {
 async fn heartbeat_once(sh: &Shared) -> anyhow::Result<u64> {
     let f = gather_facts(sh).await?;
     let r = sh.client.heartbeat(&sh.cred.credential, &f).await?;
+    update_keys(sh, &r.deployment_key, &r.deployment_key_previous)?;
     let report = {
         let mut st = sh.state();
         if st.site != r.site {
@@ -403,6 +458,26 @@ async fn heartbeat_once(sh: &Shared) -> anyhow::Result<u64> {
         }
     }
     Ok(r.heartbeat_secs)
+}
+
+/// The server rotated the deployment key: keep the new keys in the credential file and
+/// key the engine with them (unless `deployment_secret` overrides the server's key).
+fn update_keys(sh: &Shared, current: &Option<String>, previous: &Option<String>) -> anyhow::Result<()> {
+    if sh.cfg.deployment_secret.is_some() || current.is_none() {
+        return Ok(());
+    }
+    let new = (current.clone(), previous.clone());
+    if *sh.server_keys.lock().unwrap_or_else(|p| p.into_inner()) == new {
+        return Ok(());
+    }
+    let keys = p2p_keys(None, current.as_deref(), previous.as_deref())?;
+    let mut c = sh.cred.clone();
+    (c.deployment_key, c.deployment_key_previous) = new.clone();
+    write_private(&sh.cfg.credential_path(), &serde_json::to_vec_pretty(&c)?)?;
+    sh.engine.send(Cmd::SetKeys(keys));
+    *sh.server_keys.lock().unwrap_or_else(|p| p.into_inner()) = new;
+    tracing::info!("the server rotated the P2P deployment key; the engine uses the new one");
+    Ok(())
 }
 
 async fn heartbeat_loop(sh: Arc<Shared>) {

@@ -27,6 +27,11 @@ pub struct Enrolled {
     pub credential: String,
     pub server_public_key: String,
     pub heartbeat_secs: u64,
+    /// The P2P deployment key (64 hex); absent from servers older than the key hand-out.
+    #[serde(default)]
+    pub deployment_key: Option<String>,
+    #[serde(default)]
+    pub deployment_key_previous: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -50,6 +55,10 @@ pub struct HeartbeatReply {
     pub site: Option<String>,
     pub site_kind: Option<String>,
     pub heartbeat_secs: u64,
+    #[serde(default)]
+    pub deployment_key: Option<String>,
+    #[serde(default)]
+    pub deployment_key_previous: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

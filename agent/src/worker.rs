@@ -116,6 +116,8 @@ pub enum Cmd {
         reply: Reply<PathBuf>,
     },
     Pause(bool),
+    /// Key the engine with new deployment keys (the server rotated them).
+    SetKeys(lowtide_engine::wire::Keys),
     Snapshot {
         reply: Reply<Snapshot>,
     },
@@ -271,6 +273,7 @@ fn handle(ep: &mut Endpoint, cmd: Cmd) -> bool {
             let _ = reply.send(r);
         }
         Cmd::Pause(p) => ep.server.set_background_paused(p),
+        Cmd::SetKeys(k) => ep.set_keys(k),
         Cmd::Snapshot { reply } => {
             let _ = reply.send(Ok(snapshot(ep)));
         }

@@ -21,7 +21,7 @@ use crate::session::serve::{Server, ServerConfig};
 use crate::session::Transmit;
 use crate::store::{CommitJob, Store, StoreError};
 use crate::time::{Clock, Time};
-use crate::wire::{self, DeploymentKey, DropCounters, Packet};
+use crate::wire::{DeploymentKey, DropCounters, Keys, Packet};
 
 /// Which driver to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +101,7 @@ pub struct FetchProgress {
 
 pub struct Endpoint {
     driver: Box<dyn Driver>,
-    key: DeploymentKey,
+    keys: Keys,
     clock: Clock,
     cfg: EndpointConfig,
     pub server: Server,
@@ -195,7 +195,7 @@ impl Endpoint {
             loose: std::collections::HashSet::new(),
             server: Server::new(key.clone(), cfg.server.clone(), seed),
             driver,
-            key,
+            keys: Keys::new(key),
             clock: Clock::new(),
             cfg,
             store,
@@ -224,6 +224,19 @@ impl Endpoint {
         self.clock.now()
     }
 
+    /// Change the deployment keys (the server rotated them): everything sent from now on
+    /// is signed with `keys.current`; datagrams under `keys.previous` are still accepted,
+    /// and sessions a peer opened under it are answered under it.
+    pub fn set_keys(&mut self, keys: Keys) {
+        if keys.current != self.keys.current {
+            self.server.set_key(keys.current.clone());
+            for f in &mut self.fetches {
+                f.set_key(keys.current.clone());
+            }
+        }
+        self.keys = keys;
+    }
+
     /// Start fetching `id` from `sources`. With a `table` (from the server), every
     /// block already in the store is kept; without one, the table is fetched from a source.
     pub fn start_fetch(
@@ -243,7 +256,7 @@ impl Endpoint {
             .map(|t| (t.clone(), self.store.have(&id).expect("table implies entry").clone()));
         self.store.pin(id);
         self.seed = self.seed.wrapping_add(1);
-        let mut f = Fetch::new(self.key.clone(), id, cfg, known, self.seed);
+        let mut f = Fetch::new(self.keys.current.clone(), id, cfg, known, self.seed);
         let now = self.clock.now();
         for s in sources {
             f.add_source(now, *s);
@@ -395,7 +408,7 @@ impl Endpoint {
     fn receive(&mut self, wait: Duration) -> io::Result<()> {
         let Self {
             driver,
-            key,
+            keys,
             clock,
             server,
             store,
@@ -408,7 +421,7 @@ impl Endpoint {
             // the whole wait) corrupts round-trip and one-way delay samples, and the background
             // controller then sees a standing queue that is not there.
             let now = clock.now();
-            let packet = match wire::decode(key, bytes) {
+            let (packet, key) = match keys.decode(bytes) {
                 Ok(p) => p,
                 Err(e) => {
                     drops.count(&e);
@@ -417,10 +430,10 @@ impl Endpoint {
             };
             match packet {
                 Packet::Request { .. } | Packet::Ack { .. } | Packet::Cancel { .. } => {
-                    server.handle(now, from, &packet, &*store)
+                    server.handle_keyed(now, from, &packet, &*store, key)
                 }
                 Packet::Close { .. } => {
-                    server.handle(now, from, &packet, &*store);
+                    server.handle_keyed(now, from, &packet, &*store, key);
                     for f in fetches.iter_mut() {
                         f.handle(now, from, &packet);
                     }

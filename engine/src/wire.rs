@@ -105,6 +105,44 @@ impl DeploymentKey {
     }
 }
 
+/// The deployment keys an endpoint holds: `current` signs everything it
+/// sends; `previous`, kept for a while after a rotation, is still accepted on
+/// receipt so peers that have not learnt the new key yet keep working.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    pub current: DeploymentKey,
+    pub previous: Option<DeploymentKey>,
+}
+
+impl Keys {
+    pub fn new(current: DeploymentKey) -> Self {
+        Self {
+            current,
+            previous: None,
+        }
+    }
+
+    /// [`decode`] with the current key, then (only when its tag fails) with the
+    /// previous one. Returns the packet and the key that verified it.
+    pub fn decode<'a>(&self, dgram: &'a [u8]) -> Result<(Packet<'a>, &DeploymentKey), WireError> {
+        match decode(&self.current, dgram) {
+            Err(WireError::BadTag) => match &self.previous {
+                Some(prev) => decode(prev, dgram).map(|p| (p, prev)),
+                None => Err(WireError::BadTag),
+            },
+            r => r.map(|p| (p, &self.current)),
+        }
+    }
+}
+
+impl PartialEq for DeploymentKey {
+    fn eq(&self, other: &Self) -> bool {
+        ct_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for DeploymentKey {}
+
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -739,6 +777,26 @@ mod tests {
             decode(&key(), &buf[..n]).unwrap_err(),
             WireError::Malformed("ranges truncated")
         );
+    }
+
+    #[test]
+    fn keys_accept_the_previous_key_and_say_which_verified() {
+        let (old, new) = (DeploymentKey::derive(b"old"), DeploymentKey::derive(b"new"));
+        let mut buf = [0u8; 2048];
+        let f = CloseFixed {
+            reason: 0,
+            reserved: [0; 7],
+        };
+        let from_old = encode_control(&old, &mut buf, Kind::Close, 3, &f, &[]);
+        let from_old = buf[..from_old].to_vec();
+        let n = encode_control(&new, &mut buf, Kind::Close, 3, &f, &[]);
+        let mut ring = Keys::new(new.clone());
+        assert_eq!(ring.decode(&from_old).unwrap_err(), WireError::BadTag);
+        ring.previous = Some(old.clone());
+        assert_eq!(ring.decode(&from_old).unwrap().1, &old);
+        assert_eq!(ring.decode(&buf[..n]).unwrap().1, &new);
+        let stranger = encode_control(&DeploymentKey::derive(b"x"), &mut buf, Kind::Close, 3, &f, &[]);
+        assert_eq!(ring.decode(&buf[..stranger]).unwrap_err(), WireError::BadTag);
     }
 
     #[test]

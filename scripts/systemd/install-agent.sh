@@ -3,10 +3,13 @@
 #
 #   scripts/systemd/install-agent.sh [--binary PATH] [--server-url URL] [--token TOKEN] [--secret SECRET] [--start]
 #
+# --secret is optional: the P2P deployment key comes from the server; a secret
+# overrides it (then every agent needs the same one).
+#
 # Installs the binary to /usr/local/bin, the unit to /etc/systemd/system,
 # creates the `lowtide` system user and group, and writes
-# /etc/lowtide/agent.toml (root:lowtide, 0640: it holds the enrolment token
-# and the deployment secret) unless it exists. Add people who may run
+# /etc/lowtide/agent.toml (root:lowtide, 0640: it holds the enrolment token)
+# unless it exists. Add people who may run
 # `lowtide-agent get` to the `lowtide` group.
 set -eu
 
@@ -22,7 +25,7 @@ while [ $# -gt 0 ]; do
         --token) TOKEN=$2; shift 2 ;;
         --secret) SECRET=$2; shift 2 ;;
         --start) START=yes; shift ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "install-agent.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -38,15 +41,15 @@ install -m 0755 "$BIN" /usr/local/bin/lowtide-agent
 install -m 0644 "$HERE/lowtide-agent.service" /etc/systemd/system/lowtide-agent.service
 install -d -m 0755 /etc/lowtide
 if [ ! -e /etc/lowtide/agent.toml ]; then
-    [ -n "$URL" ] && [ -n "$TOKEN" ] && [ -n "$SECRET" ] || {
-        echo "install-agent.sh: /etc/lowtide/agent.toml does not exist: pass --server-url, --token and --secret to write it" >&2
+    [ -n "$URL" ] && [ -n "$TOKEN" ] || {
+        echo "install-agent.sh: /etc/lowtide/agent.toml does not exist: pass --server-url and --token to write it" >&2
         exit 1
     }
     umask 027
     cat > /etc/lowtide/agent.toml <<TOML
 server_url = "$URL"
 enrol_token = "$TOKEN"
-deployment_secret = "$SECRET"
+${SECRET:+deployment_secret = \"$SECRET\"}
 listen = "0.0.0.0:4500"
 cache_limit_mib = 10240
 TOML

@@ -166,6 +166,7 @@ struct EnrollRequest {
 
 async fn enroll(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -> ApiResult {
     let req: EnrollRequest = json_body(b, app.cfg.body_bytes_max)?;
+    let keys = app.store.deployment_keys(app.now()).await?;
     let (agent_id, credential) = app.store.enrol(&req.token, &req.hostname, app.now()).await?;
     tracing::info!(agent = %agent_id, hostname = %req.hostname, "enrolled");
     json(&Enrolled {
@@ -173,6 +174,8 @@ async fn enroll(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection>) -
         credential,
         server_public_key: app.public_key.clone(),
         heartbeat_secs: app.cfg.heartbeat_secs,
+        deployment_key: keys.current,
+        deployment_key_previous: keys.previous,
     })
 }
 
@@ -185,11 +188,14 @@ async fn heartbeat(State(app): State<Arc<App>>, h: HeaderMap, b: Result<Bytes, B
         Some(s) => app.store.topology(now).await?.site(s).map(|s| s.kind),
         None => None,
     };
+    let keys = app.store.deployment_keys(now).await?;
     json(&HeartbeatReply {
         agent_id,
         site,
         site_kind,
         heartbeat_secs: app.cfg.heartbeat_secs,
+        deployment_key: keys.current,
+        deployment_key_previous: keys.previous,
     })
 }
 
@@ -345,6 +351,13 @@ async fn tokens_revoke(State(app): State<Arc<App>>, h: HeaderMap, Path(id): Path
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+async fn deployment_key_rotate(State(app): State<Arc<App>>, h: HeaderMap) -> ApiResult {
+    admin(&app, &h)?;
+    let keys = app.store.rotate_deployment_key(app.now()).await?;
+    tracing::info!(keys = %keys, "deployment key rotated");
+    json(&serde_json::json!({"rotated": keys.to_string()}))
+}
+
 async fn agents_ls(State(app): State<Arc<App>>, h: HeaderMap) -> ApiResult {
     admin(&app, &h)?;
     json(&app.store.list_agents(app.active_since()).await?)
@@ -470,6 +483,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/admin/content/{id}/retire", post(content_retire))
         .route("/v1/admin/tokens", get(tokens_ls).post(tokens_create))
         .route("/v1/admin/tokens/{id}", axum::routing::delete(tokens_revoke))
+        .route("/v1/admin/deployment-key/rotate", post(deployment_key_rotate))
         .route("/v1/admin/agents", get(agents_ls))
         .route("/v1/admin/agents/{id}", get(agents_show))
         .route("/v1/admin/agents/{id}/revoke", post(agents_revoke))

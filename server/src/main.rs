@@ -73,6 +73,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// The P2P deployment key agents get at enrolment and with every heartbeat.
+    DeploymentKey {
+        #[command(subcommand)]
+        cmd: DeploymentKeyCmd,
+    },
     /// Enrolled agents.
     Agents {
         #[command(subcommand)]
@@ -115,6 +120,14 @@ enum TokenCmd {
     Revoke { id: String },
     /// List tokens.
     Ls,
+}
+
+#[derive(Subcommand)]
+enum DeploymentKeyCmd {
+    /// Fingerprints of the current and previous key.
+    Show,
+    /// Make a new key; the old one is still accepted until the next rotation.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -295,6 +308,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 TokenCmd::Ls => print_json(&store.list_tokens().await?)?,
             }
+        }
+        Cmd::DeploymentKey { cmd } => {
+            let store = open(&cfg).await?;
+            let keys = match cmd {
+                DeploymentKeyCmd::Show => store.deployment_keys(clock.now_ms()).await?,
+                DeploymentKeyCmd::Rotate => store.rotate_deployment_key(clock.now_ms()).await?,
+            };
+            println!("{keys}");
+            eprintln!("agents learn a new key at their next heartbeat (servers see it within 5 s)");
         }
         Cmd::Agents { cmd } => {
             let store = open(&cfg).await?;

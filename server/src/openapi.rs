@@ -132,6 +132,13 @@ pub const ROUTES: &[(&str, &str, Auth, Option<&str>, &str)] = &[
         "Revoke an enrolment token",
     ),
     (
+        "post",
+        "/v1/admin/deployment-key/rotate",
+        Auth::Admin,
+        None,
+        "Rotate the P2P deployment key (the old one stays accepted until the next rotation)",
+    ),
+    (
         "get",
         "/v1/admin/agents",
         Auth::Admin,

@@ -57,6 +57,9 @@ pub const HEARTBEAT_WRITERS_PG: usize = 4;
 pub const HEARTBEAT_QUEUE_MAX: usize = 4096;
 /// Largest byte count one traffic report may add (1 PiB).
 pub const TRAFFIC_REPORT_BYTES_MAX: u64 = 1 << 50;
+/// How long the cached deployment keys are trusted (a rotation by another server or the
+/// command line shows within this).
+pub const DEPLOYMENT_KEYS_RECHECK_MS: i64 = 5000;
 
 const SQLITE_INIT: &str = include_str!("../migrations/sqlite/0001_init.sql");
 const POSTGRES_INIT: &str = include_str!("../migrations/postgres/0001_init.sql");
@@ -80,6 +83,8 @@ pub struct Store {
     hb_tx: Arc<Vec<tokio::sync::mpsc::Sender<HbItem>>>,
     /// Content rows by id with the time they were read; trusted for [`CONTENT_RECHECK_MS`].
     content_cache: Arc<Mutex<HashMap<ContentId, (ContentInfo, i64)>>>,
+    /// The deployment keys with the time they were read; trusted for [`DEPLOYMENT_KEYS_RECHECK_MS`].
+    keys_cache: Arc<Mutex<Option<(DeploymentKeys, i64)>>>,
 }
 
 /// One heartbeat waiting for the writer.
@@ -316,6 +321,30 @@ pub struct Enrolled {
     /// The server's Ed25519 key (hex) that signs manifests.
     pub server_public_key: String,
     pub heartbeat_secs: u64,
+    /// The P2P deployment key (64 hex) the agent keys the engine with; sent only over this API.
+    pub deployment_key: String,
+    /// The key before the last rotation, still accepted from peers that have not learnt the new one.
+    pub deployment_key_previous: Option<String>,
+}
+
+/// The P2P deployment keys (hex): `current` signs every datagram; `previous`
+/// (after a rotation) is still accepted until the next rotation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeploymentKeys {
+    pub current: String,
+    pub previous: Option<String>,
+}
+
+impl std::fmt::Display for DeploymentKeys {
+    /// Fingerprints only: never the keys themselves.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fp = |k: &str| blake3::hash(k.as_bytes()).to_hex()[..12].to_string();
+        write!(f, "current {}", fp(&self.current))?;
+        match &self.previous {
+            Some(p) => write!(f, ", previous {} (still accepted)", fp(p)),
+            None => write!(f, ", no previous"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -360,6 +389,9 @@ pub struct HeartbeatReply {
     pub site: Option<String>,
     pub site_kind: Option<SiteKind>,
     pub heartbeat_secs: u64,
+    /// The P2P deployment keys, so a rotation reaches every agent within one heartbeat.
+    pub deployment_key: String,
+    pub deployment_key_previous: Option<String>,
 }
 
 /// One entry of an inventory update.
@@ -486,6 +518,10 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(b)
 }
 
+fn hexok(x: &str, n: usize) -> bool {
+    x.len() == n && x.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 fn secret_hash(secret: &str) -> String {
     blake3::hash(secret.as_bytes()).to_hex().to_string()
 }
@@ -516,7 +552,6 @@ fn split_secret<'a>(s: &'a str, prefix: &str, what: &str) -> Result<(&'a str, &'
         it.next().ok_or_else(bad)?,
         it.next().ok_or_else(bad)?,
     );
-    let hexok = |x: &str, n: usize| x.len() == n && x.bytes().all(|b| b.is_ascii_hexdigit());
     if it.next().is_some() || p != prefix || !hexok(id, 32) || !hexok(secret, 64) {
         return Err(bad());
     }
@@ -719,6 +754,7 @@ impl Store {
             backend,
             hb_tx,
             content_cache: Arc::default(),
+            keys_cache: Arc::default(),
             topo: Arc::new(Mutex::new(TopoCache {
                 version: None,
                 checked_ms: i64::MIN,
@@ -756,6 +792,64 @@ impl Store {
             Error::Upstream("meta.signing_key_v1 is not 64 hex characters; restore it from a backup".into())
         })?;
         Ok(SigningKey::from_bytes(&key))
+    }
+
+    // ---- P2P deployment key ----
+
+    /// The deployment keys, the current one created on first use and shared by every
+    /// server on this database; cached for [`DEPLOYMENT_KEYS_RECHECK_MS`].
+    pub async fn deployment_keys(&self, now_ms: i64) -> Result<DeploymentKeys> {
+        if let Some((k, at)) = &*self.keys_cache.lock().unwrap_or_else(|p| p.into_inner()) {
+            if now_ms.saturating_sub(*at) < DEPLOYMENT_KEYS_RECHECK_MS && now_ms >= *at {
+                return Ok(k.clone());
+            }
+        }
+        sqlx::query("INSERT INTO meta (key, value) VALUES ('deployment_key_v1', $1) ON CONFLICT (key) DO NOTHING")
+            .bind(random_hex(32))
+            .execute(&self.write)
+            .await?;
+        let rows =
+            sqlx::query("SELECT key, value FROM meta WHERE key IN ('deployment_key_v1', 'deployment_key_previous_v1')")
+                .fetch_all(&self.write)
+                .await?;
+        let mut keys = DeploymentKeys {
+            current: String::new(),
+            previous: None,
+        };
+        for r in rows {
+            let (k, v): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+            if !hexok(v.trim(), 64) {
+                return Err(Error::Upstream(format!(
+                    "meta.{k} is not 64 hex characters; rotate the key (`lowtide-server deployment-key rotate`) or restore it from a backup"
+                )));
+            }
+            match k.as_str() {
+                "deployment_key_v1" => keys.current = v.trim().to_string(),
+                _ => keys.previous = Some(v.trim().to_string()),
+            }
+        }
+        *self.keys_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((keys.clone(), now_ms));
+        Ok(keys)
+    }
+
+    /// Make a new current deployment key; the old one becomes `previous` (still accepted by
+    /// agents until the next rotation). Agents learn it at their next heartbeat.
+    pub async fn rotate_deployment_key(&self, now_ms: i64) -> Result<DeploymentKeys> {
+        self.deployment_keys(now_ms).await?;
+        let mut tx = self.write.begin().await?;
+        sqlx::query(
+            "INSERT INTO meta (key, value) SELECT 'deployment_key_previous_v1', value FROM meta WHERE key = 'deployment_key_v1' \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE meta SET value = $1 WHERE key = 'deployment_key_v1'")
+            .bind(random_hex(32))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        *self.keys_cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.deployment_keys(now_ms).await
     }
 
     // ---- content ----

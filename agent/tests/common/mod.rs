@@ -20,6 +20,7 @@ use lowtide_server::store::Store;
 use lowtide_server::topology::Topology;
 use serde_json::Value;
 
+/// A `deployment_secret` for agents that must not use the key the server hands out.
 pub const SECRET: &str = "agent-test-deployment-secret";
 /// Polls while waiting for an agent to come up (50 ms apart).
 const READY_POLLS_MAX: usize = 600;
@@ -92,6 +93,13 @@ impl Server {
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// Rotate the P2P deployment key as `lowtide-server deployment-key rotate` does.
+    pub fn rotate_key(&self) -> lowtide_server::store::DeploymentKeys {
+        let app = self.app.clone();
+        self.rt
+            .block_on(async move { app.store.rotate_deployment_key(app.clock.now_ms()).await.unwrap() })
     }
 
     /// Bytes the agents reported per (site, link), as the server recorded them.
@@ -209,7 +217,7 @@ impl Agent {
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("agent.toml");
         let base = format!(
-            "server_url = {:?}\nenrol_token = {:?}\ndeployment_secret = {SECRET:?}\nstate_dir = {:?}\n\
+            "server_url = {:?}\nenrol_token = {:?}\nstate_dir = {:?}\n\
              listen = \"127.0.0.1:0\"\ncache_limit_mib = {cache_limit_mib}\n\
              advertise_addresses = [\"127.0.0.1\"]\nhostname = {name:?}\npeer_stall_secs = 30\n\
              heartbeat_secs = 1\ninventory_secs = 1\ndriver = \"portable\"\n\

@@ -283,6 +283,11 @@ impl Fetch {
         self.content
     }
 
+    /// Sign what this fetch sends with `key` from now on (the deployment key was rotated).
+    pub fn set_key(&mut self, key: DeploymentKey) {
+        self.key = key;
+    }
+
     pub fn table(&self) -> Option<&BlockTable> {
         self.table.as_ref()
     }

@@ -105,6 +105,9 @@ pub struct ServerStats {
 struct Session {
     peer: SocketAddr,
     id: u32,
+    /// The deployment key the fetcher's request verified with: every answer uses it, so a
+    /// fetcher that has not learnt a rotated key yet is still served (see [`wire::Keys`]).
+    key: DeploymentKey,
     content: ContentId,
     geometry: Geometry,
     nonce: u64,
@@ -221,10 +224,30 @@ impl Server {
         self.sessions.len()
     }
 
+    /// The key new sessions are answered with unless their request came under another
+    /// (after a rotation, the endpoint also accepts the previous key).
+    pub fn set_key(&mut self, key: DeploymentKey) {
+        self.key = key;
+    }
+
     /// Handle a packet meant for the serving side (Request, Ack, Cancel, Close). Others are ignored.
     pub fn handle(&mut self, now: Time, from: SocketAddr, packet: &Packet<'_>, lib: &dyn Library) {
+        let key = self.key.clone();
+        self.handle_keyed(now, from, packet, lib, &key)
+    }
+
+    /// [`handle`](Self::handle) for a packet that verified under `key`; a new session is
+    /// answered under the same key.
+    pub fn handle_keyed(
+        &mut self,
+        now: Time,
+        from: SocketAddr,
+        packet: &Packet<'_>,
+        lib: &dyn Library,
+        key: &DeploymentKey,
+    ) {
         match packet {
-            Packet::Request { session, fixed, ranges } => self.on_request(now, from, *session, fixed, ranges, lib),
+            Packet::Request { session, fixed, ranges } => self.on_request(now, from, *session, fixed, ranges, lib, key),
             Packet::Ack { session, fixed, ranges } => {
                 if let Some(s) = self.find(from, *session) {
                     s.last_recv = now;
@@ -264,6 +287,7 @@ impl Server {
         }
     }
 
+    #[expect(clippy::too_many_arguments, reason = "the request's parts, as decoded")]
     fn on_request(
         &mut self,
         now: Time,
@@ -272,6 +296,7 @@ impl Server {
         fixed: &wire::RequestFixed,
         ranges: &[WireRange],
         lib: &dyn Library,
+        key: &DeploymentKey,
     ) {
         let content = ContentId(fixed.content);
         let mut buf = [0u8; 256];
@@ -284,7 +309,16 @@ impl Server {
             if !s.validated && fixed.nonce_echo.get() != s.nonce {
                 // Our Accept was lost: the fetcher says hello again.
                 if let Some((geometry, complete)) = lib.info(&content) {
-                    let n = self.encode_accept(&mut buf, id, &content, geometry, complete, s.nonce);
+                    let n = Self::encode_accept(
+                        &self.config,
+                        &s.key,
+                        &mut buf,
+                        id,
+                        &content,
+                        geometry,
+                        complete,
+                        s.nonce,
+                    );
                     self.push_control(from, buf[..n].to_vec());
                 }
                 return;
@@ -295,24 +329,25 @@ impl Server {
             None => {
                 let Some((geometry, complete)) = lib.info(&content) else {
                     self.stats.requests_rejected += 1;
-                    let n = wire::encode_reject(&self.key, &mut buf, id, &content, RejectReason::NotFound);
+                    let n = wire::encode_reject(key, &mut buf, id, &content, RejectReason::NotFound);
                     self.push_control(from, buf[..n].to_vec());
                     return;
                 };
                 if self.sessions.len() >= self.config.sessions_max {
                     self.stats.requests_rejected += 1;
-                    let n = wire::encode_reject(&self.key, &mut buf, id, &content, RejectReason::Busy);
+                    let n = wire::encode_reject(key, &mut buf, id, &content, RejectReason::Busy);
                     self.push_control(from, buf[..n].to_vec());
                     return;
                 }
                 let nonce = self.rng.gen::<u64>() | 1;
-                let n = self.encode_accept(&mut buf, id, &content, geometry, complete, nonce);
+                let n = Self::encode_accept(&self.config, key, &mut buf, id, &content, geometry, complete, nonce);
                 self.push_control(from, buf[..n].to_vec());
                 self.stats.sessions_opened += 1;
                 let background = fixed.flags & REQUEST_BACKGROUND != 0;
                 self.sessions.push(Session {
                     peer: from,
                     id,
+                    key: key.clone(),
                     content,
                     geometry,
                     nonce,
@@ -376,7 +411,7 @@ impl Server {
         }
         if !missing.is_empty() {
             let n = wire::encode_ranges(
-                &self.key,
+                &s.key,
                 &mut buf[..],
                 Kind::NotHave,
                 id,
@@ -388,8 +423,10 @@ impl Server {
         }
     }
 
+    #[expect(clippy::too_many_arguments, reason = "an Accept has that many fields")]
     fn encode_accept(
-        &self,
+        config: &ServerConfig,
+        key: &DeploymentKey,
         buf: &mut [u8],
         id: u32,
         content: &ContentId,
@@ -403,10 +440,10 @@ impl Server {
             size: geometry.size.into(),
             block_chunks_log: geometry.block_chunks_log,
             flags: if complete { wire::ACCEPT_COMPLETE } else { 0 },
-            payload_max: (self.config.payload_bytes as u16).into(),
+            payload_max: (config.payload_bytes as u16).into(),
             reserved: [0; 4],
         };
-        wire::encode_accept(&self.key, buf, id, &accept)
+        wire::encode_accept(key, buf, id, &accept)
     }
 
     fn on_ack(now: Time, s: &mut Session, fixed: &wire::AckFixed, ranges: &[WireRange]) {
@@ -469,11 +506,10 @@ impl Server {
             return Some(Transmit::single(dst, pkt.len()));
         }
         if self.background_paused {
-            let key = &self.key;
             for s in self.sessions.iter_mut().filter(|s| s.background && s.has_data()) {
                 if now.since(s.last_keepalive) >= PAUSED_KEEPALIVE {
                     s.last_keepalive = now;
-                    let n = wire::encode_ranges(key, buf, Kind::NotHave, s.id, wire::STREAM_CONTENT, &[]);
+                    let n = wire::encode_ranges(&s.key, buf, Kind::NotHave, s.id, wire::STREAM_CONTENT, &[]);
                     return Some(Transmit::single(s.peer, n));
                 }
             }
@@ -491,7 +527,6 @@ impl Server {
 
     fn transmit_session(&mut self, now: Time, i: usize, lib: &dyn Library, buf: &mut [u8]) -> Option<Transmit> {
         let cfg = &self.config;
-        let key = &self.key;
         let paused = self.background_paused;
         let s = &mut self.sessions[i];
         if !s.may_send(paused) || s.recovery.is_full() {
@@ -582,7 +617,7 @@ impl Server {
                 stream: *stream,
                 reserved: [0; 3],
             };
-            wire::seal_data(key, &mut buf[len..], s.id, &fixed, plen);
+            wire::seal_data(&s.key, &mut buf[len..], s.id, &fixed, plen);
             s.cc.on_sent(now, dlen as u64);
             s.pacer.consume(dlen as u64);
             self.stats.packets_sent += 1;
@@ -715,5 +750,42 @@ mod tests {
         request(&mut server, nonce, &[(0, u32::MAX), (0, u32::MAX)]);
         let queued: u64 = server.sessions[0].queue.iter().map(|(_, r)| r.end - r.start).sum();
         assert_eq!(queued, REQUEST_BLOCKS_MAX * 1024);
+    }
+
+    #[test]
+    fn server_answers_a_session_under_the_key_its_request_came_with() {
+        let (old, new) = (DeploymentKey::derive(b"old"), DeploymentKey::derive(b"new"));
+        let data = vec![1u8; 4096];
+        let table = BlockTable::from_bytes(&data, 0);
+        let id = table.root();
+        let mut lib = MemLibrary::default();
+        lib.insert_full(table, data);
+        // Rotated: sends under `new`, still accepts `old`.
+        let keys = wire::Keys {
+            current: new.clone(),
+            previous: Some(old.clone()),
+        };
+        let mut server = Server::new(new.clone(), ServerConfig::default(), 1);
+        let peer: SocketAddr = "10.0.0.9:9".parse().unwrap();
+        let mut buf = vec![0u8; 4096];
+        let f = RequestFixed {
+            content: id.0,
+            nonce_echo: 0.into(),
+            reserved: [0; 8],
+            window_bytes: 0.into(),
+            stream: wire::STREAM_CONTENT,
+            flags: 0,
+            range_count: 0.into(),
+        };
+        let mut out = vec![0u8; 64 * 1024];
+        for (session, fetcher_key) in [(5, &old), (6, &new)] {
+            let n = encode_request(fetcher_key, &mut buf, session, &f, &[]);
+            let (p, used) = keys.decode(&buf[..n]).unwrap();
+            assert_eq!(used, fetcher_key);
+            server.handle_keyed(Time(0), peer, &p, &lib, used);
+            let t = server.poll_transmit(Time(0), &lib, &mut out).unwrap();
+            // The fetcher, which knows only its own key, can read the Accept.
+            assert!(matches!(decode(fetcher_key, &out[..t.len]), Ok(Packet::Accept { .. })));
+        }
     }
 }
