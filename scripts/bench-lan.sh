@@ -4,7 +4,7 @@
 #
 #   scripts/bench-lan.sh [--size-mib N] [--runs N] [--json PATH]
 #                        [--modes "offload software"]
-#                        [--tools "lowtide-uring lowtide-uring-zc lowtide-portable iperf3-tcp"]
+#                        [--tools "lowtide-uring lowtide-uring-enc lowtide-uring-zc lowtide-portable iperf3-tcp"]
 #                        [--zero-copy auto|on|off] [--bin PATH] [--no-build] [--logs DIR]
 #                        [--perf DIR]
 #
@@ -14,7 +14,9 @@
 # kernel reports copying, as it does on veth), lowtide-uring-zc (`--driver
 # uring --zero-copy on`: SENDMSG_ZC forced, to measure what the copy fallback
 # costs; table only, not in the JSON), lowtide-portable (`--driver portable`),
-# iperf3-tcp.
+# lowtide-uring-enc (lowtide-uring with `fetch --encrypt`: every data payload
+# sealed with AES-256-GCM; the script prints its cost against lowtide-uring
+# measured in the same run), iperf3-tcp.
 # Default: a 1 GiB file, 1 run. Every case runs in both segmentation modes:
 #   offload   the veth's default offloads. GSO/TSO super-packets (up to 64 KB)
 #             cross the veth unsplit, which no real NIC path does: flattering
@@ -66,7 +68,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 size_mib=1024 runs=1 json_out="" modes="offload software"
-tools="lowtide-uring lowtide-uring-zc lowtide-portable iperf3-tcp" zero_copy=auto bin="" build=1 logs="" perf_dir=""
+tools="lowtide-uring lowtide-uring-enc lowtide-uring-zc lowtide-portable iperf3-tcp" zero_copy=auto bin="" build=1 logs="" perf_dir=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --size-mib) size_mib="$2"; shift 2 ;;
@@ -86,7 +88,7 @@ done
 case "$size_mib$runs" in *[!0-9]*) echo "--size-mib and --runs take positive integers" >&2; exit 2 ;; esac
 [ "$size_mib" -gt 0 ] && [ "$runs" -gt 0 ] || { echo "--size-mib and --runs must be > 0" >&2; exit 2; }
 for m in $modes; do case "$m" in offload|software) ;; *) echo "unknown mode $m" >&2; exit 2 ;; esac; done
-for t in $tools; do case "$t" in lowtide-uring|lowtide-uring-zc|lowtide-portable|iperf3-tcp) ;; *) echo "unknown tool $t" >&2; exit 2 ;; esac; done
+for t in $tools; do case "$t" in lowtide-uring|lowtide-uring-enc|lowtide-uring-zc|lowtide-portable|iperf3-tcp) ;; *) echo "unknown tool $t" >&2; exit 2 ;; esac; done
 [ "$(id -u)" = 0 ] || { echo "bench-lan.sh needs root (network namespaces, ethtool)" >&2; exit 1; }
 for c in ip ethtool iperf3 /usr/bin/time awk; do
   command -v "$c" >/dev/null || { echo "missing $c (apt-get install iproute2 ethtool iperf3 time)" >&2; exit 1; }
@@ -255,9 +257,9 @@ results="$work/results"
 : >"$results"
 port=4700
 
-# run_lowtide DRIVER ZERO_COPY TOOL MODE RUN: one Lowtide transfer; appends a result line.
+# run_lowtide DRIVER ZERO_COPY TOOL MODE RUN [FETCH FLAG]: one Lowtide transfer; appends a result line.
 run_lowtide() {
-  local driver="$1" zc="$2" tool="$3" mode="$4" run="$5" tag="$3-$4-$5"
+  local driver="$1" zc="$2" tool="$3" mode="$4" run="$5" tag="$3-$4-$5" extra=("${@:6}")
   local rx="$work/rx-$tag"
   port=$((port + 1))
   start_timed "$ns_a" "$work/srv-$tag.time" "$work/srv-$tag.log" \
@@ -278,7 +280,7 @@ run_lowtide() {
   set_perf_wrap "$tag-receiver.data"
   ip netns exec "$ns_b" "${perf_wrap[@]}" /usr/bin/time -f '%e %U %S' -o "$work/cli-$tag.time" \
     "$bin" --store "$rx" --driver "$driver" --zero-copy "$zc" fetch "$id" --from "$ip_a:$port" \
-    --json "$work/cli-$tag.json" -q --timeout-secs "$timeout_secs" >"$work/cli-$tag.log" 2>&1 &
+    --json "$work/cli-$tag.json" -q --timeout-secs "$timeout_secs" "${extra[@]}" >"$work/cli-$tag.log" 2>&1 &
   local cli=$!
   pids+=("$cli")
   wait "$cli" || rc=$?
@@ -373,6 +375,7 @@ for run in $(seq 1 "$runs"); do
     for tool in $tools; do
       case "$tool" in
         lowtide-uring) run_lowtide uring "$zero_copy" lowtide-uring "$mode" "$run" ;;
+        lowtide-uring-enc) run_lowtide uring "$zero_copy" lowtide-uring-enc "$mode" "$run" --encrypt ;;
         lowtide-uring-zc) run_lowtide uring on lowtide-uring-zc "$mode" "$run" ;;
         lowtide-portable) run_lowtide portable auto lowtide-portable "$mode" "$run" ;;
         iperf3-tcp) run_iperf3 "$mode" "$run" ;;
@@ -404,13 +407,21 @@ echo "(pkt B: sender veth tx_bytes/tx_packets; ksirq: machine-wide ksoftirqd CPU
 echo
 echo "Ratios lowtide / iperf3-tcp (goodput; sender CPU per GiB; receiver CPU per GiB):"
 awk '{ g[$1, $2] = $3; s[$1, $2] = $4; r[$1, $2] = $5; modes[$2] = 1 }
-  END { split("lowtide-uring lowtide-uring-zc lowtide-portable", tools, " ")
-        for (m in modes) for (t = 1; t <= 3; t++) {
+  END { split("lowtide-uring lowtide-uring-enc lowtide-uring-zc lowtide-portable", tools, " ")
+        for (m in modes) for (t = 1; t <= 4; t++) {
           tool = tools[t]
           if (((tool, m) in g) && (("iperf3-tcp", m) in g) && g["iperf3-tcp", m] > 0)
             printf "  %-9s %-17s goodput %.2fx  sender CPU %sx  receiver CPU %sx\n", m, tool, g[tool, m] / g["iperf3-tcp", m],
               (s["iperf3-tcp", m] > 0 ? sprintf("%.2f", s[tool, m] / s["iperf3-tcp", m]) : "n/a"),
               (r["iperf3-tcp", m] > 0 ? sprintf("%.2f", r[tool, m] / r["iperf3-tcp", m]) : "n/a") } }' "$summary" | sort
+if grep -q '^lowtide-uring-enc ' "$summary" && grep -q '^lowtide-uring ' "$summary"; then
+  echo
+  echo "Encryption cost, lowtide-uring-enc / lowtide-uring in the same run(s) (goodput; sender CPU per GiB; receiver CPU per GiB):"
+  awk '{ g[$1, $2] = $3; s[$1, $2] = $4; r[$1, $2] = $5; modes[$2] = 1 }
+    END { for (m in modes) if ((("lowtide-uring-enc", m) in g) && (("lowtide-uring", m) in g) && g["lowtide-uring", m] > 0)
+            printf "  %-9s goodput %.2fx  sender CPU %.2fx  receiver CPU %.2fx\n", m, g["lowtide-uring-enc", m] / g["lowtide-uring", m],
+              s["lowtide-uring-enc", m] / s["lowtide-uring", m], r["lowtide-uring-enc", m] / r["lowtide-uring", m] }' "$summary" | sort
+fi
 echo
 echo "Each run (tool mode Gbit/s sndCPU/GiB rcvCPU/GiB snd-user snd-sys rcv-user rcv-sys pkt-B ksoftirqd/GiB tool's-own-Gbit/s | note):"
 sed 's/^/  /' "$results"

@@ -32,7 +32,46 @@
 //! as sending it (see `benches/` for the measurement). The consequence: an
 //! on-path attacker who can rewrite payloads cannot get bad data accepted, but
 //! can make an honest server look like one that sent a bad block. Encryption
-//! of the payload (AEAD) closes that gap where it matters.
+//! of the payload (AEAD, below) closes that gap where it matters.
+//!
+//! # Encryption (optional, per session)
+//!
+//! A fetcher that wants the data encrypted sets [`REQUEST_ENCRYPT`] in its
+//! `Request` flags and puts a random 64-bit `fetch_nonce` in the request. A
+//! server that agrees sets [`ACCEPT_ENCRYPTED`] in its `Accept`; from then on
+//! every `Data` payload of the session is sealed with AES-256-GCM and its
+//! 16-byte AEAD tag is appended to the datagram:
+//!
+//! ```text
+//! | common | DataFixed | tag(16, keyed BLAKE3 over the header) | ciphertext | AEAD tag(16) |
+//! ```
+//!
+//! - key = BLAKE3 `derive_key("lowtide 2026 data key v1", deployment key ‖
+//!   session id ‖ content id ‖ fetch_nonce ‖ server nonce)`: a fresh key per
+//!   session, since both ends contribute a random nonce;
+//! - AEAD nonce (96 bits) = stream (1 byte) ‖ 3 zero bytes ‖ packet number
+//!   (8, LE). The packet number grows by one for every datagram the server
+//!   sends, retransmissions included, so a nonce never repeats under one key
+//!   (a retransmitted block carries a new packet number, hence a new nonce);
+//! - associated data = the whole 48-byte header including its BLAKE3 tag.
+//!
+//! A `Data` datagram whose AEAD tag fails is dropped and counted (per source,
+//! [`crate::session::fetch::SourceStats::sealed_rejected`]); it does not drop
+//! the source, since only someone on the path could have produced it.
+//! Encrypted sessions carry 16 payload bytes less per datagram so datagrams
+//! keep their size. Negotiation is strict: a fetcher that asked for
+//! encryption drops a source whose `Accept` lacks the flag, and a fetcher
+//! that did not ask drops one whose `Accept` has it; plain and encrypted
+//! peers never mix data within a session.
+//!
+//! # Versions
+//!
+//! `version` is 1. Flags and reserved fields added since (the encryption
+//! flags, `fetch_nonce` in what was a reserved field) are ignored by peers
+//! that predate them and keep the version: an old server ignores
+//! `REQUEST_ENCRYPT` and answers without `ACCEPT_ENCRYPTED`, which the
+//! fetcher refuses. A change that old peers would misread takes a new version,
+//! and a peer drops versions it does not know (`BadVersion`).
 //!
 //! # Address validation
 //!
@@ -47,10 +86,10 @@
 //!
 //! | kind | dir | fixed part | body |
 //! |---|---|---|---|
-//! | `Request` 1 | F→S | content id, nonce echo, window, stream | ranges of blocks wanted |
-//! | `Accept` 2 | S→F | content id, nonce, size, block size, flags (complete) | — |
+//! | `Request` 1 | F→S | content id, nonce echo, fetch nonce, window, stream, flags (background, encrypt) | ranges of blocks wanted |
+//! | `Accept` 2 | S→F | content id, nonce, size, block size, flags (complete, encrypted) | — |
 //! | `Reject` 3 | S→F | content id, reason | — |
-//! | `Data` 4 | S→F | packet number, stream, offset, send time | payload (untagged) |
+//! | `Data` 4 | S→F | packet number, stream, offset, send time | payload (untagged, or sealed + AEAD tag) |
 //! | `Ack` 5 | F→S | nonce echo, largest pn, ack delay, timestamps | packet-number ranges received |
 //! | `NotHave` 6 | S→F | stream | ranges of blocks the server does not hold |
 //! | `Cancel` 7 | F→S | stream | ranges of blocks no longer wanted |
@@ -198,7 +237,8 @@ pub struct Common {
 pub struct RequestFixed {
     pub content: [u8; 32],
     pub nonce_echo: U64,
-    pub reserved: [u8; 8],
+    /// The fetcher's random contribution to the session's data key (with [`REQUEST_ENCRYPT`]).
+    pub fetch_nonce: U64,
     /// Bytes the fetcher is prepared to receive in this session beyond what it has acknowledged.
     pub window_bytes: U32,
     pub stream: u8,
@@ -220,6 +260,86 @@ pub struct AcceptFixed {
 
 /// `AcceptFixed::flags`: the server holds the whole content.
 pub const ACCEPT_COMPLETE: u8 = 1;
+/// `AcceptFixed::flags`: the server seals this session's data payloads (see Encryption).
+pub const ACCEPT_ENCRYPTED: u8 = 2;
+/// `RequestFixed::flags`: the fetcher asks for the background (scavenger) protocol.
+pub const REQUEST_BACKGROUND: u8 = 1;
+/// `RequestFixed::flags`: the fetcher asks for encrypted data payloads.
+pub const REQUEST_ENCRYPT: u8 = 2;
+/// Bytes of the AEAD tag after an encrypted payload.
+pub const AEAD_TAG_BYTES: usize = 16;
+
+/// The AES-256-GCM key of one encrypted session (see Encryption in the module docs).
+pub struct DataKey(ring::aead::LessSafeKey);
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataKey(..)")
+    }
+}
+
+/// Why a sealed payload was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("encrypted payload does not authenticate (tampered, or sealed under another key)")]
+pub struct OpenError;
+
+impl DataKey {
+    pub fn derive(key: &DeploymentKey, session: u32, content: &ContentId, fetch_nonce: u64, server_nonce: u64) -> Self {
+        let mut h = blake3::Hasher::new_derive_key("lowtide 2026 data key v1");
+        h.update(&key.0);
+        h.update(&session.to_le_bytes());
+        h.update(&content.0);
+        h.update(&fetch_nonce.to_le_bytes());
+        h.update(&server_nonce.to_le_bytes());
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, h.finalize().as_bytes())
+            .expect("AES-256-GCM takes a 32-byte key");
+        Self(ring::aead::LessSafeKey::new(unbound))
+    }
+
+    fn nonce(stream: u8, pn: u64) -> ring::aead::Nonce {
+        let mut n = [0u8; 12];
+        n[0] = stream;
+        n[4..].copy_from_slice(&pn.to_le_bytes());
+        ring::aead::Nonce::assume_unique_for_key(n)
+    }
+
+    /// Seal the payload of a data datagram finished by [`seal_data`] (header and
+    /// `payload_len` bytes of payload in `dgram`) and append the AEAD tag; returns
+    /// the new datagram length. `dgram` must have room for [`AEAD_TAG_BYTES`] more.
+    pub fn seal(&self, dgram: &mut [u8], payload_len: usize) -> usize {
+        let (head, rest) = dgram.split_at_mut(DATA_HEADER_BYTES);
+        let fixed = DataFixed::ref_from_prefix(&head[COMMON_BYTES..])
+            .expect("a data header")
+            .0;
+        let nonce = Self::nonce(fixed.stream, fixed.pn.get());
+        let tag = self
+            .0
+            .seal_in_place_separate_tag(nonce, ring::aead::Aad::from(&*head), &mut rest[..payload_len])
+            .expect("AES-GCM seals any payload shorter than 64 GiB");
+        rest[payload_len..payload_len + AEAD_TAG_BYTES].copy_from_slice(tag.as_ref());
+        DATA_HEADER_BYTES + payload_len + AEAD_TAG_BYTES
+    }
+
+    /// Decrypt a received data packet's sealed payload (`header` and `payload` as
+    /// [`decode`] returned them; the payload is ciphertext then AEAD tag) into `out`,
+    /// which it resizes. On failure `out` is left empty.
+    pub fn open(&self, header: &[u8], fixed: &DataFixed, payload: &[u8], out: &mut Vec<u8>) -> Result<(), OpenError> {
+        let Some(clen) = payload.len().checked_sub(AEAD_TAG_BYTES).filter(|n| *n > 0) else {
+            return Err(OpenError);
+        };
+        let tag = ring::aead::Tag::try_from(&payload[clen..]).map_err(|_| OpenError)?;
+        out.clear();
+        out.extend_from_slice(&payload[..clen]);
+        let nonce = Self::nonce(fixed.stream, fixed.pn.get());
+        self.0
+            .open_in_place_separate_tag(nonce, ring::aead::Aad::from(header), tag, out, 0..)
+            .map(|_| ())
+            .map_err(|_| {
+                out.clear();
+                OpenError
+            })
+    }
+}
 
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -364,6 +484,8 @@ pub enum Packet<'a> {
     Data {
         session: u32,
         fixed: &'a DataFixed,
+        /// The whole header (common, fixed part, tag): an encrypted payload's associated data.
+        header: &'a [u8],
         payload: &'a [u8],
     },
     Ack {
@@ -466,6 +588,7 @@ pub fn decode<'a>(key: &DeploymentKey, dgram: &'a [u8]) -> Result<Packet<'a>, Wi
             Packet::Data {
                 session,
                 fixed: f,
+                header: &dgram[..head + TAG_BYTES],
                 payload: body,
             }
         }
@@ -677,7 +800,7 @@ mod tests {
         let f = RequestFixed {
             content: [7; 32],
             nonce_echo: 5.into(),
-            reserved: [0; 8],
+            fetch_nonce: 0.into(),
             window_bytes: (1u32 << 20).into(),
             stream: 0,
             flags: 0,
@@ -758,7 +881,7 @@ mod tests {
         let f = RequestFixed {
             content: [0; 32],
             nonce_echo: 0.into(),
-            reserved: [0; 8],
+            fetch_nonce: 0.into(),
             window_bytes: 0.into(),
             stream: 0,
             flags: 0,
@@ -807,7 +930,77 @@ mod tests {
         assert_eq!((c.bad_tag, c.truncated, c.total()), (1, 1, 2));
     }
 
+    fn sealed(key: &DataKey, stream: u8, pn: u64, payload: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0u8; DATA_HEADER_BYTES + payload.len() + AEAD_TAG_BYTES];
+        buf[DATA_HEADER_BYTES..DATA_HEADER_BYTES + payload.len()].copy_from_slice(payload);
+        let f = DataFixed {
+            pn: pn.into(),
+            offset: 16384.into(),
+            send_ts_us: 5.into(),
+            stream,
+            reserved: [0; 3],
+        };
+        seal_data(&key_dk(), &mut buf, 42, &f, payload.len());
+        let n = key.seal(&mut buf, payload.len());
+        assert_eq!(n, buf.len());
+        buf
+    }
+
+    fn key_dk() -> DeploymentKey {
+        key()
+    }
+
+    fn open_all(key: &DataKey, dgram: &[u8]) -> Result<Vec<u8>, OpenError> {
+        match decode(&key_dk(), dgram) {
+            Ok(Packet::Data {
+                fixed, header, payload, ..
+            }) => {
+                let mut out = Vec::new();
+                key.open(header, fixed, payload, &mut out).map(|()| out)
+            }
+            _ => Err(OpenError),
+        }
+    }
+
+    #[test]
+    fn data_keys_differ_by_every_input() {
+        let id = ContentId::of(b"c");
+        let k = DataKey::derive(&key(), 1, &id, 2, 3);
+        let payload = [9u8; 64];
+        let d = sealed(&k, 0, 7, &payload);
+        assert_eq!(open_all(&k, &d).unwrap(), payload);
+        for other in [
+            DataKey::derive(&DeploymentKey::derive(b"other"), 1, &id, 2, 3),
+            DataKey::derive(&key(), 9, &id, 2, 3),
+            DataKey::derive(&key(), 1, &ContentId::of(b"d"), 2, 3),
+            DataKey::derive(&key(), 1, &id, 9, 3),
+            DataKey::derive(&key(), 1, &id, 2, 9),
+        ] {
+            assert_eq!(open_all(&other, &d), Err(OpenError));
+        }
+    }
+
     proptest! {
+        #[test]
+        fn sealed_data_round_trips(payload in proptest::collection::vec(any::<u8>(), 1..1400), pn in any::<u64>(), stream in 0u8..2) {
+            let k = DataKey::derive(&key(), 42, &ContentId::of(b"c"), 1, 2);
+            let d = sealed(&k, stream, pn, &payload);
+            prop_assert_ne!(&d[DATA_HEADER_BYTES..DATA_HEADER_BYTES + payload.len()], &payload[..]);
+            prop_assert_eq!(open_all(&k, &d).unwrap(), payload);
+        }
+
+        #[test]
+        fn sealed_data_tampered_anywhere_is_refused(payload in proptest::collection::vec(any::<u8>(), 1..600), at in any::<usize>(), bit in 0u8..8) {
+            let k = DataKey::derive(&key(), 42, &ContentId::of(b"c"), 1, 2);
+            let mut d = sealed(&k, 0, 3, &payload);
+            let at = 4 + at % (d.len() - 4); // past magic/version/kind, which decode checks first
+            d[at] ^= 1 << bit;
+            prop_assert!(open_all(&k, &d).is_err());
+            // And cut short.
+            let d = sealed(&k, 0, 3, &payload);
+            prop_assert!(open_all(&k, &d[..d.len() - 1]).is_err());
+        }
+
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1600)) {
             let _ = decode(&key(), &bytes);

@@ -317,3 +317,52 @@ fn a_paused_background_server_is_not_dropped_and_resumes() {
     assert_byte_exact(&s);
     assert!(dropped(&s).is_empty(), "{:?}", dropped(&s));
 }
+
+#[test]
+fn encrypted_transfer_completes_through_loss_and_reordering() {
+    let link = LinkSpec {
+        rate_bytes_per_s: 125_000_000,
+        delay: Duration::from_millis(2),
+        queue_bytes_max: 1 << 20,
+        loss: 0.05,
+        reorder: 0.05,
+        reorder_delay: Duration::from_millis(3),
+    };
+    let mut s = setup(61, 2 << 20, 1, link);
+    let cfg = FetchConfig {
+        encrypt: true,
+        ..FetchConfig::default()
+    };
+    start_fetch(&mut s, cfg, false);
+    assert!(run(&mut s, Duration::from_secs(60)), "did not complete");
+    assert_byte_exact(&s);
+    assert!(dropped(&s).is_empty(), "{:?}", dropped(&s));
+    let st = s.sim.nodes[s.fetcher].fetches[0].sources();
+    assert_eq!(st[0].sealed_rejected, 0, "{st:?}");
+}
+
+#[test]
+fn tampered_encrypted_data_is_counted_and_dropped_and_the_sender_not_blamed() {
+    // With encryption, a payload rewritten on the path fails its AEAD tag: the datagram is
+    // dropped and counted, and no block is ever assembled from it (so no BadBlock drop).
+    let mut s = setup(71, 2 << 20, 2, LinkSpec::lan());
+    let tampered = s.senders[0];
+    s.sim.nodes[tampered].corrupt_data = true;
+    let cfg = FetchConfig {
+        encrypt: true,
+        ..FetchConfig::default()
+    };
+    start_fetch(&mut s, cfg, true);
+    assert!(run(&mut s, Duration::from_secs(60)), "did not complete");
+    assert_byte_exact(&s);
+    let addr = s.sim.nodes[tampered].addr;
+    let st = s.sim.nodes[s.fetcher].fetches[0].sources();
+    let t = st.iter().find(|x| x.addr == addr).unwrap();
+    assert!(t.sealed_rejected > 0, "{st:?}");
+    assert_eq!(t.blocks_verified, 0, "{st:?}");
+    let drops = dropped(&s);
+    assert!(
+        !drops.iter().any(|(_, r)| matches!(r, DropReason::BadBlock(_))),
+        "{drops:?}"
+    );
+}

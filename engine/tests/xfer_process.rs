@@ -115,3 +115,45 @@ fn fetch_of_unknown_content_is_refused_by_the_server() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refused the request (NotFound)"), "{err}");
 }
+
+#[test]
+fn encrypted_fetch_from_both_drivers_is_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pkg.bin");
+    let data: Vec<u8> = (0..4_000_037u32)
+        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
+        .collect();
+    std::fs::write(&file, &data).unwrap();
+    let id = lowtide_engine::content::ContentId::of(&data).to_string();
+    let (_a, addr_a) = serve(&dir.path().join("sa"), "uring", &file);
+    let (_b, addr_b) = serve(&dir.path().join("sb"), "portable", &file);
+    let out = dir.path().join("out.bin");
+    let summary = dir.path().join("summary.json");
+    let status = xfer(&dir.path().join("sc"), "k1")
+        .args([
+            "fetch",
+            &id,
+            "--encrypt",
+            "--from",
+            &addr_a,
+            "--from",
+            &addr_b,
+            "-q",
+            "--timeout-secs",
+            "120",
+            "--to",
+        ])
+        .arg(&out)
+        .arg("--json")
+        .arg(&summary)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(std::fs::read(&out).unwrap() == data, "fetched bytes differ");
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    assert_eq!(
+        (s["encrypted"].as_bool(), s["sealed_rejected"].as_u64()),
+        (Some(true), Some(0)),
+        "{s}"
+    );
+}

@@ -96,6 +96,10 @@ enum Cmd {
         /// Ask the servers for the background (scavenger) protocol, as across a WAN.
         #[arg(long)]
         background: bool,
+        /// Ask the servers to encrypt the data (AES-256-GCM, a key per session derived
+        /// from the deployment key); a server that does not agree is dropped.
+        #[arg(long)]
+        encrypt: bool,
     },
 }
 
@@ -178,6 +182,7 @@ fn run() -> anyhow::Result<ExitCode> {
             json,
             quiet,
             background,
+            encrypt,
         } => {
             let cfg = EndpointConfig {
                 driver: cli.driver,
@@ -193,17 +198,23 @@ fn run() -> anyhow::Result<ExitCode> {
                 from,
                 FetchConfig {
                     background: *background,
+                    encrypt: *encrypt,
                     ..FetchConfig::default()
                 },
             )?;
             let deadline = clock.now() + Duration::from_secs(*timeout_secs);
             let mut next_report = clock.now();
             let mut complete = false;
+            // Encrypted datagrams whose AEAD tag failed, over every source.
+            let mut sealed_rejected = 0u64;
             while !STOP.load(Ordering::Relaxed) {
                 ep.poll(Duration::from_millis(100))?;
                 for n in ep.take_news() {
                     match n {
-                        FetchNews::Complete { .. } => complete = true,
+                        FetchNews::Complete { sources, .. } => {
+                            complete = true;
+                            sealed_rejected = sources.iter().map(|s| s.sealed_rejected).sum();
+                        }
                         FetchNews::SourceDropped { addr, reason, .. } => eprintln!("source {addr} dropped: {reason}"),
                     }
                 }
@@ -251,7 +262,8 @@ fn run() -> anyhow::Result<ExitCode> {
                 let v = serde_json::json!({
                     "content": id.to_string(), "bytes": size, "seconds": secs,
                     "goodput_gbps": size as f64 * 8.0 / secs / 1e9, "driver": ep.driver_name(),
-                    "dropped_datagrams": ep.drops.total(),
+                    "dropped_datagrams": ep.drops.total(), "encrypted": encrypt,
+                    "sealed_rejected": sealed_rejected,
                 });
                 std::fs::write(j, serde_json::to_vec_pretty(&v)?)
                     .with_context(|| format!("writing {}", j.display()))?;

@@ -31,7 +31,7 @@ use crate::content::{BlockTable, ContentId, Geometry, VerifyError};
 use crate::ranges::{BlockSet, SpanSet};
 use crate::session::serve::{REQUEST_BACKGROUND, REQUEST_BLOCKS_MAX};
 use crate::time::Time;
-use crate::wire::{self, DeploymentKey, Kind, Packet, RejectReason, WireRange};
+use crate::wire::{self, DataKey, DeploymentKey, Kind, Packet, RejectReason, WireRange};
 
 /// Bounds and knobs of a fetch.
 #[derive(Debug, Clone)]
@@ -63,6 +63,8 @@ pub struct FetchConfig {
     pub table_bytes_max: u64,
     /// Ask servers for the background (scavenger) protocol.
     pub background: bool,
+    /// Ask servers to encrypt the data (AES-256-GCM); a source that does not agree is dropped.
+    pub encrypt: bool,
 }
 
 impl Default for FetchConfig {
@@ -84,6 +86,7 @@ impl Default for FetchConfig {
             not_have_retry: Duration::from_secs(2),
             table_bytes_max: 64 << 20,
             background: false,
+            encrypt: false,
         }
     }
 }
@@ -105,6 +108,10 @@ pub enum DropReason {
     WrongGeometry,
     #[error("closed the session")]
     Closed,
+    #[error("did not agree to encrypt the data (encryption was asked for)")]
+    NotEncrypted,
+    #[error("encrypted the data although that was not asked for")]
+    UnaskedEncryption,
     #[error("removed by the caller")]
     Removed,
 }
@@ -144,6 +151,8 @@ pub struct SourceStats {
     pub blocks_verified: u64,
     pub outstanding_blocks: u64,
     pub rate_bytes_per_s: u64,
+    /// Encrypted data datagrams whose AEAD tag failed (dropped: tampered on the path).
+    pub sealed_rejected: u64,
 }
 
 #[derive(Debug)]
@@ -180,6 +189,12 @@ struct Source {
     want_close: bool,
     /// Ask this source for the background (scavenger) protocol.
     background: bool,
+    /// Ask this source to encrypt, with this random contribution to the data key.
+    encrypt: bool,
+    fetch_nonce: u64,
+    /// The session's data key, once the source accepted to encrypt.
+    data_key: Option<DataKey>,
+    sealed_rejected: u64,
 }
 
 impl Source {
@@ -238,6 +253,8 @@ pub struct Fetch {
     sources: Vec<Source>,
     events: VecDeque<Event>,
     spare: Vec<Vec<u8>>,
+    /// Where an encrypted payload is decrypted (kept to reuse its allocation).
+    opened: Vec<u8>,
     rng: rand::rngs::SmallRng,
     complete_sent: bool,
     next_tick: Time,
@@ -273,6 +290,7 @@ impl Fetch {
             sources: Vec::new(),
             events: VecDeque::new(),
             spare: Vec::new(),
+            opened: Vec::new(),
             rng: rand::rngs::SmallRng::seed_from_u64(seed),
             complete_sent: false,
             next_tick: Time::ZERO,
@@ -327,6 +345,7 @@ impl Fetch {
                 blocks_verified: s.blocks_verified,
                 outstanding_blocks: s.outstanding,
                 rate_bytes_per_s: s.rate,
+                sealed_rejected: s.sealed_rejected,
             })
             .collect()
     }
@@ -353,6 +372,7 @@ impl Fetch {
             return false;
         }
         let session = self.rng.gen::<u32>() | 1;
+        let fetch_nonce = self.rng.gen::<u64>();
         let src = Source {
             addr,
             session,
@@ -384,6 +404,10 @@ impl Fetch {
             want_table: false,
             want_close: false,
             background,
+            encrypt: self.cfg.encrypt,
+            fetch_nonce,
+            data_key: None,
+            sealed_rejected: 0,
         };
         match slot {
             Some(i) => self.sources[i] = src,
@@ -448,7 +472,21 @@ impl Fetch {
             Packet::Reject { fixed, .. } => {
                 self.drop_source(i, DropReason::Rejected(RejectReason::from_u8(fixed.reason)))
             }
-            Packet::Data { fixed, payload, .. } => self.on_data(now, i, fixed, payload),
+            Packet::Data {
+                fixed, header, payload, ..
+            } => match &self.sources[i].data_key {
+                Some(k) => {
+                    let mut opened = std::mem::take(&mut self.opened);
+                    match k.open(header, fixed, payload, &mut opened) {
+                        Ok(()) => self.on_data(now, i, fixed, &opened),
+                        Err(_) => self.sources[i].sealed_rejected += 1,
+                    }
+                    self.opened = opened;
+                }
+                // Asked for encryption, no key yet: nothing to read (and nothing sent in clear is taken).
+                None if self.sources[i].encrypt => {}
+                None => self.on_data(now, i, fixed, payload),
+            },
             // An empty NotHave is a paused server's keepalive: alive, just not sending now.
             // Its blocks still move to other sources by the late-block timer.
             Packet::NotHave { ranges: [], .. } => {
@@ -482,9 +520,28 @@ impl Fetch {
                 return;
             }
         }
-        let s = &mut self.sources[i];
-        if !matches!(s.phase, Phase::Connecting { .. }) {
+        if !matches!(self.sources[i].phase, Phase::Connecting { .. }) {
             return;
+        }
+        let encrypted = fixed.flags & wire::ACCEPT_ENCRYPTED != 0;
+        if encrypted != self.sources[i].encrypt {
+            let why = if encrypted {
+                DropReason::UnaskedEncryption
+            } else {
+                DropReason::NotEncrypted
+            };
+            self.drop_source(i, why);
+            return;
+        }
+        let s = &mut self.sources[i];
+        if encrypted {
+            s.data_key = Some(DataKey::derive(
+                &self.key,
+                s.session,
+                &self.content,
+                s.fetch_nonce,
+                fixed.nonce.get(),
+            ));
         }
         s.phase = Phase::Active;
         s.nonce = fixed.nonce.get();
@@ -833,14 +890,17 @@ impl Fetch {
     pub fn poll_transmit(&mut self, now: Time, buf: &mut [u8]) -> Option<Transmit> {
         for s in self.sources.iter_mut() {
             let request = |buf: &mut [u8], s: &Source, stream: u8, ranges: &[WireRange], window: u64| {
-                let background = if s.background { REQUEST_BACKGROUND } else { 0 };
+                let mut flags = if s.background { REQUEST_BACKGROUND } else { 0 };
+                if s.encrypt {
+                    flags |= wire::REQUEST_ENCRYPT;
+                }
                 let f = wire::RequestFixed {
                     content: self.content.0,
                     nonce_echo: s.nonce.into(),
-                    reserved: [0; 8],
+                    fetch_nonce: s.fetch_nonce.into(),
                     window_bytes: (window.min(u32::MAX as u64) as u32).into(),
                     stream,
-                    flags: background,
+                    flags,
                     range_count: 0.into(),
                 };
                 wire::encode_request(&self.key, buf, s.session, &f, ranges)
@@ -1011,5 +1071,92 @@ mod tests {
         }
         seen.sort();
         assert_eq!(seen, vec![(wan, true), (lan, false)]);
+    }
+
+    /// The Accept a server would send for `f`'s only source, with `flags`.
+    fn accept_for(f: &mut Fetch, key: &DeploymentKey, flags: u8) -> (SocketAddr, Vec<u8>) {
+        let mut buf = vec![0u8; 2048];
+        let t = f.poll_transmit(Time(0), &mut buf).unwrap();
+        let session = match decode(key, &buf[..t.len]).unwrap() {
+            Packet::Request { session, .. } => session,
+            p => panic!("{p:?}"),
+        };
+        let a = wire::AcceptFixed {
+            content: f.content().0,
+            nonce: 99.into(),
+            size: 4096.into(),
+            block_chunks_log: 4,
+            flags,
+            payload_max: 1400.into(),
+            reserved: [0; 4],
+        };
+        let n = wire::encode_accept(key, &mut buf, session, &a);
+        (t.dst, buf[..n].to_vec())
+    }
+
+    #[test]
+    fn fetch_uses_a_source_only_when_encryption_was_negotiated() {
+        let key = DeploymentKey::derive(b"t");
+        let src: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        for (asked, answered, drop) in [
+            (true, 0, Some(DropReason::NotEncrypted)),
+            (false, wire::ACCEPT_ENCRYPTED, Some(DropReason::UnaskedEncryption)),
+            (true, wire::ACCEPT_ENCRYPTED, None),
+            (false, 0, None),
+        ] {
+            let cfg = FetchConfig {
+                encrypt: asked,
+                ..FetchConfig::default()
+            };
+            let mut f = Fetch::new(key.clone(), ContentId::of(b"x"), cfg, None, 1);
+            f.add_source(Time(0), src);
+            let (to, accept) = accept_for(&mut f, &key, answered);
+            assert_eq!(to, src);
+            f.handle(Time(1), src, &decode(&key, &accept).unwrap());
+            let mut drops = Vec::new();
+            while let Some(e) = f.poll_event() {
+                if let Event::SourceDropped { reason, .. } = e {
+                    drops.push(reason);
+                }
+            }
+            assert_eq!(
+                drops,
+                drop.into_iter().collect::<Vec<_>>(),
+                "asked {asked} answered {answered}"
+            );
+        }
+    }
+
+    #[test]
+    fn fetch_drops_and_counts_data_not_sealed_under_its_session_key() {
+        let key = DeploymentKey::derive(b"t");
+        let src: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let cfg = FetchConfig {
+            encrypt: true,
+            ..FetchConfig::default()
+        };
+        let mut f = Fetch::new(key.clone(), ContentId::of(b"x"), cfg, None, 1);
+        f.add_source(Time(0), src);
+        let (_, accept) = accept_for(&mut f, &key, wire::ACCEPT_ENCRYPTED);
+        f.handle(Time(1), src, &decode(&key, &accept).unwrap());
+        let session = f.sources[0].session;
+        let mut buf = vec![0u8; 2048];
+        let fixed = wire::DataFixed {
+            pn: 0.into(),
+            offset: 0.into(),
+            send_ts_us: 0.into(),
+            stream: wire::STREAM_TABLE,
+            reserved: [0; 3],
+        };
+        // In clear, then sealed under another session's key: both refused and counted.
+        let n = wire::seal_data(&key, &mut buf, session, &fixed, 100);
+        f.handle(Time(2), src, &decode(&key, &buf[..n]).unwrap());
+        let other = DataKey::derive(&key, session, &f.content(), 1, 2);
+        let n = wire::seal_data(&key, &mut buf, session, &fixed, 100);
+        let n2 = other.seal(&mut buf, n - wire::DATA_HEADER_BYTES);
+        f.handle(Time(3), src, &decode(&key, &buf[..n2]).unwrap());
+        let st = f.sources();
+        assert_eq!(st[0].sealed_rejected, 2, "{st:?}");
+        assert_eq!(st[0].payload_bytes, 0, "nothing refused was taken: {st:?}");
     }
 }

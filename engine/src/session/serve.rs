@@ -22,7 +22,9 @@ use super::{Library, Transmit, GSO_SEGMENTS_MAX, PAYLOAD_BYTES_DEFAULT};
 use crate::cc::{AckSample, Controller, LossSample};
 use crate::content::{ContentId, Geometry};
 use crate::time::Time;
-use crate::wire::{self, DeploymentKey, Kind, Packet, RejectReason, WireRange, DATA_HEADER_BYTES};
+use crate::wire::{
+    self, DataKey, DeploymentKey, Kind, Packet, RejectReason, WireRange, AEAD_TAG_BYTES, DATA_HEADER_BYTES,
+};
 
 /// Builds a controller for a new session; `background` is the fetcher's request flag.
 pub type ControllerFactory = Arc<dyn Fn(bool) -> Box<dyn Controller> + Send + Sync>;
@@ -34,8 +36,7 @@ pub const PAUSED_KEEPALIVE: Duration = Duration::from_millis(500);
 /// Most blocks one request may name; the rest of it is ignored.
 pub const REQUEST_BLOCKS_MAX: u64 = 8192;
 
-/// `RequestFixed::flags`: the fetcher asks for the background (scavenger) protocol.
-pub const REQUEST_BACKGROUND: u8 = 1;
+pub use crate::wire::REQUEST_BACKGROUND;
 
 /// Bounds and knobs of a server.
 #[derive(Clone)]
@@ -108,6 +109,8 @@ struct Session {
     /// The deployment key the fetcher's request verified with: every answer uses it, so a
     /// fetcher that has not learnt a rotated key yet is still served (see [`wire::Keys`]).
     key: DeploymentKey,
+    /// The fetcher asked for encryption: every data payload is sealed with this.
+    data_key: Option<DataKey>,
     content: ContentId,
     geometry: Geometry,
     nonce: u64,
@@ -166,6 +169,23 @@ impl Session {
 
     fn pacing_rate(&self) -> Option<u64> {
         self.cc.pacing_rate(self.recovery.srtt)
+    }
+
+    /// Bytes a datagram carries beyond header and payload (the AEAD tag when encrypted).
+    fn seal_overhead(&self) -> usize {
+        if self.data_key.is_some() {
+            AEAD_TAG_BYTES
+        } else {
+            0
+        }
+    }
+
+    fn accept_flags(&self, complete: bool) -> u8 {
+        let mut f = if complete { wire::ACCEPT_COMPLETE } else { 0 };
+        if self.data_key.is_some() {
+            f |= wire::ACCEPT_ENCRYPTED;
+        }
+        f
     }
 }
 
@@ -309,16 +329,8 @@ impl Server {
             if !s.validated && fixed.nonce_echo.get() != s.nonce {
                 // Our Accept was lost: the fetcher says hello again.
                 if let Some((geometry, complete)) = lib.info(&content) {
-                    let n = Self::encode_accept(
-                        &self.config,
-                        &s.key,
-                        &mut buf,
-                        id,
-                        &content,
-                        geometry,
-                        complete,
-                        s.nonce,
-                    );
+                    let flags = s.accept_flags(complete);
+                    let n = Self::encode_accept(&self.config, &s.key, &mut buf, id, &content, geometry, flags, s.nonce);
                     self.push_control(from, buf[..n].to_vec());
                 }
                 return;
@@ -340,7 +352,13 @@ impl Server {
                     return;
                 }
                 let nonce = self.rng.gen::<u64>() | 1;
-                let n = Self::encode_accept(&self.config, key, &mut buf, id, &content, geometry, complete, nonce);
+                let data_key = (fixed.flags & wire::REQUEST_ENCRYPT != 0)
+                    .then(|| DataKey::derive(key, id, &content, fixed.fetch_nonce.get(), nonce));
+                let mut flags = if complete { wire::ACCEPT_COMPLETE } else { 0 };
+                if data_key.is_some() {
+                    flags |= wire::ACCEPT_ENCRYPTED;
+                }
+                let n = Self::encode_accept(&self.config, key, &mut buf, id, &content, geometry, flags, nonce);
                 self.push_control(from, buf[..n].to_vec());
                 self.stats.sessions_opened += 1;
                 let background = fixed.flags & REQUEST_BACKGROUND != 0;
@@ -348,6 +366,7 @@ impl Server {
                     peer: from,
                     id,
                     key: key.clone(),
+                    data_key,
                     content,
                     geometry,
                     nonce,
@@ -431,7 +450,7 @@ impl Server {
         id: u32,
         content: &ContentId,
         geometry: Geometry,
-        complete: bool,
+        flags: u8,
         nonce: u64,
     ) -> usize {
         let accept = wire::AcceptFixed {
@@ -439,7 +458,7 @@ impl Server {
             nonce: nonce.into(),
             size: geometry.size.into(),
             block_chunks_log: geometry.block_chunks_log,
-            flags: if complete { wire::ACCEPT_COMPLETE } else { 0 },
+            flags,
             payload_max: (config.payload_bytes as u16).into(),
             reserved: [0; 4],
         };
@@ -532,8 +551,10 @@ impl Server {
         if !s.may_send(paused) || s.recovery.is_full() {
             return None;
         }
-        let payload_max = cfg.payload_bytes as u64;
-        let full = DATA_HEADER_BYTES as u64 + payload_max;
+        // Encrypted datagrams carry a tag more and as much payload less: the same size on the wire.
+        let overhead = s.seal_overhead();
+        let payload_max = (cfg.payload_bytes - overhead) as u64;
+        let full = (DATA_HEADER_BYTES + cfg.payload_bytes) as u64;
         let window = s.cc.window();
         let rate = s.pacing_rate();
         let mut budget = window.saturating_sub(s.recovery.in_flight());
@@ -558,7 +579,7 @@ impl Server {
             let Some((stream, chunk, resent)) = s.take_chunk(payload_max) else {
                 break;
             };
-            let dlen = DATA_HEADER_BYTES + (chunk.end - chunk.start) as usize;
+            let dlen = DATA_HEADER_BYTES + (chunk.end - chunk.start) as usize + overhead;
             if (dlen as u64) > budget || (!plan.is_empty() && dlen > seg_size) {
                 s.untake(stream, chunk, resent);
                 break;
@@ -586,9 +607,12 @@ impl Server {
             let mut slices = Vec::with_capacity(j - k);
             let mut rest = &mut buf[at..];
             for (_, chunk, _) in &plan[k..j] {
-                let dlen = DATA_HEADER_BYTES + (chunk.end - chunk.start) as usize;
+                let plen = (chunk.end - chunk.start) as usize;
+                let dlen = DATA_HEADER_BYTES + plen + overhead;
                 let (datagram, tail) = rest.split_at_mut(dlen);
-                slices.push(std::io::IoSliceMut::new(&mut datagram[DATA_HEADER_BYTES..]));
+                slices.push(std::io::IoSliceMut::new(
+                    &mut datagram[DATA_HEADER_BYTES..DATA_HEADER_BYTES + plen],
+                ));
                 at += dlen;
                 rest = tail;
             }
@@ -608,7 +632,7 @@ impl Server {
         let mut len = 0usize;
         for (stream, chunk, resent) in plan.iter() {
             let plen = (chunk.end - chunk.start) as usize;
-            let dlen = DATA_HEADER_BYTES + plen;
+            let dlen = DATA_HEADER_BYTES + plen + overhead;
             let pn = s.recovery.on_sent(now, *stream, chunk.start, plen as u32, dlen as u32);
             let fixed = wire::DataFixed {
                 pn: pn.into(),
@@ -618,6 +642,9 @@ impl Server {
                 reserved: [0; 3],
             };
             wire::seal_data(&s.key, &mut buf[len..], s.id, &fixed, plen);
+            if let Some(k) = &s.data_key {
+                k.seal(&mut buf[len..len + dlen], plen);
+            }
             s.cc.on_sent(now, dlen as u64);
             s.pacer.consume(dlen as u64);
             self.stats.packets_sent += 1;
@@ -730,7 +757,7 @@ mod tests {
             let f = RequestFixed {
                 content: id.0,
                 nonce_echo: nonce.into(),
-                reserved: [0; 8],
+                fetch_nonce: 0.into(),
                 window_bytes: 0.into(),
                 stream: wire::STREAM_CONTENT,
                 flags: 0,
@@ -771,7 +798,7 @@ mod tests {
         let f = RequestFixed {
             content: id.0,
             nonce_echo: 0.into(),
-            reserved: [0; 8],
+            fetch_nonce: 0.into(),
             window_bytes: 0.into(),
             stream: wire::STREAM_CONTENT,
             flags: 0,
