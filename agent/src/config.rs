@@ -19,6 +19,8 @@
 //! inventory_secs = 2                            # how often inventory changes are reported
 //! driver = "auto"                               # engine I/O driver: auto, uring, portable
 //! uploads_max = 64                              # peers served at once (0: serve nobody)
+//! encrypt_p2p = false                           # ask peers to encrypt the data they send (AES-256-GCM)
+//! server_spki_sha256 = "101e9f…"                # pin the https server's key (SHA-256 of its SPKI) at enrolment
 //! metrics_listen = "127.0.0.1:9464"             # Prometheus /metrics over HTTP (off when absent)
 //! ```
 //!
@@ -78,6 +80,12 @@ pub struct Config {
     pub driver: DriverChoice,
     /// Most peers served at once; further requests are refused as busy (0: serve nobody).
     pub uploads_max: usize,
+    /// Ask peers to encrypt the data they send (a key per session, from the deployment key).
+    pub encrypt_p2p: bool,
+    /// The https server's key (SHA-256 of its certificate's SubjectPublicKeyInfo): required at
+    /// enrolment unless the system trusts the certificate; afterwards it overrides the pin kept
+    /// in the credential file (to follow a key change without enrolling again).
+    pub server_spki_sha256: Option<String>,
     /// Serve Prometheus metrics at `http://<this>/metrics`; off when absent.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -108,6 +116,8 @@ impl Default for Config {
             driver: DriverChoice::Auto,
             metrics_listen: None,
             uploads_max: lowtide_engine::session::serve::ServerConfig::default().sessions_max,
+            encrypt_p2p: false,
+            server_spki_sha256: None,
         }
     }
 }
@@ -132,6 +142,8 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("LOWTIDE_DRIVER", "driver"),
     ("LOWTIDE_METRICS_LISTEN", "metrics_listen"),
     ("LOWTIDE_UPLOADS_MAX", "uploads_max"),
+    ("LOWTIDE_ENCRYPT_P2P", "encrypt_p2p"),
+    ("LOWTIDE_SERVER_SPKI_SHA256", "server_spki_sha256"),
 ];
 
 impl Config {
@@ -205,6 +217,8 @@ impl Config {
                 "LOWTIDE_INVENTORY_SECS" => self.inventory_secs = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_DRIVER" => self.driver = v.parse().map_err(|e: String| bad(&e))?,
                 "LOWTIDE_UPLOADS_MAX" => self.uploads_max = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_ENCRYPT_P2P" => self.encrypt_p2p = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_SERVER_SPKI_SHA256" => self.server_spki_sha256 = text(),
                 "LOWTIDE_METRICS_LISTEN" => {
                     self.metrics_listen = text().map(|t| t.parse()).transpose().map_err(|e| bad(&e))?
                 }
@@ -219,6 +233,9 @@ impl Config {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
                 bail!("server_url {u:?} must start with http:// or https://");
             }
+        }
+        if let Some(p) = &self.server_spki_sha256 {
+            crate::tls::parse_pin(p)?;
         }
         anyhow::ensure!(self.cache_limit_mib >= 1, "cache_limit_mib must be at least 1");
         anyhow::ensure!(self.inventory_secs >= 1, "inventory_secs must be at least 1");

@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::facts;
 use crate::proto::{GetDone, Progress, Reply, Request, REQUEST_BYTES_MAX};
 use crate::server::{self, Client, Facts, Inventory, InventoryItem, Protocol, SourceKind, TrafficReport};
+use crate::tls::{self, PinVerifier};
 use crate::worker::{self, Cmd, Handle, Held};
 
 /// How often a download looks at its progress.
@@ -67,6 +68,9 @@ pub struct Credential {
     pub deployment_key: Option<String>,
     #[serde(default)]
     pub deployment_key_previous: Option<String>,
+    /// The https server's key (SHA-256 of its SPKI), pinned at enrolment.
+    #[serde(default)]
+    pub server_spki_sha256: Option<String>,
 }
 
 /// The engine's keys: from `deployment_secret` when set (it overrides the server), else
@@ -116,6 +120,23 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
+/// The server's client. Over https its key is pinned: the config's `server_spki_sha256`,
+/// else the one kept in the credential file; with neither (enrolment) the system's trust
+/// store decides and the key it accepted is pinned when the credential is written.
+fn server_client(cfg: &Config, url: &str) -> anyhow::Result<Client> {
+    if !url.starts_with("https://") {
+        return Client::new(url);
+    }
+    let from_cfg = cfg.server_spki_sha256.as_deref().map(tls::parse_pin).transpose()?;
+    let from_cred = std::fs::read(cfg.credential_path())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Credential>(&b).ok())
+        .and_then(|c| c.server_spki_sha256);
+    let pin = from_cfg.or(from_cred);
+    let v = PinVerifier::new(pin.clone(), pin.is_none())?;
+    Client::with_verifier(url, Some(&v))
+}
+
 async fn load_or_enrol(cfg: &Config, client: &Client, hostname: &str) -> anyhow::Result<Credential> {
     let path = cfg.credential_path();
     if path.exists() {
@@ -154,6 +175,7 @@ async fn load_or_enrol(cfg: &Config, client: &Client, hostname: &str) -> anyhow:
         heartbeat_secs: e.heartbeat_secs,
         deployment_key: e.deployment_key,
         deployment_key_previous: e.deployment_key_previous,
+        server_spki_sha256: client.pinned(),
     };
     write_private(&path, &serde_json::to_vec_pretty(&c)?)?;
     tracing::info!(agent = %c.agent_id, "enrolled; credential kept in {}", path.display());
@@ -236,13 +258,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         );
     }
     // Enrol (or read the credential) first: the engine is keyed with what the server hands out.
-    let client = Client::new(url)?;
+    let client = server_client(&cfg, url)?;
     let hostname = if cfg.hostname.is_empty() {
         facts::hostname()
     } else {
         cfg.hostname.clone()
     };
     let cred = load_or_enrol(&cfg, &client, &hostname).await?;
+    let https = url.starts_with("https://");
+    if https && cred.server_spki_sha256.is_none() && cfg.server_spki_sha256.is_none() {
+        tracing::warn!(
+            "the server's TLS key is not pinned (enrolled before pinning existed): it is checked against \
+             the system's trust store; delete {} and enrol again to pin it",
+            cfg.credential_path().display()
+        );
+    }
+    // Origins: the pinned key (the server's own /files) or what the system trusts.
+    let origin_pin = cfg.server_spki_sha256.as_deref().map(tls::parse_pin).transpose()?;
+    let origins = https
+        .then(|| PinVerifier::new(origin_pin.or(cred.server_spki_sha256.clone()), true))
+        .transpose()?;
     let keys = p2p_keys(
         secret,
         cred.deployment_key.as_deref(),
@@ -321,7 +356,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let sock_path = cfg.socket_path();
     let sh = Arc::new(Shared {
-        http: server::http_client()?,
+        http: server::http_client_with(origins.as_ref())?,
         server_keys: Mutex::new((cred.deployment_key.clone(), cred.deployment_key_previous.clone())),
         cfg,
         client,
@@ -942,6 +977,7 @@ async fn start_or_join(
             table: t,
             peers,
             background,
+            encrypt: sh.cfg.encrypt_p2p,
             reply,
         })
         .await

@@ -14,6 +14,7 @@
 //! - [`proto`]: the JSON-lines protocol of the control socket.
 //! - [`systemd`]: `sd_notify` readiness and watchdog.
 //! - [`metrics`]: Prometheus metrics (bytes by source, share from peers).
+//! - [`tls`]: the server's TLS key, pinned at enrolment.
 //!
 //! Not here yet: peer discovery on the local subnets (peers come from the
 //! server's source lists), serving limits.
@@ -26,4 +27,5 @@ pub mod origin;
 pub mod proto;
 pub mod server;
 pub mod systemd;
+pub mod tls;
 pub mod worker;

@@ -7,6 +7,7 @@
 //! database); the integration tests run both against each other.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -15,6 +16,7 @@ use lowtide_engine::content::{BlockTable, ContentId};
 use serde::{Deserialize, Serialize};
 
 use crate::facts::{Chassis, OsType};
+use crate::tls::PinVerifier;
 
 /// Longest any API call may take.
 pub const REQUEST_TIMEOUT_SECS: u64 = 30;
@@ -203,6 +205,7 @@ impl std::error::Error for ApiError {}
 pub struct Client {
     http: reqwest::Client,
     base: String,
+    verifier: Option<Arc<PinVerifier>>,
 }
 
 /// Install the ring crypto provider for rustls (once per process).
@@ -212,21 +215,47 @@ pub fn install_tls_provider() {
 
 /// A plain HTTP client with the agent's timeouts (for the server and origins).
 pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    http_client_with(None)
+}
+
+/// An HTTP client with the agent's timeouts whose TLS certificates `verifier` checks
+/// (reqwest's default, the system's trust store, without one).
+pub fn http_client_with(verifier: Option<&Arc<PinVerifier>>) -> anyhow::Result<reqwest::Client> {
     install_tls_provider();
-    reqwest::Client::builder()
+    let mut b = reqwest::Client::builder()
         .timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS))
         .connect_timeout(Duration::from_secs(10))
-        .user_agent(concat!("lowtide-agent/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .context("building the HTTP client")
+        .user_agent(concat!("lowtide-agent/", env!("CARGO_PKG_VERSION")));
+    if let Some(v) = verifier {
+        b = b.tls_backend_preconfigured(v.client_config()?);
+    }
+    b.build().context("building the HTTP client")
 }
 
 impl Client {
     pub fn new(base: &str) -> anyhow::Result<Self> {
+        Self::with_verifier(base, None)
+    }
+
+    /// A client whose TLS connections to the server `verifier` checks (see [`crate::tls`]).
+    pub fn with_verifier(base: &str, verifier: Option<&Arc<PinVerifier>>) -> anyhow::Result<Self> {
         Ok(Self {
-            http: http_client()?,
+            http: http_client_with(verifier)?,
             base: base.trim_end_matches('/').to_string(),
+            verifier: verifier.cloned(),
         })
+    }
+
+    /// The key hash of the server's TLS certificate last accepted (https only).
+    pub fn pinned(&self) -> Option<String> {
+        self.verifier.as_ref().and_then(|v| v.seen())
+    }
+
+    /// `GET /healthz`: is the server there (and, over https, the one pinned)?
+    pub async fn health(&self) -> anyhow::Result<()> {
+        self.send(self.http.get(format!("{}/healthz", self.base)), "checking the server")
+            .await
+            .map(|_| ())
     }
 
     pub fn base(&self) -> &str {

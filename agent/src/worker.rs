@@ -75,6 +75,8 @@ pub enum Cmd {
         table: BlockTable,
         peers: Vec<SocketAddr>,
         background: bool,
+        /// Ask the peers to encrypt the data.
+        encrypt: bool,
         reply: Reply<()>,
     },
     /// Add more peers to a running fetch.
@@ -194,11 +196,13 @@ fn handle(ep: &mut Endpoint, cmd: Cmd) -> bool {
             table,
             peers,
             background,
+            encrypt,
             reply,
         } => {
             let id = table.root();
             let cfg = FetchConfig {
                 background,
+                encrypt,
                 ..FetchConfig::default()
             };
             let r = ep.start_fetch(id, Some(table), &peers, cfg).map_err(|x| e(&x));

@@ -47,6 +47,15 @@ impl Server {
     /// child site `branch` (10.99.0.0/24, reached only with `site_override`),
     /// and a token good for 20 enrolments.
     pub fn start() -> Self {
+        Self::start_opts(None)
+    }
+
+    /// [`start`](Self::start) over HTTPS with this PEM certificate and key (for 127.0.0.1).
+    pub fn start_tls(cert: &Path, key: &Path) -> Self {
+        Self::start_opts(Some((cert.to_path_buf(), key.to_path_buf())))
+    }
+
+    fn start_opts(tls: Option<(PathBuf, PathBuf)>) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -55,7 +64,8 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let (base, app, stop, task, token) = rt.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let base = format!("http://{}", listener.local_addr().unwrap());
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let base = format!("{scheme}://{}", listener.local_addr().unwrap());
             let cfg = Config {
                 state_dir: dir.path().to_path_buf(),
                 public_url: Some(base.clone()),
@@ -79,9 +89,16 @@ impl Server {
                 .token;
             let app = App::new(store, cfg, clock).await.unwrap();
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(api::serve(app.clone(), listener, async move {
+            let stop = async move {
                 let _ = rx.await;
-            }));
+            };
+            let task = match &tls {
+                Some((cert, key)) => {
+                    let cfg = api::load_tls(cert, key).unwrap();
+                    tokio::spawn(api::serve_tls(app.clone(), listener, cfg, stop))
+                }
+                None => tokio::spawn(api::serve(app.clone(), listener, stop)),
+            };
             (base, app, tx, task, token)
         });
         Self {
