@@ -907,7 +907,63 @@ async fn two_servers_share_one_database(db: Db) {
     h.finish().await;
 }
 
+async fn deployment_key_is_handed_out_and_rotated(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let other = common::Server::start(&h.db, h.clock.clone(), |_| {}).await;
+    let tok = h.token(2).await;
+    let r = h
+        .send("POST", "/v1/enroll", None, &json!({"token": tok, "hostname": "pc"}))
+        .await;
+    let e = r.json();
+    let k1 = e["deployment_key"].as_str().unwrap().to_string();
+    assert_eq!(k1.len(), 64, "{e}");
+    assert_eq!(e["deployment_key_previous"], Value::Null);
+    let cred = e["credential"].as_str().unwrap().to_string();
+    let hb_other = || async {
+        let r = h
+            .http
+            .post(format!("{}/v1/heartbeat", other.base))
+            .bearer_auth(&cred)
+            .body(facts("10.20.0.5", 1).to_string())
+            .send()
+            .await
+            .unwrap();
+        serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap()
+    };
+    assert_eq!(hb_other().await["deployment_key"], k1.as_str());
+    // Only the admin rotates.
+    let r = h
+        .send("POST", "/v1/admin/deployment-key/rotate", None, &json!({}))
+        .await;
+    assert_4xx(&r, 401, "authorization");
+    let r = h
+        .send("POST", "/v1/admin/deployment-key/rotate", Some(ADMIN), &json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        !r.text().contains(&k1),
+        "the answer shows fingerprints, never keys: {}",
+        r.text()
+    );
+    // This server answers with the new key at once, the old one as previous.
+    let v = h.heartbeat(&cred, facts("10.20.0.5", 1)).await.json();
+    let k2 = v["deployment_key"].as_str().unwrap().to_string();
+    assert_ne!(k2, k1);
+    assert_eq!(v["deployment_key_previous"], k1.as_str());
+    // The other server sees the rotation within its recheck interval.
+    h.clock
+        .advance_ms(lowtide_server::store::DEPLOYMENT_KEYS_RECHECK_MS + 1);
+    let v = hb_other().await;
+    assert_eq!(
+        (v["deployment_key"].as_str(), v["deployment_key_previous"].as_str()),
+        (Some(k2.as_str()), Some(k1.as_str()))
+    );
+    other.stop().await;
+    h.finish().await;
+}
+
 both!(
+    deployment_key_is_handed_out_and_rotated,
     enrol_heartbeat_and_list,
     bad_credentials_are_refused_and_write_nothing,
     malformed_and_oversized_bodies_are_refused,
