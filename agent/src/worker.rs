@@ -42,6 +42,8 @@ pub struct SourceView {
     pub active: bool,
     pub payload_bytes: u64,
     pub rate_bytes_per_s: u64,
+    /// Encrypted datagrams from it whose AEAD tag failed (tampered on the path).
+    pub sealed_rejected: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -176,6 +178,7 @@ fn snapshot(ep: &Endpoint) -> Snapshot {
                         active: s.active,
                         payload_bytes: s.payload_bytes,
                         rate_bytes_per_s: s.rate_bytes_per_s,
+                        sealed_rejected: s.sealed_rejected,
                     })
                     .collect(),
             })
