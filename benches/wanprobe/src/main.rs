@@ -9,9 +9,14 @@
 //!   `bin_start_realtime_ns,src,proto,sport,dport,bytes,frames,big_frames` where
 //!   `bytes` are frame bytes as TBF counts them (IP total length + 14 bytes of
 //!   Ethernet header) and `big_frames` counts frames of at least 1000 bytes.
+//! - `count --iface IF[,IF...] [--every-ms 1000] --out FILE.json`: counts the IPv4
+//!   frames on each IF in both directions per (direction, source, destination,
+//!   protocol): frames, frame bytes, transport payload bytes, big frames; rewrites
+//!   FILE.json every interval and on exit (see `count.rs`).
 //!
 //! All run until SIGINT/SIGTERM and flush their file on exit.
 
+mod count;
 mod probe;
 mod tap;
 
@@ -23,6 +28,7 @@ pub(crate) static STOP: AtomicBool = AtomicBool::new(false);
 const USAGE: &str = "usage: lowtide-wanprobe echo --listen IP:PORT\n\
        lowtide-wanprobe probe --to IP:PORT [--interval-ms 10] --out FILE\n\
        lowtide-wanprobe tap --iface IF [--bin-ms 10] --out FILE\n\
+       lowtide-wanprobe count --iface IF[,IF...] [--every-ms 1000] --out FILE.json\n\
 Each runs until SIGINT/SIGTERM.";
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -88,6 +94,14 @@ fn run(args: &[String]) -> Result<(), String> {
             tap::tap(
                 required(&opts, "--iface")?,
                 number(&opts, "--bin-ms", 10)?,
+                required(&opts, "--out")?,
+            )
+        }
+        "count" => {
+            check_known(&opts, &["--iface", "--every-ms", "--out"])?;
+            count::count(
+                required(&opts, "--iface")?,
+                number(&opts, "--every-ms", 1000)?,
                 required(&opts, "--out")?,
             )
         }

@@ -29,7 +29,7 @@ struct Count {
     big: u64,
 }
 
-struct Fd(libc::c_int);
+pub(crate) struct Fd(pub(crate) libc::c_int);
 
 impl Drop for Fd {
     fn drop(&mut self) {
@@ -44,14 +44,21 @@ fn os_err(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 
-fn open(iface: &str) -> Result<Fd, String> {
+pub(crate) fn open(iface: &str) -> Result<Fd, String> {
+    open_proto(iface, libc::ETH_P_IP as u16)
+}
+
+/// An AF_PACKET socket bound to `iface` for frames of ethertype `ethertype`
+/// (`ETH_P_ALL` to also see outgoing frames: the kernel hands those only to
+/// sockets of every protocol).
+pub(crate) fn open_proto(iface: &str, ethertype: u16) -> Result<Fd, String> {
     let name = CString::new(iface).map_err(|_| "bad interface name".to_owned())?;
     // SAFETY: `name` is a valid NUL-terminated string.
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
     if ifindex == 0 {
         return Err(os_err(&format!("interface {iface}")));
     }
-    let proto = (libc::ETH_P_IP as u16).to_be();
+    let proto = ethertype.to_be();
     // SAFETY: plain socket(2) call.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, proto as libc::c_int) };
     if fd < 0 {
@@ -99,7 +106,7 @@ fn open(iface: &str) -> Result<Fd, String> {
 }
 
 /// Packets the kernel dropped because the socket's buffer was full.
-fn drops(fd: &Fd) -> u32 {
+pub(crate) fn drops(fd: &Fd) -> u32 {
     let mut stats = libc::tpacket_stats {
         tp_packets: 0,
         tp_drops: 0,
