@@ -12,6 +12,9 @@ have iperf3 || need_apt+=(iperf3)
 have ping || need_apt+=(iputils-ping)
 have ethtool || need_apt+=(ethtool)
 have python3 || need_apt+=(python3)
+have curl || need_apt+=(curl)
+# bench-distribution.sh's parallel HTTP reference.
+have aria2c || need_apt+=(aria2)
 if [ "${LOWTIDE_WITH_POSTGRES:-1}" = 1 ] && [ ! -x /usr/lib/postgresql/15/bin/postgres ] && ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
   need_apt+=(postgresql)
 fi
