@@ -20,6 +20,7 @@
 //! driver = "auto"                               # engine I/O driver: auto, uring, portable
 //! uploads_max = 64                              # peers served at once (0: serve nobody)
 //! encrypt_p2p = false                           # ask peers to encrypt the data they send (AES-256-GCM)
+//! require_encryption = false                    # serve peers only over encrypted sessions
 //! server_spki_sha256 = "101e9f…"                # pin the https server's key (SHA-256 of its SPKI) at enrolment
 //! metrics_listen = "127.0.0.1:9464"             # Prometheus /metrics over HTTP (off when absent)
 //! ```
@@ -82,6 +83,8 @@ pub struct Config {
     pub uploads_max: usize,
     /// Ask peers to encrypt the data they send (a key per session, from the deployment key).
     pub encrypt_p2p: bool,
+    /// Serve peers only over encrypted sessions (set `encrypt_p2p` on every agent too).
+    pub require_encryption: bool,
     /// The https server's key (SHA-256 of its certificate's SubjectPublicKeyInfo): required at
     /// enrolment unless the system trusts the certificate; afterwards it overrides the pin kept
     /// in the credential file (to follow a key change without enrolling again).
@@ -117,6 +120,7 @@ impl Default for Config {
             metrics_listen: None,
             uploads_max: lowtide_engine::session::serve::ServerConfig::default().sessions_max,
             encrypt_p2p: false,
+            require_encryption: false,
             server_spki_sha256: None,
         }
     }
@@ -143,6 +147,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("LOWTIDE_METRICS_LISTEN", "metrics_listen"),
     ("LOWTIDE_UPLOADS_MAX", "uploads_max"),
     ("LOWTIDE_ENCRYPT_P2P", "encrypt_p2p"),
+    ("LOWTIDE_REQUIRE_ENCRYPTION", "require_encryption"),
     ("LOWTIDE_SERVER_SPKI_SHA256", "server_spki_sha256"),
 ];
 
@@ -218,6 +223,7 @@ impl Config {
                 "LOWTIDE_DRIVER" => self.driver = v.parse().map_err(|e: String| bad(&e))?,
                 "LOWTIDE_UPLOADS_MAX" => self.uploads_max = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_ENCRYPT_P2P" => self.encrypt_p2p = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_REQUIRE_ENCRYPTION" => self.require_encryption = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_SERVER_SPKI_SHA256" => self.server_spki_sha256 = text(),
                 "LOWTIDE_METRICS_LISTEN" => {
                     self.metrics_listen = text().map(|t| t.parse()).transpose().map_err(|e| bad(&e))?

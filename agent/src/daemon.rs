@@ -294,6 +294,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (store_dir, limit, listen, driver) = (cfg.store_dir(), cfg.cache_limit_bytes(), cfg.listen, cfg.driver);
     let server_cfg = lowtide_engine::session::serve::ServerConfig {
         sessions_max: cfg.uploads_max,
+        require_encryption: cfg.require_encryption,
         ..Default::default()
     };
     let (tx, rx) = std::sync::mpsc::channel();

@@ -70,7 +70,10 @@
 //! flags, `fetch_nonce` in what was a reserved field) are ignored by peers
 //! that predate them and keep the version: an old server ignores
 //! `REQUEST_ENCRYPT` and answers without `ACCEPT_ENCRYPTED`, which the
-//! fetcher refuses. A change that old peers would misread takes a new version,
+//! fetcher refuses. A server may serve encrypted sessions only
+//! (`ServerConfig::require_encryption`): it answers a plain request with
+//! `Reject` reason 3 (`EncryptionRequired`), which older fetchers read as
+//! "other". A change that old peers would misread takes a new version,
 //! and a peer drops versions it does not know (`BadVersion`).
 //!
 //! # Address validation
@@ -403,6 +406,8 @@ pub struct WireRange {
 pub enum RejectReason {
     NotFound = 1,
     Busy = 2,
+    /// The server serves only encrypted sessions and the request did not ask for one.
+    EncryptionRequired = 3,
     Other = 255,
 }
 
@@ -411,6 +416,7 @@ impl RejectReason {
         match v {
             1 => Self::NotFound,
             2 => Self::Busy,
+            3 => Self::EncryptionRequired,
             _ => Self::Other,
         }
     }

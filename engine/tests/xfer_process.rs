@@ -27,8 +27,14 @@ fn xfer(store: &Path, key: &str) -> Command {
 
 /// Start a server with `driver`; returns it and the address it listens on.
 fn serve(store: &Path, driver: &str, file: &Path) -> (Server, String) {
+    serve_with(store, driver, file, &[])
+}
+
+fn serve_with(store: &Path, driver: &str, file: &Path, extra: &[&str]) -> (Server, String) {
     let mut child = xfer(store, "k1")
-        .args(["--driver", driver, "serve", "--listen", "127.0.0.1:0", "--add"])
+        .args(["--driver", driver, "serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .arg("--add")
         .arg(file)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -156,4 +162,39 @@ fn encrypted_fetch_from_both_drivers_is_byte_exact() {
         (Some(true), Some(0)),
         "{s}"
     );
+}
+
+#[test]
+fn a_server_that_requires_encryption_refuses_plain_fetches_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pkg.bin");
+    let data = vec![3u8; 200_000];
+    std::fs::write(&file, &data).unwrap();
+    let id = lowtide_engine::content::ContentId::of(&data).to_string();
+    let (_a, addr) = serve_with(&dir.path().join("sa"), "portable", &file, &["--require-encryption"]);
+    let out = xfer(&dir.path().join("sc"), "k1")
+        .args(["fetch", &id, "--from", &addr, "-q", "--timeout-secs", "60"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("EncryptionRequired"), "{err}");
+    let got = dir.path().join("out.bin");
+    let out = xfer(&dir.path().join("sd"), "k1")
+        .args([
+            "fetch",
+            &id,
+            "--encrypt",
+            "--from",
+            &addr,
+            "-q",
+            "--timeout-secs",
+            "60",
+            "--to",
+        ])
+        .arg(&got)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::read(&got).unwrap() == data);
 }

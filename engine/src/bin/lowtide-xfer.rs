@@ -22,6 +22,7 @@ use lowtide_engine::content::{ContentId, BLOCK_CHUNKS_LOG_DEFAULT};
 use lowtide_engine::endpoint::{DriverChoice, Endpoint, EndpointConfig, FetchNews};
 use lowtide_engine::io::uring::ZeroCopy;
 use lowtide_engine::session::fetch::FetchConfig;
+use lowtide_engine::session::serve::ServerConfig;
 use lowtide_engine::store::Store;
 use lowtide_engine::time::Clock;
 use lowtide_engine::wire::DeploymentKey;
@@ -72,6 +73,9 @@ enum Cmd {
         /// Files to add before serving.
         #[arg(long)]
         add: Vec<PathBuf>,
+        /// Serve encrypted sessions only (fetchers must use `fetch --encrypt`).
+        #[arg(long)]
+        require_encryption: bool,
     },
     /// Fetch content by id from one or more servers.
     Fetch {
@@ -144,7 +148,11 @@ fn run() -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Serve { listen, add } => {
+        Cmd::Serve {
+            listen,
+            add,
+            require_encryption,
+        } => {
             for f in add {
                 let t = store
                     .import(f, BLOCK_CHUNKS_LOG_DEFAULT)
@@ -154,6 +162,10 @@ fn run() -> anyhow::Result<ExitCode> {
             let cfg = EndpointConfig {
                 driver: cli.driver,
                 zero_copy: cli.zero_copy,
+                server: ServerConfig {
+                    require_encryption: *require_encryption,
+                    ..ServerConfig::default()
+                },
                 ..Default::default()
             };
             let mut ep = Endpoint::bind(*listen, key(&cli)?, store, cfg)?;

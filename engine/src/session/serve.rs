@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub pacing_burst: Duration,
     /// Most datagrams per GSO run.
     pub gso_segments_max: usize,
+    /// Serve encrypted sessions only: a request that does not ask for encryption is refused.
+    pub require_encryption: bool,
     pub controller: ControllerFactory,
 }
 
@@ -80,6 +82,7 @@ impl Default for ServerConfig {
             pto_count_max: 10,
             pacing_burst: Duration::from_millis(1),
             gso_segments_max: GSO_SEGMENTS_MAX,
+            require_encryption: false,
             controller: Arc::new(|background| -> Box<dyn Controller> {
                 if background {
                     Box::new(crate::cc::background::Background::new(Default::default()))
@@ -345,6 +348,12 @@ impl Server {
                     self.push_control(from, buf[..n].to_vec());
                     return;
                 };
+                if self.config.require_encryption && fixed.flags & wire::REQUEST_ENCRYPT == 0 {
+                    self.stats.requests_rejected += 1;
+                    let n = wire::encode_reject(key, &mut buf, id, &content, RejectReason::EncryptionRequired);
+                    self.push_control(from, buf[..n].to_vec());
+                    return;
+                }
                 if self.sessions.len() >= self.config.sessions_max {
                     self.stats.requests_rejected += 1;
                     let n = wire::encode_reject(key, &mut buf, id, &content, RejectReason::Busy);
