@@ -351,9 +351,15 @@ async fn tokens_revoke(State(app): State<Arc<App>>, h: HeaderMap, Path(id): Path
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn deployment_key_rotate(State(app): State<Arc<App>>, h: HeaderMap) -> ApiResult {
+#[derive(Deserialize)]
+struct RotateQuery {
+    #[serde(default)]
+    drop_previous: bool,
+}
+
+async fn deployment_key_rotate(State(app): State<Arc<App>>, h: HeaderMap, Query(q): Query<RotateQuery>) -> ApiResult {
     admin(&app, &h)?;
-    let keys = app.store.rotate_deployment_key(app.now()).await?;
+    let keys = app.store.rotate_deployment_key(app.now(), q.drop_previous).await?;
     tracing::info!(keys = %keys, "deployment key rotated");
     json(&serde_json::json!({"rotated": keys.to_string()}))
 }

@@ -127,7 +127,12 @@ enum DeploymentKeyCmd {
     /// Fingerprints of the current and previous key.
     Show,
     /// Make a new key; the old one is still accepted until the next rotation.
-    Rotate,
+    Rotate {
+        /// Stop accepting the old key at once (a stolen device): agents that have not
+        /// heartbeated since cannot talk P2P until they do.
+        #[arg(long)]
+        drop_previous: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -313,7 +318,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = open(&cfg).await?;
             let keys = match cmd {
                 DeploymentKeyCmd::Show => store.deployment_keys(clock.now_ms()).await?,
-                DeploymentKeyCmd::Rotate => store.rotate_deployment_key(clock.now_ms()).await?,
+                DeploymentKeyCmd::Rotate { drop_previous } => {
+                    store.rotate_deployment_key(clock.now_ms(), drop_previous).await?
+                }
             };
             println!("{keys}");
             eprintln!("agents learn a new key at their next heartbeat (servers see it within 5 s)");

@@ -136,7 +136,7 @@ pub const ROUTES: &[(&str, &str, Auth, Option<&str>, &str)] = &[
         "/v1/admin/deployment-key/rotate",
         Auth::Admin,
         None,
-        "Rotate the P2P deployment key (the old one stays accepted until the next rotation)",
+        "Rotate the P2P deployment key (the old one stays accepted until the next rotation; ?drop_previous=true: not at all)",
     ),
     (
         "get",

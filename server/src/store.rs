@@ -833,16 +833,24 @@ impl Store {
     }
 
     /// Make a new current deployment key; the old one becomes `previous` (still accepted by
-    /// agents until the next rotation). Agents learn it at their next heartbeat.
-    pub async fn rotate_deployment_key(&self, now_ms: i64) -> Result<DeploymentKeys> {
+    /// agents until the next rotation), or with `drop_previous` is no longer accepted at all
+    /// (after a stolen device: agents that have not heartbeated since cannot talk to the
+    /// others until they do). Agents learn it at their next heartbeat.
+    pub async fn rotate_deployment_key(&self, now_ms: i64, drop_previous: bool) -> Result<DeploymentKeys> {
         self.deployment_keys(now_ms).await?;
         let mut tx = self.write.begin().await?;
-        sqlx::query(
-            "INSERT INTO meta (key, value) SELECT 'deployment_key_previous_v1', value FROM meta WHERE key = 'deployment_key_v1' \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        )
-        .execute(&mut *tx)
-        .await?;
+        if drop_previous {
+            sqlx::query("DELETE FROM meta WHERE key = 'deployment_key_previous_v1'")
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query(
+                "INSERT INTO meta (key, value) SELECT 'deployment_key_previous_v1', value FROM meta WHERE key = 'deployment_key_v1' \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query("UPDATE meta SET value = $1 WHERE key = 'deployment_key_v1'")
             .bind(random_hex(32))
             .execute(&mut *tx)

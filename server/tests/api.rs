@@ -958,6 +958,20 @@ async fn deployment_key_is_handed_out_and_rotated(db: Db) {
         (v["deployment_key"].as_str(), v["deployment_key_previous"].as_str()),
         (Some(k2.as_str()), Some(k1.as_str()))
     );
+    // After a stolen device: a new key, and the old ones are no longer handed out at all.
+    let r = h
+        .send(
+            "POST",
+            "/v1/admin/deployment-key/rotate?drop_previous=true",
+            Some(ADMIN),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = h.heartbeat(&cred, facts("10.20.0.5", 1)).await.json();
+    let k3 = v["deployment_key"].as_str().unwrap();
+    assert!(k3 != k1 && k3 != k2, "{v}");
+    assert_eq!(v["deployment_key_previous"], Value::Null, "{v}");
     other.stop().await;
     h.finish().await;
 }

@@ -104,6 +104,27 @@ async fn admin_commands(db: Db) {
     let tid = t["id"].as_str().unwrap();
     assert!(cli.ok(&["token", "ls"]).contains(tid));
     cli.ok(&["token", "revoke", tid]);
+    // The deployment key: fingerprints only; a rotation keeps the old one as previous
+    // unless told to drop it.
+    let first = cli.ok(&["deployment-key", "show"]);
+    assert!(
+        first.starts_with("current ") && first.contains("no previous"),
+        "{first}"
+    );
+    let fp = first
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(',')
+        .to_string();
+    assert_eq!(fp.len(), 12, "{first}");
+    let rotated = cli.ok(&["deployment-key", "rotate"]);
+    assert!(
+        rotated.contains(&format!("previous {fp} (still accepted)")),
+        "{rotated}"
+    );
+    let dropped = cli.ok(&["deployment-key", "rotate", "--drop-previous"]);
+    assert!(dropped.contains("no previous") && !dropped.contains(&fp), "{dropped}");
     let (code, _, err) = cli.run(&["token", "revoke", tid]);
     assert_ne!(code, 0);
     assert!(err.contains("already revoked"), "{err}");

@@ -115,8 +115,12 @@ impl Server {
     /// Rotate the P2P deployment key as `lowtide-server deployment-key rotate` does.
     pub fn rotate_key(&self) -> lowtide_server::store::DeploymentKeys {
         let app = self.app.clone();
-        self.rt
-            .block_on(async move { app.store.rotate_deployment_key(app.clock.now_ms()).await.unwrap() })
+        self.rt.block_on(async move {
+            app.store
+                .rotate_deployment_key(app.clock.now_ms(), false)
+                .await
+                .unwrap()
+        })
     }
 
     /// Bytes the agents reported per (site, link), as the server recorded them.
