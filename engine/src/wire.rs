@@ -73,7 +73,8 @@
 //! fetcher refuses. A server may serve encrypted sessions only
 //! (`ServerConfig::require_encryption`): it answers a plain request with
 //! `Reject` reason 3 (`EncryptionRequired`), which older fetchers read as
-//! "other". A change that old peers would misread takes a new version,
+//! "other"; likewise reason 4 (`DeviceBusy`: the device refuses to serve for
+//! now, busy or on battery). A change that old peers would misread takes a new version,
 //! and a peer drops versions it does not know (`BadVersion`).
 //!
 //! # Address validation
@@ -405,9 +406,12 @@ pub struct WireRange {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
     NotFound = 1,
+    /// Serving as many peers as it may.
     Busy = 2,
     /// The server serves only encrypted sessions and the request did not ask for one.
     EncryptionRequired = 3,
+    /// The device refuses to serve for now: busy CPU or disk, on battery, or a VPN site.
+    DeviceBusy = 4,
     Other = 255,
 }
 
@@ -417,6 +421,7 @@ impl RejectReason {
             1 => Self::NotFound,
             2 => Self::Busy,
             3 => Self::EncryptionRequired,
+            4 => Self::DeviceBusy,
             _ => Self::Other,
         }
     }

@@ -34,6 +34,11 @@ impl Pacer {
         self.tokens.max(0.0) as u64
     }
 
+    /// Bytes in the bucket at the last [`available`](Self::available) (negative after an overdraft).
+    pub fn tokens(&self) -> f64 {
+        self.tokens
+    }
+
     pub fn consume(&mut self, bytes: u64) {
         self.tokens -= bytes as f64;
     }

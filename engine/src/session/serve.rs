@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub gso_segments_max: usize,
     /// Serve encrypted sessions only: a request that does not ask for encryption is refused.
     pub require_encryption: bool,
+    /// Upload rate of all sessions together, bytes a second on the wire (0: no cap).
+    pub upload_bytes_per_sec_max: u64,
     pub controller: ControllerFactory,
 }
 
@@ -83,6 +85,7 @@ impl Default for ServerConfig {
             pacing_burst: Duration::from_millis(1),
             gso_segments_max: GSO_SEGMENTS_MAX,
             require_encryption: false,
+            upload_bytes_per_sec_max: 0,
             controller: Arc::new(|background| -> Box<dyn Controller> {
                 if background {
                     Box::new(crate::cc::background::Background::new(Default::default()))
@@ -103,6 +106,8 @@ pub struct ServerStats {
     pub sessions_opened: u64,
     pub sessions_dropped_idle: u64,
     pub requests_rejected: u64,
+    /// Requests refused and sessions ended while the device refused to serve.
+    pub requests_refused: u64,
     pub read_errors: u64,
 }
 
@@ -202,6 +207,10 @@ pub struct Server {
     rng: rand::rngs::SmallRng,
     stats: ServerStats,
     background_paused: bool,
+    /// The device refuses to serve: every request gets `Reject(DeviceBusy)`.
+    refusing: bool,
+    /// Shared bucket of all sessions when `upload_bytes_per_sec_max` is set.
+    upload: Pacer,
     /// Chunks of the GSO run being built (kept to reuse its allocation).
     plan: Vec<(u8, Range<u64>, bool)>,
 }
@@ -218,6 +227,8 @@ impl Server {
             rng: rand::rngs::SmallRng::seed_from_u64(seed),
             stats: ServerStats::default(),
             background_paused: false,
+            refusing: false,
+            upload: Pacer::new(),
             plan: Vec::with_capacity(GSO_SEGMENTS_MAX),
         }
     }
@@ -230,6 +241,32 @@ impl Server {
 
     pub fn background_paused(&self) -> bool {
         self.background_paused
+    }
+
+    /// Refuse to serve (the device is busy or on battery) or serve again.
+    /// Refusing ends every session with `Reject(DeviceBusy)`, so its fetcher
+    /// drops this server at once and fetches elsewhere; new requests get the same.
+    pub fn set_refusing(&mut self, refusing: bool) {
+        self.refusing = refusing;
+        if !refusing {
+            return;
+        }
+        let mut buf = [0u8; 256];
+        for s in std::mem::take(&mut self.sessions) {
+            let n = wire::encode_reject(&s.key, &mut buf, s.id, &s.content, RejectReason::DeviceBusy);
+            self.stats.requests_refused += 1;
+            self.push_control(s.peer, buf[..n].to_vec());
+        }
+        self.rr = 0;
+    }
+
+    pub fn refusing(&self) -> bool {
+        self.refusing
+    }
+
+    /// Upload cap tokens: at least a full GSO run, or 10 ms at the cap.
+    fn upload_burst(&self, full: u64) -> u64 {
+        (self.config.upload_bytes_per_sec_max / 100).max(full * self.config.gso_segments_max as u64)
     }
 
     /// Hand the egress monitor's view of the local interface to every background session.
@@ -341,6 +378,12 @@ impl Server {
         }
         let idx = match existing {
             Some(i) => i,
+            None if self.refusing => {
+                self.stats.requests_refused += 1;
+                let n = wire::encode_reject(key, &mut buf, id, &content, RejectReason::DeviceBusy);
+                self.push_control(from, buf[..n].to_vec());
+                return;
+            }
             None => {
                 let Some((geometry, complete)) = lib.info(&content) else {
                     self.stats.requests_rejected += 1;
@@ -554,6 +597,8 @@ impl Server {
     }
 
     fn transmit_session(&mut self, now: Time, i: usize, lib: &dyn Library, buf: &mut [u8]) -> Option<Transmit> {
+        let cap = self.config.upload_bytes_per_sec_max;
+        let upload_burst = self.upload_burst((DATA_HEADER_BYTES + self.config.payload_bytes) as u64);
         let cfg = &self.config;
         let paused = self.background_paused;
         let s = &mut self.sessions[i];
@@ -578,6 +623,10 @@ impl Server {
             } else {
                 budget.min(tokens)
             };
+        }
+        if cap > 0 {
+            // The cap is shared by every session: no probe goes past it either.
+            budget = budget.min(self.upload.available(now, cap, upload_burst));
         }
         let segs_max = cfg.gso_segments_max.min((buf.len() as u64 / full) as usize);
         // 1. Plan the run: which chunks, within the budget, equal sizes but the last.
@@ -656,6 +705,9 @@ impl Server {
             }
             s.cc.on_sent(now, dlen as u64);
             s.pacer.consume(dlen as u64);
+            if cap > 0 {
+                self.upload.consume(dlen as u64);
+            }
             self.stats.packets_sent += 1;
             self.stats.payload_bytes_sent += plen as u64;
             if *resent {
@@ -676,6 +728,12 @@ impl Server {
     /// When `handle_timeout` must next be called.
     pub fn poll_timeout(&self) -> Option<Time> {
         let full = (DATA_HEADER_BYTES + self.config.payload_bytes) as u64;
+        let cap = self.config.upload_bytes_per_sec_max;
+        // Capped and out of shared tokens while some session has data: wake when they are back.
+        let upload = (cap > 0
+            && self.upload.tokens() < full as f64
+            && self.sessions.iter().any(|s| s.may_send(self.background_paused)))
+        .then(|| self.upload.next_send(full, cap));
         self.sessions
             .iter()
             .flat_map(|s| {
@@ -692,6 +750,7 @@ impl Server {
                 ]
             })
             .flatten()
+            .chain(upload)
             .min()
     }
 
@@ -823,5 +882,148 @@ mod tests {
             // The fetcher, which knows only its own key, can read the Accept.
             assert!(matches!(decode(fetcher_key, &out[..t.len]), Ok(Packet::Accept { .. })));
         }
+    }
+
+    /// A controller that never limits: the upload cap is all that does.
+    #[derive(Debug)]
+    struct Unlimited;
+
+    impl Controller for Unlimited {
+        fn name(&self) -> &'static str {
+            "unlimited"
+        }
+        fn on_sent(&mut self, _: Time, _: u64) {}
+        fn on_ack(&mut self, _: Time, _: &AckSample) {}
+        fn on_loss(&mut self, _: Time, _: &LossSample) {}
+        fn window(&self) -> u64 {
+            1 << 40
+        }
+        fn pacing_rate(&self, _: Duration) -> Option<u64> {
+            None
+        }
+    }
+
+    /// A server holding 20 MiB, with one validated session (id 5) that asked for 8 MiB.
+    fn serving(config: ServerConfig) -> (Server, MemLibrary, DeploymentKey, ContentId) {
+        let key = DeploymentKey::derive(b"t");
+        let data = vec![7u8; 20 << 20];
+        let table = BlockTable::from_bytes(&data, 0);
+        let id = table.root();
+        let mut lib = MemLibrary::default();
+        lib.insert_full(table, data);
+        let mut server = Server::new(key.clone(), config, 1);
+        let nonce = request(&mut server, &lib, &key, &id, 5, 0, &[]).expect("accepted");
+        request(&mut server, &lib, &key, &id, 5, nonce, &[(0, u32::MAX)]);
+        (server, lib, key, id)
+    }
+
+    /// Send a request; the nonce of the Accept it drew, if it drew one.
+    fn request(
+        server: &mut Server,
+        lib: &MemLibrary,
+        key: &DeploymentKey,
+        id: &ContentId,
+        session: u32,
+        nonce: u64,
+        ranges: &[(u64, u32)],
+    ) -> Option<u64> {
+        let mut buf = vec![0u8; 4096];
+        let f = RequestFixed {
+            content: id.0,
+            nonce_echo: nonce.into(),
+            fetch_nonce: 0.into(),
+            window_bytes: 0.into(),
+            stream: wire::STREAM_CONTENT,
+            flags: 0,
+            range_count: 0.into(),
+        };
+        let n = encode_request(key, &mut buf, session, &f, &wire_ranges(ranges.iter().copied()));
+        let p = decode(key, &buf[..n]).unwrap();
+        let peer: SocketAddr = "10.0.0.9:9".parse().unwrap();
+        server.handle(Time(0), peer, &p, lib);
+        if nonce != 0 {
+            return None;
+        }
+        let mut out = vec![0u8; 64 * 1024];
+        let t = server.poll_transmit(Time(0), lib, &mut out)?;
+        match decode(key, &out[..t.len]).unwrap() {
+            Packet::Accept { fixed, .. } => Some(fixed.nonce.get()),
+            Packet::Reject { fixed, .. } => {
+                assert_eq!(fixed.reason, RejectReason::DeviceBusy as u8);
+                None
+            }
+            p => panic!("{p:?}"),
+        }
+    }
+
+    /// Payload-and-header bytes sent in one virtual second, polling every millisecond.
+    fn bytes_in_one_second(server: &mut Server, lib: &MemLibrary) -> u64 {
+        let mut out = vec![0u8; 256 * 1024];
+        let mut sent = 0u64;
+        for ms in 0..1000u64 {
+            while let Some(t) = server.poll_transmit(Time::from_micros(ms * 1000), lib, &mut out) {
+                sent += t.len as u64;
+            }
+        }
+        sent
+    }
+
+    #[test]
+    fn server_upload_cap_bounds_all_sessions_together() {
+        let unlimited: ControllerFactory = Arc::new(|_| Box::new(Unlimited) as Box<dyn Controller>);
+        let cap = 1_000_000;
+        let (mut capped, lib, ..) = serving(ServerConfig {
+            upload_bytes_per_sec_max: cap,
+            controller: unlimited.clone(),
+            ..ServerConfig::default()
+        });
+        let sent = bytes_in_one_second(&mut capped, &lib);
+        let burst = capped.upload_burst((DATA_HEADER_BYTES + PAYLOAD_BYTES_DEFAULT) as u64);
+        assert!(
+            sent <= cap + burst,
+            "{sent} bytes in one second at a cap of {cap} (burst {burst})"
+        );
+        assert!(
+            sent >= cap * 9 / 10,
+            "{sent} bytes: the cap should be used, not undershot"
+        );
+        // The same server without the cap sends everything asked for at once.
+        let (mut free, lib, ..) = serving(ServerConfig {
+            controller: unlimited,
+            ..ServerConfig::default()
+        });
+        assert!(bytes_in_one_second(&mut free, &lib) > 4 * cap);
+        // While capped and out of tokens, the server asks to be woken, not polled in a loop.
+        assert!(capped.poll_timeout().is_some());
+    }
+
+    #[test]
+    fn server_refusing_ends_sessions_and_rejects_requests() {
+        let (mut server, lib, key, id) = serving(ServerConfig::default());
+        assert_eq!(server.session_count(), 1);
+        server.set_refusing(true);
+        assert_eq!(server.session_count(), 0, "every session ends");
+        let mut out = vec![0u8; 64 * 1024];
+        let t = server
+            .poll_transmit(Time(0), &lib, &mut out)
+            .expect("a Reject for the session");
+        match decode(&key, &out[..t.len]).unwrap() {
+            Packet::Reject { session, fixed } => {
+                assert_eq!((session, fixed.reason), (5, RejectReason::DeviceBusy as u8));
+            }
+            p => panic!("{p:?}"),
+        }
+        assert!(server.poll_transmit(Time(0), &lib, &mut out).is_none(), "and no data");
+        assert_eq!(
+            request(&mut server, &lib, &key, &id, 6, 0, &[]),
+            None,
+            "new requests refused"
+        );
+        assert_eq!(server.stats().requests_refused, 2);
+        server.set_refusing(false);
+        assert!(
+            request(&mut server, &lib, &key, &id, 7, 0, &[]).is_some(),
+            "serving again"
+        );
     }
 }
