@@ -23,6 +23,23 @@
 //! require_encryption = false                    # serve peers only over encrypted sessions
 //! server_spki_sha256 = "101e9f…"                # pin the https server's key (SHA-256 of its SPKI) at enrolment
 //! metrics_listen = "127.0.0.1:9464"             # Prometheus /metrics over HTTP (off when absent)
+//!
+//! # Discovery of peers on the local subnets (src/discovery/)
+//! discovery = true                              # broadcast, neighbour cache and subnet scan
+//! discovery_port = 4501                         # UDP port of discovery, the same on every agent
+//! discovery_interval_secs = 30                  # presence queries this often
+//! discovery_peer_timeout_secs = 90              # a peer silent this long is dropped
+//! discovery_scan_per_sec = 10                   # subnet scan rate, unicast queries a second (0: no scan)
+//! discovery_scan_prefix_min = 22                # scan only subnets of this prefix or longer (<= 1022 hosts)
+//! discovery_lookup_ms = 300                     # a get waits this long for local holders (0: do not ask)
+//!
+//! # Serving limits
+//! upload_bytes_per_sec_max = 0                  # all uploads together, bytes/s (0: no cap)
+//! busy_cpu_percent_max = 90                     # refuse to serve above this CPU use (0: never refuse)
+//! busy_disk_percent_max = 90                    # refuse to serve above this disk busy time (0: never refuse)
+//! serve_on_battery = false                      # serve while running on battery
+//! busy_check_secs = 5                           # how often CPU, disk and power are sampled
+//! power_supply_dir = "/sys/class/power_supply"  # where the battery state is read
 //! ```
 //!
 //! The P2P deployment key comes from the server at enrolment and with every
@@ -41,6 +58,10 @@ use serde::Deserialize;
 pub const CONFIG_PATH_DEFAULT: &str = "/etc/lowtide/agent.toml";
 /// Longest a peer look-up may stall before the origin is used.
 pub const PEER_STALL_SECS_MAX: u64 = 600;
+/// Fastest subnet scan allowed, unicast queries a second.
+pub const DISCOVERY_SCAN_PER_SEC_MAX: u32 = 1000;
+/// Longest a get may wait for discovery answers.
+pub const DISCOVERY_LOOKUP_MS_MAX: u64 = 5000;
 
 /// Everything the agent reads at start.
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +112,32 @@ pub struct Config {
     pub server_spki_sha256: Option<String>,
     /// Serve Prometheus metrics at `http://<this>/metrics`; off when absent.
     pub metrics_listen: Option<SocketAddr>,
+    /// Discover peers on the local subnets (broadcast, neighbour cache, subnet scan).
+    pub discovery: bool,
+    /// UDP port of discovery; the same on every agent of a deployment.
+    pub discovery_port: u16,
+    /// Presence queries this often.
+    pub discovery_interval_secs: u64,
+    /// A peer that has not answered for this long is dropped.
+    pub discovery_peer_timeout_secs: u64,
+    /// Subnet scan rate in unicast queries a second (0: no scan).
+    pub discovery_scan_per_sec: u32,
+    /// Scan only subnets with at least this prefix length.
+    pub discovery_scan_prefix_min: u8,
+    /// How long a `get` waits for peers on the local subnets to answer (0: do not ask).
+    pub discovery_lookup_ms: u64,
+    /// Upload rate of all serving sessions together, bytes a second (0: no cap).
+    pub upload_bytes_per_sec_max: u64,
+    /// Refuse to serve while CPU use (all cores) is above this percentage (0: never refuse).
+    pub busy_cpu_percent_max: u8,
+    /// Refuse to serve while any disk is busy more than this share of the time (0: never refuse).
+    pub busy_disk_percent_max: u8,
+    /// Serve while the device runs on battery.
+    pub serve_on_battery: bool,
+    /// How often CPU, disk and power supply are sampled.
+    pub busy_check_secs: u64,
+    /// Where the power supplies are read (`type`, `status`, `online` files).
+    pub power_supply_dir: PathBuf,
 }
 
 fn de_driver<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DriverChoice, D::Error> {
@@ -122,6 +169,19 @@ impl Default for Config {
             encrypt_p2p: false,
             require_encryption: false,
             server_spki_sha256: None,
+            discovery: true,
+            discovery_port: 4501,
+            discovery_interval_secs: 30,
+            discovery_peer_timeout_secs: 90,
+            discovery_scan_per_sec: 10,
+            discovery_scan_prefix_min: 22,
+            discovery_lookup_ms: 300,
+            upload_bytes_per_sec_max: 0,
+            busy_cpu_percent_max: 90,
+            busy_disk_percent_max: 90,
+            serve_on_battery: false,
+            busy_check_secs: 5,
+            power_supply_dir: PathBuf::from("/sys/class/power_supply"),
         }
     }
 }
@@ -149,6 +209,19 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("LOWTIDE_ENCRYPT_P2P", "encrypt_p2p"),
     ("LOWTIDE_REQUIRE_ENCRYPTION", "require_encryption"),
     ("LOWTIDE_SERVER_SPKI_SHA256", "server_spki_sha256"),
+    ("LOWTIDE_DISCOVERY", "discovery"),
+    ("LOWTIDE_DISCOVERY_PORT", "discovery_port"),
+    ("LOWTIDE_DISCOVERY_INTERVAL_SECS", "discovery_interval_secs"),
+    ("LOWTIDE_DISCOVERY_PEER_TIMEOUT_SECS", "discovery_peer_timeout_secs"),
+    ("LOWTIDE_DISCOVERY_SCAN_PER_SEC", "discovery_scan_per_sec"),
+    ("LOWTIDE_DISCOVERY_SCAN_PREFIX_MIN", "discovery_scan_prefix_min"),
+    ("LOWTIDE_DISCOVERY_LOOKUP_MS", "discovery_lookup_ms"),
+    ("LOWTIDE_UPLOAD_BYTES_PER_SEC_MAX", "upload_bytes_per_sec_max"),
+    ("LOWTIDE_BUSY_CPU_PERCENT_MAX", "busy_cpu_percent_max"),
+    ("LOWTIDE_BUSY_DISK_PERCENT_MAX", "busy_disk_percent_max"),
+    ("LOWTIDE_SERVE_ON_BATTERY", "serve_on_battery"),
+    ("LOWTIDE_BUSY_CHECK_SECS", "busy_check_secs"),
+    ("LOWTIDE_POWER_SUPPLY_DIR", "power_supply_dir"),
 ];
 
 impl Config {
@@ -225,6 +298,23 @@ impl Config {
                 "LOWTIDE_ENCRYPT_P2P" => self.encrypt_p2p = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_REQUIRE_ENCRYPTION" => self.require_encryption = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_SERVER_SPKI_SHA256" => self.server_spki_sha256 = text(),
+                "LOWTIDE_DISCOVERY" => self.discovery = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_DISCOVERY_PORT" => self.discovery_port = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_DISCOVERY_INTERVAL_SECS" => self.discovery_interval_secs = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_DISCOVERY_PEER_TIMEOUT_SECS" => {
+                    self.discovery_peer_timeout_secs = v.parse().map_err(|e| bad(&e))?
+                }
+                "LOWTIDE_DISCOVERY_SCAN_PER_SEC" => self.discovery_scan_per_sec = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_DISCOVERY_SCAN_PREFIX_MIN" => {
+                    self.discovery_scan_prefix_min = v.parse().map_err(|e| bad(&e))?
+                }
+                "LOWTIDE_DISCOVERY_LOOKUP_MS" => self.discovery_lookup_ms = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_UPLOAD_BYTES_PER_SEC_MAX" => self.upload_bytes_per_sec_max = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_BUSY_CPU_PERCENT_MAX" => self.busy_cpu_percent_max = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_BUSY_DISK_PERCENT_MAX" => self.busy_disk_percent_max = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_SERVE_ON_BATTERY" => self.serve_on_battery = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_BUSY_CHECK_SECS" => self.busy_check_secs = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_POWER_SUPPLY_DIR" => self.power_supply_dir = PathBuf::from(&v),
                 "LOWTIDE_METRICS_LISTEN" => {
                     self.metrics_listen = text().map(|t| t.parse()).transpose().map_err(|e| bad(&e))?
                 }
@@ -253,6 +343,36 @@ impl Config {
             self.peer_stall_secs <= PEER_STALL_SECS_MAX,
             "peer_stall_secs must be at most {PEER_STALL_SECS_MAX}"
         );
+        if self.discovery {
+            anyhow::ensure!(
+                self.discovery_port != 0,
+                "discovery_port must not be 0: every agent must use the same port (or set discovery = false)"
+            );
+            anyhow::ensure!(
+                self.discovery_interval_secs >= 1 && self.discovery_peer_timeout_secs > self.discovery_interval_secs,
+                "discovery_peer_timeout_secs must be longer than discovery_interval_secs (at least 1), \
+                 or every peer is dropped between two rounds"
+            );
+            anyhow::ensure!(
+                self.discovery_scan_per_sec <= DISCOVERY_SCAN_PER_SEC_MAX,
+                "discovery_scan_per_sec must be at most {DISCOVERY_SCAN_PER_SEC_MAX}"
+            );
+            anyhow::ensure!(
+                (16..=30).contains(&self.discovery_scan_prefix_min),
+                "discovery_scan_prefix_min must be between 16 and 30"
+            );
+            anyhow::ensure!(
+                self.discovery_lookup_ms <= DISCOVERY_LOOKUP_MS_MAX,
+                "discovery_lookup_ms must be at most {DISCOVERY_LOOKUP_MS_MAX} (it delays every get)"
+            );
+        }
+        for (k, v) in [
+            ("busy_cpu_percent_max", self.busy_cpu_percent_max),
+            ("busy_disk_percent_max", self.busy_disk_percent_max),
+        ] {
+            anyhow::ensure!(v <= 100, "{k} is a percentage: 0 (never refuse) to 100");
+        }
+        anyhow::ensure!(self.busy_check_secs >= 1, "busy_check_secs must be at least 1");
         Ok(())
     }
 

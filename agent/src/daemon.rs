@@ -11,8 +11,8 @@
 //!   table, asks the server for sources, fetches from peers with the engine
 //!   and falls back to the origin ([`crate::origin`]) when no peer can serve.
 //!
-//! Discovery (broadcast, neighbour cache, subnet scan) is not built: peers
-//! come from the server's source lists only.
+//! Peers on the local subnets found by [`crate::discovery`] join the
+//! same-site peers the server names.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -217,6 +217,11 @@ struct State {
     recent: VecDeque<GetDone>,
     last_inventory: Option<Vec<Held>>,
     metrics_addr: Option<SocketAddr>,
+    /// Why this agent refuses to serve now, if it does.
+    serving_refused: Option<String>,
+    /// Last CPU and disk use sampled, percent.
+    cpu_percent: Option<u8>,
+    disk_percent: Option<u8>,
 }
 
 struct Shared {
@@ -226,6 +231,7 @@ struct Shared {
     cred: Credential,
     hostname: String,
     engine: Handle,
+    discovery: Arc<crate::discovery::service::Discovery>,
     state: Mutex<State>,
     /// One download per content at a time; a second `get` waits for the first.
     locks: Mutex<HashMap<ContentId, Arc<tokio::sync::Mutex<()>>>>,
@@ -283,6 +289,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cred.deployment_key.as_deref(),
         cred.deployment_key_previous.as_deref(),
     )?;
+    let disc_keys = keys.clone();
     if secret.is_some() {
         tracing::info!("P2P packets keyed by deployment_secret from the config (the server's key is not used)");
     } else if url.starts_with("http://") {
@@ -295,6 +302,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let server_cfg = lowtide_engine::session::serve::ServerConfig {
         sessions_max: cfg.uploads_max,
         require_encryption: cfg.require_encryption,
+        upload_bytes_per_sec_max: cfg.upload_bytes_per_sec_max,
         ..Default::default()
     };
     let (tx, rx) = std::sync::mpsc::channel();
@@ -356,7 +364,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     let sock_path = cfg.socket_path();
+    let discovery = crate::discovery::service::Discovery::start(
+        crate::discovery::service::Settings::from_config(&cfg),
+        &disc_keys,
+        udp.port(),
+        engine.clone(),
+    );
     let sh = Arc::new(Shared {
+        discovery,
         http: server::http_client_with(origins.as_ref())?,
         server_keys: Mutex::new((cred.deployment_key.clone(), cred.deployment_key_previous.clone())),
         cfg,
@@ -377,6 +392,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
     let hb = tokio::spawn(heartbeat_loop(sh.clone()));
     let inv = tokio::spawn(inventory_loop(sh.clone()));
+    let busy = tokio::spawn(busy_loop(sh.clone()));
     let acc = tokio::spawn(accept_loop(sh.clone(), listener));
     let metrics = metrics_listener.map(|l| {
         let bound = l.local_addr().ok();
@@ -406,6 +422,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     hb.abort();
     inv.abort();
+    busy.abort();
+    sh.discovery.stop();
     let _ = std::fs::remove_file(&sock_path);
     engine.send(Cmd::Stop);
     tokio::task::spawn_blocking(move || engine_thread.join())
@@ -479,6 +497,7 @@ async fn heartbeat_once(sh: &Shared) -> anyhow::Result<u64> {
         if st.site != r.site {
             tracing::info!(site = ?r.site, kind = ?r.site_kind, "site");
         }
+        sh.discovery.set_site_kind(r.site_kind.as_deref());
         st.site = r.site;
         st.site_kind = r.site_kind;
         st.heartbeat_error = None;
@@ -510,10 +529,57 @@ fn update_keys(sh: &Shared, current: &Option<String>, previous: &Option<String>)
     let mut c = sh.cred.clone();
     (c.deployment_key, c.deployment_key_previous) = new.clone();
     write_private(&sh.cfg.credential_path(), &serde_json::to_vec_pretty(&c)?)?;
+    sh.discovery.set_keys(&keys);
     sh.engine.send(Cmd::SetKeys(keys));
     *sh.server_keys.lock().unwrap_or_else(|p| p.into_inner()) = new;
     tracing::info!("the server rotated the P2P deployment key; the engine uses the new one");
     Ok(())
+}
+
+/// Sample CPU, disk and power every `busy_check_secs`; refuse to serve while
+/// the device is busy, on battery or on a VPN site ([`crate::busy`]).
+async fn busy_loop(sh: Arc<Shared>) {
+    let limits = crate::busy::Limits {
+        cpu_percent_max: sh.cfg.busy_cpu_percent_max,
+        disk_percent_max: sh.cfg.busy_disk_percent_max,
+        serve_on_battery: sh.cfg.serve_on_battery,
+    };
+    let every = Duration::from_secs(sh.cfg.busy_check_secs);
+    let proc_dir = Path::new("/proc");
+    let mut before = crate::busy::Reading::from_proc(proc_dir);
+    let mut first = true;
+    loop {
+        // The first check comes at once for what needs no interval (battery, site kind).
+        if !first {
+            tokio::time::sleep(every).await;
+        }
+        let after = crate::busy::Reading::from_proc(proc_dir);
+        let (cpu, disk) = if first {
+            (None, None)
+        } else {
+            crate::busy::usage(&before, &after, every.as_millis() as u64)
+        };
+        first = false;
+        before = after;
+        let battery = crate::busy::on_battery(&sh.cfg.power_supply_dir);
+        let changed = {
+            let mut st = sh.state();
+            let why = limits.refusal(cpu, disk, battery, st.site_kind.as_deref());
+            st.cpu_percent = cpu;
+            st.disk_percent = disk;
+            let changed = (why.is_some() != st.serving_refused.is_some()).then(|| why.clone());
+            st.serving_refused = why;
+            changed
+        };
+        if let Some(why) = changed {
+            match &why {
+                Some(w) => tracing::info!("not serving peers: {w}"),
+                None => tracing::info!("serving peers again"),
+            }
+            sh.engine.send(Cmd::Refuse(why.is_some()));
+            sh.discovery.set_serving(why.is_none());
+        }
+    }
 }
 
 async fn heartbeat_loop(sh: Arc<Shared>) {
@@ -607,6 +673,10 @@ async fn metrics_text(sh: &Shared) -> String {
         dropped_datagrams: snap.dropped_datagrams,
         heartbeat_ok: st.heartbeat_error.is_none(),
         background_paused: snap.background_paused,
+        serving_refused: st.serving_refused.is_some(),
+        requests_refused: snap.requests_refused,
+        discovery_peers: sh.discovery.peer_count() as u64,
+        discovery_dropped: sh.discovery.dropped(),
     })
 }
 
@@ -785,6 +855,13 @@ async fn status(sh: &Shared) -> anyhow::Result<serde_json::Value> {
         "transfers": snap.fetches.iter().filter(|f| !items.iter().any(|h| h.content == f.content && h.complete)).collect::<Vec<_>>(),
         "peers": st.peers.keys().collect::<Vec<_>>(),
         "bytes_by_source": st.totals,
+        "serving": {
+            "refused": st.serving_refused,
+            "requests_refused": snap.requests_refused,
+            "cpu_percent": st.cpu_percent,
+            "disk_percent": st.disk_percent,
+            "upload_bytes_per_sec_max": sh.cfg.upload_bytes_per_sec_max,
+        },
         "served": {
             "payload_bytes": snap.served_payload_bytes,
             "sessions_opened": snap.serve_sessions_opened,
@@ -792,6 +869,7 @@ async fn status(sh: &Shared) -> anyhow::Result<serde_json::Value> {
         },
         "dropped_datagrams": snap.dropped_datagrams,
         "metrics": st.metrics_addr,
+        "discovery": sh.discovery.status(),
         "cache": {
             "used_bytes": snap.store_used_bytes,
             "limit_bytes": snap.store_limit_bytes,
@@ -1003,6 +1081,7 @@ async fn fetch(
     }
     let answer = sh.client.sources(cred, &id).await?;
     let mut found = usable_sources(sh, id, &answer);
+    sh.discovery.add_peers(id, &mut found.fg).await;
     let mut origins = found.origins.clone();
     for o in &manifest.origins {
         if !origins.contains(o) {

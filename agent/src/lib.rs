@@ -15,12 +15,13 @@
 //! - [`systemd`]: `sd_notify` readiness and watchdog.
 //! - [`metrics`]: Prometheus metrics (bytes by source, share from peers).
 //! - [`tls`]: the server's TLS key, pinned at enrolment.
-//!
-//! Not here yet: peer discovery on the local subnets (peers come from the
-//! server's source lists), serving limits.
+//! - [`busy`]: whether the device may serve now (CPU, disk, battery, VPN site).
+//! - [`discovery`]: peers on the local subnets (broadcast, neighbour cache, subnet scan).
 
+pub mod busy;
 pub mod config;
 pub mod daemon;
+pub mod discovery;
 pub mod facts;
 pub mod metrics;
 pub mod origin;

@@ -28,6 +28,12 @@ pub struct Values {
     pub dropped_datagrams: u64,
     pub heartbeat_ok: bool,
     pub background_paused: bool,
+    /// The device refuses to serve now (busy, on battery, VPN site).
+    pub serving_refused: bool,
+    pub requests_refused: u64,
+    pub discovery_peers: u64,
+    /// Discovery packets dropped, by reason.
+    pub discovery_dropped: Vec<(&'static str, u64)>,
 }
 
 pub fn render(v: &Values) -> String {
@@ -114,6 +120,36 @@ pub fn render(v: &Values) -> String {
         "1 while serving background transfers is paused.",
         &[("", u8::from(v.background_paused).to_string())],
     );
+    metric(
+        "lowtide_agent_serving_refused",
+        "gauge",
+        "1 while the device refuses to serve peers (busy CPU or disk, on battery, VPN site).",
+        &[("", u8::from(v.serving_refused).to_string())],
+    );
+    metric(
+        "lowtide_agent_serve_requests_refused_total",
+        "counter",
+        "Requests refused and sessions ended while the device refused to serve.",
+        &[("", v.requests_refused.to_string())],
+    );
+    metric(
+        "lowtide_agent_discovery_peers",
+        "gauge",
+        "Agents on the local subnets that answered discovery within the timeout.",
+        &[("", v.discovery_peers.to_string())],
+    );
+    let dropped: Vec<(String, String)> = v
+        .discovery_dropped
+        .iter()
+        .map(|(why, n)| (format!("{{reason=\"{why}\"}}"), n.to_string()))
+        .collect();
+    let dropped: Vec<(&str, String)> = dropped.iter().map(|(l, n)| (l.as_str(), n.clone())).collect();
+    metric(
+        "lowtide_agent_discovery_dropped_total",
+        "counter",
+        "Discovery packets dropped, by reason (malformed, version, tag, stale, replayed, rate_limited, unsolicited).",
+        &dropped,
+    );
     s
 }
 
@@ -179,6 +215,16 @@ mod tests {
         assert!(t.contains("lowtide_agent_heartbeat_ok 1\n"));
         assert!(t.contains("# TYPE lowtide_agent_served_bytes_total counter\n"));
         assert!(render(&Values::default()).contains("lowtide_agent_peer_bytes_ratio 0.0000\n"));
+        let t = render(&Values {
+            serving_refused: true,
+            discovery_dropped: vec![("tag", 3), ("stale", 1)],
+            ..Values::default()
+        });
+        assert!(t.contains("lowtide_agent_serving_refused 1\n"), "{t}");
+        assert!(
+            t.contains("lowtide_agent_discovery_dropped_total{reason=\"tag\"} 3\n"),
+            "{t}"
+        );
     }
 
     #[tokio::test]

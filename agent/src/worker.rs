@@ -60,6 +60,10 @@ pub struct Snapshot {
     pub udp: SocketAddr,
     pub driver: String,
     pub background_paused: bool,
+    /// The device refuses to serve (busy, on battery, VPN site).
+    pub serving_refused: bool,
+    /// Requests refused and sessions ended while refusing.
+    pub requests_refused: u64,
     pub fetches: Vec<FetchView>,
     pub served_payload_bytes: u64,
     pub serve_sessions_opened: u64,
@@ -122,6 +126,8 @@ pub enum Cmd {
     Pause(bool),
     /// Key the engine with new deployment keys (the server rotated them).
     SetKeys(lowtide_engine::wire::Keys),
+    /// Refuse to serve peers (true) or serve again.
+    Refuse(bool),
     Snapshot {
         reply: Reply<Snapshot>,
     },
@@ -162,6 +168,8 @@ fn snapshot(ep: &Endpoint) -> Snapshot {
         udp: ep.local_addr(),
         driver: ep.driver_name().to_string(),
         background_paused: ep.server.background_paused(),
+        serving_refused: ep.server.refusing(),
+        requests_refused: s.requests_refused,
         fetches: ep
             .progress()
             .into_iter()
@@ -281,6 +289,7 @@ fn handle(ep: &mut Endpoint, cmd: Cmd) -> bool {
         }
         Cmd::Pause(p) => ep.server.set_background_paused(p),
         Cmd::SetKeys(k) => ep.set_keys(k),
+        Cmd::Refuse(r) => ep.server.set_refusing(r),
         Cmd::Snapshot { reply } => {
             let _ = reply.send(Ok(snapshot(ep)));
         }

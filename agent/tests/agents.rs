@@ -592,3 +592,53 @@ fn agents_get_by_name_and_version() {
     assert!(e.contains("tool kit@VERSION"), "{e}");
     assert!(!root.path().join("x").exists());
 }
+
+#[test]
+fn agents_on_battery_refuse_to_serve_until_plugged_in() {
+    let srv = Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let bytes = data(1024 * 1024 + 3, 11);
+    let id = srv.publish(&bytes, "tool", "5.0");
+    // A laptop whose battery (a fake power_supply tree) is discharging.
+    let power = root.path().join("power");
+    let bat = power.join("BAT0");
+    std::fs::create_dir_all(&bat).unwrap();
+    std::fs::write(bat.join("type"), "Battery\n").unwrap();
+    std::fs::write(bat.join("status"), "Discharging\n").unwrap();
+    let z = Agent::start_with(
+        &srv,
+        root.path(),
+        "z",
+        64,
+        "hq",
+        &format!("power_supply_dir = {power:?}\nbusy_check_secs = 1"),
+    );
+    z.get_json(&id, &root.path().join("z.bin"));
+    let refused = z.status()["serving"]["refused"].clone();
+    assert!(refused.as_str().is_some_and(|r| r.contains("battery")), "{refused}");
+    // The only holder refuses: the fetcher is told why (DeviceBusy), drops it and uses the origin.
+    let mut y = Agent::start(&srv, root.path(), "y", 64);
+    let r = y.get_json(&id, &root.path().join("y.bin"));
+    assert_eq!(r["bytes_from_origin"], bytes.len() as u64, "{r}");
+    assert!(y.log_text().contains("DeviceBusy"), "{}", y.log_text());
+    let st = z.status();
+    assert!(st["serving"]["requests_refused"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(st["served"]["payload_bytes"], 0);
+    assert!(z.metrics().contains("lowtide_agent_serving_refused 1\n"));
+    // Plugged in: it serves again (y is gone, so z is the only peer that can).
+    y.stop();
+    std::fs::write(bat.join("status"), "Charging\n").unwrap();
+    let mut waited = 0;
+    while !z.status()["serving"]["refused"].is_null() {
+        assert!(waited < 300, "z still refuses after 30 s on mains: {}", z.status());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        waited += 1;
+    }
+    assert!(z.metrics().contains("lowtide_agent_serving_refused 0\n"));
+    let x = Agent::start(&srv, root.path(), "x", 64);
+    let out = root.path().join("x.bin");
+    let r = x.get_json(&id, &out);
+    assert_eq!(std::fs::read(&out).unwrap(), bytes);
+    assert_eq!(r["bytes_from_peers"], bytes.len() as u64, "{r}\n{}", x.log_text());
+    assert!(z.status()["served"]["payload_bytes"].as_u64().unwrap() > 0);
+}

@@ -242,7 +242,8 @@ impl Agent {
              listen = \"127.0.0.1:0\"\ncache_limit_mib = {cache_limit_mib}\n\
              advertise_addresses = [\"127.0.0.1\"]\nhostname = {name:?}\npeer_stall_secs = 30\n\
              heartbeat_secs = 1\ninventory_secs = 1\ndriver = \"portable\"\n\
-             metrics_listen = \"127.0.0.1:0\"\n{}",
+             metrics_listen = \"127.0.0.1:0\"\ndiscovery = false\n\
+             busy_cpu_percent_max = 0\nbusy_disk_percent_max = 0\n{}",
             srv.base,
             srv.token,
             dir.join("state"),
