@@ -35,8 +35,8 @@
 //!
 //! # Serving limits
 //! upload_bytes_per_sec_max = 0                  # all uploads together, bytes/s (0: no cap)
-//! busy_cpu_percent_max = 90                     # refuse to serve above this CPU use (0: never refuse)
-//! busy_disk_percent_max = 90                    # refuse to serve above this disk busy time (0: never refuse)
+//! busy_cpu_percent_max = 0                      # refuse to serve above this CPU use, e.g. 90 (0: never refuse)
+//! busy_disk_percent_max = 0                     # refuse to serve above this disk busy time, e.g. 90 (0: never refuse)
 //! serve_on_battery = false                      # serve while running on battery
 //! busy_check_secs = 5                           # how often CPU, disk and power are sampled
 //! power_supply_dir = "/sys/class/power_supply"  # where the battery state is read
@@ -177,8 +177,8 @@ impl Default for Config {
             discovery_scan_prefix_min: 22,
             discovery_lookup_ms: 300,
             upload_bytes_per_sec_max: 0,
-            busy_cpu_percent_max: 90,
-            busy_disk_percent_max: 90,
+            busy_cpu_percent_max: 0,
+            busy_disk_percent_max: 0,
             serve_on_battery: false,
             busy_check_secs: 5,
             power_supply_dir: PathBuf::from("/sys/class/power_supply"),
