@@ -250,7 +250,10 @@ impl Discovery {
             if !role.broadcast {
                 out.extend(lock(&self.core).peers().iter().map(|p| (p.ip, How::Known)));
             }
-            let arp = std::fs::read_to_string("/proc/net/arp").unwrap_or_default();
+            // This thread's network namespace (the process's /proc/net may be another's).
+            let arp = std::fs::read_to_string("/proc/thread-self/net/arp")
+                .or_else(|_| std::fs::read_to_string("/proc/net/arp"))
+                .unwrap_or_default();
             let core = lock(&self.core);
             out.extend(
                 super::parse_proc_arp(&arp)
