@@ -734,6 +734,9 @@ class Testbed:
             d["up_payload_bytes"] = d["payload_bytes"] - d["down_payload_bytes"]
             d["udp_down_payload_bytes"] = (self.total(after, "wan", f"w-{s.id}", out_big)
                                            - self.total(before, "wan", f"w-{s.id}", out_big))
+            # Datagrams of at least 1000 bytes toward the site: Lowtide's data datagrams (1424 content bytes each).
+            d["udp_down_big_frames"] = (self.total(after, "wan", f"w-{s.id}", out_big, "big_frames")
+                                        - self.total(before, "wan", f"w-{s.id}", out_big, "big_frames"))
             tcp = lambda fl: fl["proto"] == 6  # noqa: E731
             d["tcp_payload_bytes"] = (self.total(after, "wan", f"w-{s.id}", tcp)
                                       - self.total(before, "wan", f"w-{s.id}", tcp))
