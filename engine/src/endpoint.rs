@@ -114,7 +114,7 @@ pub struct Endpoint {
     seed: u64,
     /// Commit jobs go to a worker thread so `fdatasync` never stalls the network loop.
     commit_tx: mpsc::Sender<CommitJob>,
-    commit_rx: mpsc::Receiver<Result<CommitJob, StoreError>>,
+    commit_rx: mpsc::Receiver<CommitResult>,
     commits_in_flight: HashMap<ContentId, usize>,
     /// Fetches whose last blocks are being committed: complete once their jobs are done.
     finishing: Vec<(ContentId, Vec<SourceStats>)>,
@@ -122,14 +122,20 @@ pub struct Endpoint {
     loose: std::collections::HashSet<ContentId>,
 }
 
-fn spawn_committer() -> (mpsc::Sender<CommitJob>, mpsc::Receiver<Result<CommitJob, StoreError>>) {
+/// A commit job back from the commit thread: done, or failed with why.
+type CommitResult = Result<CommitJob, (CommitJob, StoreError)>;
+
+fn spawn_committer() -> (mpsc::Sender<CommitJob>, mpsc::Receiver<CommitResult>) {
     let (tx, jobs) = mpsc::channel::<CommitJob>();
     let (done, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("lowtide-commit".into())
         .spawn(move || {
             for job in jobs {
-                let r = job.run().map(|()| job);
+                let r = match job.run() {
+                    Ok(()) => Ok(job),
+                    Err(e) => Err((job, e)),
+                };
                 if done.send(r).is_err() {
                     break;
                 }
@@ -527,16 +533,26 @@ impl Endpoint {
                     Err(_) => break,
                 }
             };
-            let job = r.map_err(io::Error::other)?;
+            let (job, failed) = match r {
+                Ok(job) => (job, None),
+                Err((job, e)) => (job, Some(e)),
+            };
             if let Some(n) = self.commits_in_flight.get_mut(&job.id) {
                 *n -= 1;
+            }
+            if let Some(e) = failed {
+                // Nothing is lost: the blocks are committed again at the next commit interval
+                // (once there is room), and a finished fetch completes only when they are.
+                self.loose.insert(job.id);
+                self.store.commit_failed(job);
+                return Err(io::Error::other(e));
             }
             self.store.commit_done(&job);
         }
         let mut k = 0;
         while k < self.finishing.len() {
             let id = self.finishing[k].0;
-            if self.commits_in_flight.get(&id).copied().unwrap_or(0) == 0 {
+            if self.commits_in_flight.get(&id).copied().unwrap_or(0) == 0 && self.store.uncommitted(&id) == 0 {
                 let (_, sources) = self.finishing.swap_remove(k);
                 self.store.unpin(&id);
                 self.news.push(FetchNews::Complete { content: id, sources });

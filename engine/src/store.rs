@@ -25,7 +25,9 @@
 //! not enough, it fails with [`StoreError::Full`], which says how much room is
 //! missing. Disk space for a new content is reserved up front
 //! (`posix_fallocate`), so a full disk is reported before the transfer starts,
-//! not half-way.
+//! not half-way. The journal still grows as blocks commit: a commit that
+//! fails (a disk filled by something else) loses nothing, its blocks are
+//! committed again with the next one ([`Store::commit_failed`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -110,8 +112,22 @@ impl CommitJob {
             rec.extend_from_slice(&(i ^ JOURNAL_CHECK).to_le_bytes());
         }
         let jpath = self.dir.join("journal");
-        (&self.journal).write_all(&rec).map_err(io_err(&jpath))?;
-        self.journal.sync_data().map_err(io_err(&jpath))
+        let before = self.journal.metadata().map_err(io_err(&jpath))?.len();
+        if let Err(source) = (&self.journal).write_all(&rec).and_then(|()| self.journal.sync_data()) {
+            // A part of the records may have been appended: cut it, or the records
+            // appended by the retry would be misaligned and ignored at the next open.
+            let _ = self.journal.set_len(before);
+            return Err(if source.raw_os_error() == Some(libc::ENOSPC) {
+                StoreError::DiskFull {
+                    path: jpath,
+                    content: self.id,
+                    needed: rec.len() as u64,
+                }
+            } else {
+                StoreError::Io { path: jpath, source }
+            });
+        }
+        Ok(())
     }
 }
 
@@ -450,6 +466,14 @@ impl Store {
             dir: e.dir.clone(),
             blocks: std::mem::take(&mut e.written),
         }))
+    }
+
+    /// Take back the blocks of a job that failed (a full disk): they are written
+    /// but not durable, so they go with the next commit of the content.
+    pub fn commit_failed(&mut self, job: CommitJob) {
+        if let Some(e) = self.entries.get_mut(&job.id) {
+            e.written.extend(job.blocks);
+        }
     }
 
     /// Record a job that ran successfully: its blocks are now held.

@@ -190,3 +190,28 @@ fn store_rejects_a_block_that_does_not_verify() {
     store.commit(&t.root()).unwrap();
     assert_eq!(store.have(&t.root()).unwrap().count(), 0);
 }
+
+#[test]
+fn store_keeps_the_blocks_of_a_failed_commit_for_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = content()[..100_000].to_vec();
+    let t = BlockTable::from_bytes(&data, 4);
+    let id = t.root();
+    let mut store = Store::open(dir.path(), 1 << 30).unwrap();
+    store.begin(&t).unwrap();
+    for i in 0..3u64 {
+        let r = (i * 16384) as usize..((i + 1) * 16384) as usize;
+        store.write_block(&id, i, &data[r]).unwrap();
+    }
+    // The job fails (as on a full disk): its blocks are not held, and are not forgotten either.
+    let job = store.take_commit(&id).unwrap().unwrap();
+    assert_eq!(store.uncommitted(&id), 0);
+    store.commit_failed(job);
+    assert_eq!(store.uncommitted(&id), 3);
+    assert_eq!(store.have(&id).unwrap().count(), 0);
+    // The next commit makes them durable and held, across a reopen.
+    assert_eq!(store.commit(&id).unwrap(), 3);
+    drop(store);
+    let store = Store::open(dir.path(), 1 << 30).unwrap();
+    assert_eq!(store.have(&id).unwrap().count(), 3);
+}
