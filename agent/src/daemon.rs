@@ -52,6 +52,10 @@ const CONNECTIONS_MAX: usize = 64;
 const HEARTBEAT_SECS_DEFAULT: u64 = 60;
 /// Wait before retrying a failed heartbeat.
 const HEARTBEAT_RETRY_SECS: u64 = 5;
+/// How often the interface addresses are looked at between heartbeats; a
+/// change (a new network, DHCP, a moved VM) heartbeats at once, so the server
+/// places the agent in its new site and downloads ask for the new site's peers.
+const ADDRESS_POLL: Duration = Duration::from_secs(2);
 
 /// What enrolment gave this agent, kept in the state directory (mode 0600).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -227,7 +231,10 @@ struct State {
 struct Shared {
     cfg: Config,
     client: Client,
-    http: reqwest::Client,
+    /// For the origins; replaced when this machine's addresses change, like the server client's.
+    http: std::sync::RwLock<reqwest::Client>,
+    /// What checks the origins' TLS certificates (https only), for the replacements.
+    origin_verifier: Option<Arc<crate::tls::PinVerifier>>,
     cred: Credential,
     hostname: String,
     engine: Handle,
@@ -241,6 +248,21 @@ struct Shared {
 }
 
 impl Shared {
+    fn origin_http(&self) -> reqwest::Client {
+        self.http.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// New HTTP connection pools: the pooled connections may be bound to an address that is gone.
+    fn reset_connections(&self) {
+        match server::http_client_with(self.origin_verifier.as_ref()) {
+            Ok(fresh) => *self.http.write().unwrap_or_else(|p| p.into_inner()) = fresh,
+            Err(e) => tracing::warn!("{e:#}"),
+        }
+        if let Err(e) = self.client.reset_connections() {
+            tracing::warn!("{e:#}");
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -341,6 +363,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .recv()
         .map_err(|_| anyhow!("the engine thread stopped while starting"))??;
     let engine = Handle::new(tx);
+    #[cfg(debug_assertions)]
+    if let Err(e) = crate::test_hooks::at_start(&engine).await {
+        engine.send(Cmd::Stop);
+        let _ = engine_thread.join();
+        return Err(e.context("running the test hooks"));
+    }
 
     let started = async {
         let metrics = match cfg.metrics_listen {
@@ -372,7 +400,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
     let sh = Arc::new(Shared {
         discovery,
-        http: server::http_client_with(origins.as_ref())?,
+        http: std::sync::RwLock::new(server::http_client_with(origins.as_ref())?),
+        origin_verifier: origins,
         server_keys: Mutex::new((cred.deployment_key.clone(), cred.deployment_key_previous.clone())),
         cfg,
         client,
@@ -582,8 +611,15 @@ async fn busy_loop(sh: Arc<Shared>) {
     }
 }
 
+/// The addresses and subnets a heartbeat reports now (empty when they cannot be listed).
+fn reported_addresses(sh: &Shared) -> (Vec<IpAddr>, Vec<ipnet::IpNet>) {
+    let ifs = facts::interface_addresses().unwrap_or_default();
+    facts::addresses_and_subnets(&ifs, &sh.cfg.advertise_addresses)
+}
+
 async fn heartbeat_loop(sh: Arc<Shared>) {
     loop {
+        let addresses = reported_addresses(&sh);
         let wait = match heartbeat_once(&sh).await {
             Ok(server_secs) => match sh.cfg.heartbeat_secs {
                 0 if server_secs > 0 => server_secs,
@@ -605,7 +641,21 @@ async fn heartbeat_loop(sh: Arc<Shared>) {
                 HEARTBEAT_RETRY_SECS
             }
         };
-        tokio::time::sleep(Duration::from_secs(wait)).await;
+        // Sleep until the next heartbeat is due, or until the addresses change.
+        let due = tokio::time::Instant::now() + Duration::from_secs(wait);
+        while tokio::time::Instant::now() < due {
+            tokio::time::sleep_until(due.min(tokio::time::Instant::now() + ADDRESS_POLL)).await;
+            let now = reported_addresses(&sh);
+            if now != addresses {
+                tracing::info!(
+                    was = ?addresses.0,
+                    now = ?now.0,
+                    "the addresses changed; heartbeating now"
+                );
+                sh.reset_connections();
+                break;
+            }
+        }
     }
 }
 
@@ -868,6 +918,7 @@ async fn status(sh: &Shared) -> anyhow::Result<serde_json::Value> {
             "sessions": snap.serve_sessions,
         },
         "dropped_datagrams": snap.dropped_datagrams,
+        "dropped_peers": snap.dropped_peers,
         "metrics": st.metrics_addr,
         "discovery": sh.discovery.status(),
         "cache": {
@@ -933,7 +984,19 @@ async fn get(sh: Arc<Shared>, id: ContentId, progress: mpsc::Sender<Progress>) -
         you_are_rvp: false,
     };
     if !before.as_ref().is_some_and(|h| h.complete) {
-        fetch(&sh, id, &manifest, already, &progress, &mut done).await?;
+        let last_drop = |s: &worker::Snapshot| s.dropped_peers.last().map_or(0, |d| d.seq);
+        let drops_before = last_drop(&sh.engine.call(|reply| Cmd::Snapshot { reply }).await?);
+        let fetched = fetch(&sh, id, &manifest, already, &progress, &mut done).await;
+        // Peers the engine dropped from this download, and why: in the answer, whatever the outcome.
+        if let Ok(snap) = sh.engine.call(|reply| Cmd::Snapshot { reply }).await {
+            let dropped = snap
+                .dropped_peers
+                .iter()
+                .filter(|d| d.seq > drops_before && d.content == id);
+            done.sources
+                .extend(dropped.map(|d| format!("dropped {}: {}", d.addr, d.reason)));
+        }
+        fetched?;
     } else {
         done.sources.push("already in the cache".into());
     }
@@ -1107,9 +1170,11 @@ async fn fetch(
     } else {
         start_or_join(sh, &table, peers.iter().map(|(a, _)| *a).collect(), background).await?;
     }
+    let store_errors_before = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?.store_errors;
     let stall_ticks = (sh.cfg.peer_stall_secs * 1000 / TICK.as_millis() as u64).max(1);
     let refresh_ticks = (sh.cfg.sources_refresh_secs * 1000 / TICK.as_millis() as u64).max(1);
     let mut since_refresh = 0u64;
+    let mut site_seen = sh.state().site.clone();
     let mut still = 0u64;
     let mut last_held = already;
     let mut origin_bytes = 0u64;
@@ -1125,6 +1190,14 @@ async fn fetch(
             break;
         }
         let snap = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?;
+        // The store cannot keep what arrives (a full disk): say so now rather than stall.
+        if snap.store_errors > store_errors_before {
+            bail!(
+                "{}: what was verified and made durable is kept, and what arrived is \
+                 committed once there is room; fix it (free disk space) and get again to resume",
+                snap.store_error.as_deref().unwrap_or("the content store failed")
+            );
+        }
         // The engine cannot cancel a fetch, so an earlier one whose peers were all dropped may linger.
         let fv = snap
             .fetches
@@ -1158,8 +1231,15 @@ async fn fetch(
             None
         };
         // While fetching from peers, ask the server again now and then, and before giving up on
-        // peers: agents that got the content meanwhile can serve it.
+        // peers: agents that got the content meanwhile can serve it. At once when this agent
+        // moved to another site: the new site's peers serve it.
         since_refresh += 1;
+        let site_now = sh.state().site.clone();
+        if site_now != site_seen {
+            tracing::info!("{}: now in site {site_now:?}; asking for its sources", id.short());
+            site_seen = site_now;
+            since_refresh = refresh_ticks;
+        }
         if fetching && (since_refresh >= refresh_ticks || why.is_some()) {
             since_refresh = 0;
             match sh.client.sources(cred, &id).await {
@@ -1187,17 +1267,24 @@ async fn fetch(
         done.sources.push(format!("origin ({why}): {}", origins.join(", ")));
         let base = h.held_bytes;
         let ptx = progress.clone();
-        let stored = crate::origin::fetch_missing(&sh.http, &origins, &table, &h.missing_blocks, &sh.engine, |n| {
-            origin_bytes += n;
-            let _ = ptx.try_send(Progress {
-                content: Some(id),
-                size,
-                held_bytes: (base + origin_bytes).min(size),
-                phase: "origin".into(),
-                sources: 1,
-                peer_rate_bytes_per_s: 0,
-            });
-        })
+        let stored = crate::origin::fetch_missing(
+            &sh.origin_http(),
+            &origins,
+            &table,
+            &h.missing_blocks,
+            &sh.engine,
+            |n| {
+                origin_bytes += n;
+                let _ = ptx.try_send(Progress {
+                    content: Some(id),
+                    size,
+                    held_bytes: (base + origin_bytes).min(size),
+                    phase: "origin".into(),
+                    sources: 1,
+                    peer_rate_bytes_per_s: 0,
+                });
+            },
+        )
         .await
         .with_context(|| {
             format!(

@@ -413,4 +413,12 @@ fn print_status(v: &serde_json::Value) {
             t["live_sources"]
         );
     }
+    for d in v["dropped_peers"].as_array().into_iter().flatten() {
+        println!(
+            "dropped   {} for {}: {}",
+            d["addr"].as_str().unwrap_or("?"),
+            d["content"].as_str().map_or("?", |c| &c[..c.len().min(12)]),
+            d["reason"].as_str().unwrap_or("?")
+        );
+    }
 }

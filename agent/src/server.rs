@@ -7,7 +7,7 @@
 //! database); the integration tests run both against each other.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -203,7 +203,8 @@ impl std::error::Error for ApiError {}
 /// A client of one server.
 #[derive(Clone)]
 pub struct Client {
-    http: reqwest::Client,
+    /// Replaced by [`Client::reset_connections`] when this machine's addresses change.
+    http: Arc<RwLock<reqwest::Client>>,
     base: String,
     verifier: Option<Arc<PinVerifier>>,
 }
@@ -240,7 +241,7 @@ impl Client {
     /// A client whose TLS connections to the server `verifier` checks (see [`crate::tls`]).
     pub fn with_verifier(base: &str, verifier: Option<&Arc<PinVerifier>>) -> anyhow::Result<Self> {
         Ok(Self {
-            http: http_client_with(verifier)?,
+            http: Arc::new(RwLock::new(http_client_with(verifier)?)),
             base: base.trim_end_matches('/').to_string(),
             verifier: verifier.cloned(),
         })
@@ -253,9 +254,22 @@ impl Client {
 
     /// `GET /healthz`: is the server there (and, over https, the one pinned)?
     pub async fn health(&self) -> anyhow::Result<()> {
-        self.send(self.http.get(format!("{}/healthz", self.base)), "checking the server")
+        self.send(self.http().get(format!("{}/healthz", self.base)), "checking the server")
             .await
             .map(|_| ())
+    }
+
+    fn http(&self) -> reqwest::Client {
+        self.http.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Forget pooled connections to the server: after this machine's addresses
+    /// changed they may be bound to an address that is gone, and a request on
+    /// one would hang until its timeout.
+    pub fn reset_connections(&self) -> anyhow::Result<()> {
+        let fresh = http_client_with(self.verifier.as_ref())?;
+        *self.http.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
     }
 
     pub fn base(&self) -> &str {
@@ -293,7 +307,7 @@ impl Client {
         let what = "enrolling";
         let r = self
             .send(
-                self.http
+                self.http()
                     .post(format!("{}/v1/enroll", self.base))
                     .json(&serde_json::json!({"token": token, "hostname": hostname})),
                 what,
@@ -306,7 +320,7 @@ impl Client {
         let what = "heartbeat";
         let r = self
             .send(
-                self.http
+                self.http()
                     .post(format!("{}/v1/heartbeat", self.base))
                     .bearer_auth(cred)
                     .json(facts),
@@ -318,7 +332,7 @@ impl Client {
 
     pub async fn inventory(&self, cred: &str, inv: &Inventory) -> anyhow::Result<()> {
         self.send(
-            self.http
+            self.http()
                 .put(format!("{}/v1/inventory", self.base))
                 .bearer_auth(cred)
                 .json(inv),
@@ -330,7 +344,7 @@ impl Client {
 
     pub async fn traffic(&self, cred: &str, t: &TrafficReport) -> anyhow::Result<()> {
         self.send(
-            self.http
+            self.http()
                 .post(format!("{}/v1/traffic", self.base))
                 .bearer_auth(cred)
                 .json(t),
@@ -344,7 +358,7 @@ impl Client {
         let what = format!("asking the server for sources of {id}");
         let r = self
             .send(
-                self.http
+                self.http()
                     .get(format!("{}/v1/content/{id}/sources", self.base))
                     .bearer_auth(cred),
                 &what,
@@ -365,7 +379,7 @@ impl Client {
             .pop_if_empty()
             .extend(["v1", "names", name])
             .extend(version);
-        let r = self.send(self.http.get(url).bearer_auth(cred), &what).await?;
+        let r = self.send(self.http().get(url).bearer_auth(cred), &what).await?;
         Self::json(r, &what).await
     }
 
@@ -373,7 +387,7 @@ impl Client {
         let what = format!("fetching the manifest of {id}");
         let r = self
             .send(
-                self.http
+                self.http()
                     .get(format!("{}/v1/content/{id}/manifest", self.base))
                     .bearer_auth(cred),
                 &what,
@@ -387,7 +401,7 @@ impl Client {
         let what = format!("fetching the block table of {id}");
         let r = self
             .send(
-                self.http
+                self.http()
                     .get(format!("{}/v1/content/{id}/table", self.base))
                     .bearer_auth(cred),
                 &what,

@@ -5,6 +5,7 @@
 //! The endpoint has no wake-up handle, so the loop polls it with a short
 //! wait ([`POLL_WAIT`]) and drains commands between turns.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use lowtide_engine::content::{BlockTable, ContentId};
 use lowtide_engine::endpoint::{Endpoint, FetchNews};
 use lowtide_engine::session::fetch::FetchConfig;
+use lowtide_engine::store::StoreError;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
@@ -20,6 +22,8 @@ use tokio::sync::oneshot;
 pub const POLL_WAIT: Duration = Duration::from_millis(20);
 /// Most commands handled between two loop turns.
 const COMMANDS_PER_TURN_MAX: usize = 64;
+/// Most source drops remembered for `status` and `get` answers.
+pub const DROPS_KEPT_MAX: usize = 64;
 
 /// What one content in the store holds.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -55,6 +59,16 @@ pub struct FetchView {
     pub sources: Vec<SourceView>,
 }
 
+/// A peer the engine dropped from a fetch, and why (a bad block, no answer, busy...).
+#[derive(Debug, Clone, Serialize)]
+pub struct Dropped {
+    /// Counts drops since the daemon started (tells new drops from old ones).
+    pub seq: u64,
+    pub content: ContentId,
+    pub addr: SocketAddr,
+    pub reason: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
     pub udp: SocketAddr,
@@ -71,6 +85,20 @@ pub struct Snapshot {
     pub store_used_bytes: u64,
     pub store_limit_bytes: u64,
     pub dropped_datagrams: u64,
+    /// The last [`DROPS_KEPT_MAX`] peers dropped from fetches, oldest first.
+    pub dropped_peers: Vec<Dropped>,
+    /// Store errors (a full disk, an I/O error) since the start, and the last one.
+    pub store_errors: u64,
+    pub store_error: Option<String>,
+}
+
+/// What the engine loop remembers for snapshots besides the endpoint.
+#[derive(Default)]
+struct Notes {
+    drops: VecDeque<Dropped>,
+    drop_seq: u64,
+    store_errors: u64,
+    store_error: Option<String>,
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -162,7 +190,7 @@ fn held(ep: &Endpoint, id: &ContentId) -> Option<Held> {
     })
 }
 
-fn snapshot(ep: &Endpoint) -> Snapshot {
+fn snapshot(ep: &Endpoint, notes: &Notes) -> Snapshot {
     let s = ep.server.stats();
     Snapshot {
         udp: ep.local_addr(),
@@ -197,10 +225,13 @@ fn snapshot(ep: &Endpoint) -> Snapshot {
         store_used_bytes: ep.store.used_bytes(),
         store_limit_bytes: ep.store.limit_bytes(),
         dropped_datagrams: ep.drops.total(),
+        dropped_peers: notes.drops.iter().cloned().collect(),
+        store_errors: notes.store_errors,
+        store_error: notes.store_error.clone(),
     }
 }
 
-fn handle(ep: &mut Endpoint, cmd: Cmd) -> bool {
+fn handle(ep: &mut Endpoint, notes: &Notes, cmd: Cmd) -> bool {
     let e = |e: &dyn std::fmt::Display| e.to_string();
     match cmd {
         Cmd::Fetch {
@@ -291,7 +322,7 @@ fn handle(ep: &mut Endpoint, cmd: Cmd) -> bool {
         Cmd::SetKeys(k) => ep.set_keys(k),
         Cmd::Refuse(r) => ep.server.set_refusing(r),
         Cmd::Snapshot { reply } => {
-            let _ = reply.send(Ok(snapshot(ep)));
+            let _ = reply.send(Ok(snapshot(ep, notes)));
         }
         Cmd::Stop => return false,
     }
@@ -301,11 +332,12 @@ fn handle(ep: &mut Endpoint, cmd: Cmd) -> bool {
 /// Run the endpoint until [`Cmd::Stop`] or the command channel closes.
 /// Fetch news (source drops) is logged; completion is read from the store.
 pub fn run(mut ep: Endpoint, rx: mpsc::Receiver<Cmd>) {
+    let mut notes = Notes::default();
     'outer: loop {
         for _ in 0..COMMANDS_PER_TURN_MAX {
             match rx.try_recv() {
                 Ok(c) => {
-                    if !handle(&mut ep, c) {
+                    if !handle(&mut ep, &notes, c) {
                         break 'outer;
                     }
                 }
@@ -315,12 +347,26 @@ pub fn run(mut ep: Endpoint, rx: mpsc::Receiver<Cmd>) {
         }
         if let Err(e) = ep.poll(POLL_WAIT) {
             tracing::error!("engine loop: {e}");
+            if e.get_ref().is_some_and(|x| x.is::<StoreError>()) {
+                notes.store_errors += 1;
+                notes.store_error = Some(e.to_string());
+            }
         }
         for n in ep.take_news() {
             match n {
                 FetchNews::Complete { content, .. } => tracing::info!("{} complete from peers", content.short()),
                 FetchNews::SourceDropped { content, addr, reason } => {
-                    tracing::warn!("peer {addr} dropped for {}: {reason}", content.short())
+                    tracing::warn!("peer {addr} dropped for {}: {reason}", content.short());
+                    if notes.drops.len() >= DROPS_KEPT_MAX {
+                        notes.drops.pop_front();
+                    }
+                    notes.drop_seq += 1;
+                    notes.drops.push_back(Dropped {
+                        seq: notes.drop_seq,
+                        content,
+                        addr,
+                        reason: reason.to_string(),
+                    });
                 }
             }
         }
