@@ -17,6 +17,10 @@
 //! - [`tls`]: the server's TLS key, pinned at enrolment.
 //! - [`busy`]: whether the device may serve now (CPU, disk, battery, VPN site).
 //! - [`discovery`]: peers on the local subnets (broadcast, neighbour cache, subnet scan).
+//! - `test_hooks`: fault injection for the integration tests, debug builds only.
+//!
+//! Not here yet: peer discovery on the local subnets (peers come from the
+//! server's source lists), serving limits.
 
 pub mod busy;
 pub mod config;
@@ -28,5 +32,7 @@ pub mod origin;
 pub mod proto;
 pub mod server;
 pub mod systemd;
+#[cfg(debug_assertions)]
+pub mod test_hooks;
 pub mod tls;
 pub mod worker;

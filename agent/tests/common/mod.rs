@@ -56,6 +56,25 @@ impl Server {
     }
 
     fn start_opts(tls: Option<(PathBuf, PathBuf)>) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base = format!("{scheme}://{}", listener.local_addr().unwrap());
+        Self::start_with(
+            listener,
+            base,
+            b"id,name,parent,type,subnets,wan_up_kbps,wan_down_kbps\nhq,HQ,,standard,127.0.0.0/8,,\n\
+              branch,Branch,hq,standard,10.99.0.0/24,,\n",
+            tls,
+        )
+    }
+
+    /// A server answering on `listener` (which may belong to another network
+    /// namespace), reached by agents at `base`, with the topology `csv`.
+    pub fn start_on(listener: std::net::TcpListener, base: String, csv: &[u8]) -> Self {
+        Self::start_with(listener, base, csv, None)
+    }
+
+    fn start_with(listener: std::net::TcpListener, base: String, csv: &[u8], tls: Option<(PathBuf, PathBuf)>) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -63,9 +82,8 @@ impl Server {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let (base, app, stop, task, token) = rt.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let scheme = if tls.is_some() { "https" } else { "http" };
-            let base = format!("{scheme}://{}", listener.local_addr().unwrap());
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             let cfg = Config {
                 state_dir: dir.path().to_path_buf(),
                 public_url: Some(base.clone()),
@@ -76,11 +94,7 @@ impl Server {
             let store = Store::open(&cfg.database_url(), 4).await.unwrap();
             let clock = Clock::System;
             let now = clock.now_ms();
-            let topo = Topology::parse_csv(
-                b"id,name,parent,type,subnets,wan_up_kbps,wan_down_kbps\nhq,HQ,,standard,127.0.0.0/8,,\n\
-                  branch,Branch,hq,standard,10.99.0.0/24,,\n",
-            )
-            .unwrap();
+            let topo = Topology::parse_csv(csv).unwrap();
             store.import_topology(&topo, now).await.unwrap();
             let token = store
                 .create_token(20, 3_600_000, "agent tests", now)
@@ -201,6 +215,9 @@ pub struct Agent {
     pub site: String,
     /// Extra environment for the daemon.
     pub env: Vec<(String, String)>,
+    /// The network namespace the daemon runs in (`ip netns exec`); the
+    /// commands run where the test runs: the control socket is a file.
+    pub netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -212,13 +229,26 @@ pub fn bin() -> &'static str {
 /// environment (the server's share the prefix), logging at `warn`.
 pub fn command() -> Command {
     let mut c = Command::new(bin());
+    clean_env(&mut c);
+    c
+}
+
+/// `lowtide-agent` run in network namespace `ns` with `ip netns exec` (which
+/// execs it: the child's pid is the agent's), environment as [`command`]'s.
+pub fn command_in(ns: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, bin()]);
+    clean_env(&mut c);
+    c
+}
+
+fn clean_env(c: &mut Command) {
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("LOWTIDE_") {
             c.env_remove(k);
         }
     }
     c.env("LOWTIDE_LOG", "warn");
-    c
 }
 
 impl Agent {
@@ -235,8 +265,6 @@ impl Agent {
     /// Start an agent with `extra` config lines, which replace the defaults' lines of the same keys.
     pub fn start_with(srv: &Server, root: &Path, name: &str, cache_limit_mib: u64, site: &str, extra: &str) -> Self {
         let dir = root.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("agent.toml");
         let base = format!(
             "server_url = {:?}\nenrol_token = {:?}\nstate_dir = {:?}\n\
              listen = \"127.0.0.1:0\"\ncache_limit_mib = {cache_limit_mib}\n\
@@ -262,6 +290,23 @@ impl Agent {
             .collect();
         text.push_str(extra);
         text.push('\n');
+        Self::start_raw(root, name, &text, site, None, Vec::new())
+    }
+
+    /// Start a daemon with exactly the config `text` under `root/name`, in
+    /// network namespace `netns` if given, with `env`; returns once it
+    /// heartbeated and the server put it in `site`.
+    pub fn start_raw(
+        root: &Path,
+        name: &str,
+        text: &str,
+        site: &str,
+        netns: Option<&str>,
+        env: Vec<(String, String)>,
+    ) -> Self {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("agent.toml");
         std::fs::write(&config, text).unwrap();
         let mut a = Self {
             name: name.into(),
@@ -269,7 +314,8 @@ impl Agent {
             dir,
             config,
             site: site.into(),
-            env: Vec::new(),
+            env,
+            netns: netns.map(String::from),
             child: None,
         };
         a.spawn();
@@ -282,7 +328,11 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = command()
+        let mut cmd = match &self.netns {
+            Some(ns) => command_in(ns),
+            None => command(),
+        };
+        let child = cmd
             .args(["--config", self.config.to_str().unwrap(), "run"])
             .env("LOWTIDE_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -381,6 +431,16 @@ impl Agent {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Whether the daemon process is running (started and not yet stopped or killed).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGTERM and wait; the daemon must exit cleanly.
