@@ -413,9 +413,16 @@ impl ChildGuard {
         self.0.take().unwrap().wait_with_output().unwrap()
     }
 
-    fn wait_ok(self) -> Value {
+    /// Wait for a `get --json` of agent `a` that must succeed; its answer.
+    fn wait_ok(self, a: &Agent) -> Value {
         let out = self.wait();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "get on {}: {}\n--- its log ---\n{}",
+            a.name,
+            String::from_utf8_lossy(&out.stderr),
+            a.log_text()
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 }
@@ -492,7 +499,7 @@ fn netns_a_package_published_once_reaches_every_agent_byte_exact() {
     assert_eq!(n(&r1, "bytes_from_origin"), bytes.len() as u64, "{r1}");
     // Two more of hq at once: from a1 (and each other).
     let (g2, g3) = (spawn_get(&a2, &id, &out("a2")), spawn_get(&a3, &id, &out("a3")));
-    let (r2, r3) = (g2.wait_ok(), g3.wait_ok());
+    let (r2, r3) = (g2.wait_ok(&a2), g3.wait_ok(&a3));
     // The branch: the first across the router from hq's RVP in the background, the second from it.
     let rb1 = b1.get_json(&id, &out("b1"));
     assert!(rb1["sources"].to_string().contains("background from"), "{rb1}");
@@ -613,7 +620,7 @@ fn netns_killing_the_serving_peer_mid_transfer_loses_nothing() {
         p2.kill();
         "p2"
     };
-    let r = get.wait_ok();
+    let r = get.wait_ok(&f);
     assert_eq!(hash_of(&out), id, "byte-exact after {killed} was killed: {r}");
     let (peers, origin) = (n(&r, "bytes_from_peers"), n(&r, "bytes_from_origin"));
     assert_eq!(peers + origin, bytes.len() as u64, "{r}");
@@ -703,7 +710,7 @@ fn netns_an_agent_moved_to_the_other_subnet_continues_from_the_new_sites_peers()
     });
     assert!(held_at_move < bytes.len() as u64);
     lab.move_to("m", Site::Branch);
-    let r = get.wait_ok();
+    let r = get.wait_ok(&m);
     assert_eq!(hash_of(&out), id, "byte-exact after the move: {r}");
     let sources = r["sources"].to_string();
     let p2_addr = lab.peer("p2");
