@@ -57,6 +57,8 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
 POLL_S = 0.25
 BIG_FRAME = 1000
+# Lowtide's header in front of the content in each data datagram (engine/src/wire.rs DATA_HEADER_BYTES).
+DATA_HEADER_BYTES = 48
 
 
 def log(msg):
@@ -511,6 +513,13 @@ class Testbed:
     def link_bytes(self, snap, s, field="payload_bytes"):
         return self.total(snap, "wan", f"w-{s.id}", field=field)
 
+    def link_content(self, snap, s):
+        """UDP payload toward the site less Lowtide's data header per datagram: the content bytes
+        that crossed (control datagrams toward the site are few and counted as content)."""
+        down_udp = lambda fl: fl["dir"] == "out" and fl["proto"] == 17  # noqa: E731
+        return (self.total(snap, "wan", f"w-{s.id}", down_udp)
+                - DATA_HEADER_BYTES * self.total(snap, "wan", f"w-{s.id}", down_udp, "frames"))
+
     def stop_probes(self):
         for sid, (path, p) in getattr(self, "probes", {}).items():
             self.stop(p, signal.SIGINT)
@@ -609,6 +618,8 @@ class Testbed:
         if failover:
             failover["wan_payload_after_kill_bytes"] = (self.link_bytes(after, self.site(self.args.kill_rvp))
                                                         - failover["wan_payload_at_kill_abs"])
+            failover["wan_content_after_kill_bytes"] = (self.link_content(after, self.site(self.args.kill_rvp))
+                                                        - failover["wan_content_at_kill_abs"])
             failover["remaining_at_kill_bytes"] = size - failover["held_in_site_at_kill_bytes"]
             # The killed agent comes back and resumes (after the others, so it cannot be picked again).
             ag = self.agent(killed)
@@ -627,6 +638,7 @@ class Testbed:
             failover["wan_payload_after_restart_bytes"] = (self.link_bytes(self.counts(), self.site(self.args.kill_rvp))
                                                            - self.link_bytes(after, self.site(self.args.kill_rvp)))
             del failover["wan_payload_at_kill_abs"]
+            del failover["wan_content_at_kill_abs"]
         if self.args.live:
             self.live_view(method, getters, t0, before, final=True)
         result = self.case_result(method, getters, t0, t1, before, after)
@@ -663,7 +675,9 @@ class Testbed:
         if held < self.args.kill_at * size or held >= size:
             return None
         site = self.site(sid)
-        wan = self.link_bytes(self.counts(), site)
+        snap = self.counts()
+        wan = self.link_bytes(snap, site)
+        content = self.link_content(snap, site)
         ag.proc.kill()
         ag.proc.wait()
         killed_at = time.time()
@@ -682,7 +696,7 @@ class Testbed:
             f"{in_site} bytes are in the site's other agents")
         return dict(site=sid, killed_agent=name, killed_agent_id=rvp, killed_held_bytes=held,
                     held_in_site_at_kill_bytes=in_site, wan_payload_at_kill_bytes=wan,
-                    wan_payload_at_kill_abs=wan, killed_at=killed_at)
+                    wan_payload_at_kill_abs=wan, wan_content_at_kill_abs=content, killed_at=killed_at)
 
     def live_view(self, method, getters, t0, before, final=False):
         now = time.time()
@@ -740,6 +754,9 @@ class Testbed:
             tcp = lambda fl: fl["proto"] == 6  # noqa: E731
             d["tcp_payload_bytes"] = (self.total(after, "wan", f"w-{s.id}", tcp)
                                       - self.total(before, "wan", f"w-{s.id}", tcp))
+            d["udp_down_frames"] = (self.total(after, "wan", f"w-{s.id}", out_big, "frames")
+                                    - self.total(before, "wan", f"w-{s.id}", out_big, "frames"))
+            d["content_down_bytes"] = self.link_content(after, s) - self.link_content(before, s)
             d["ratio"] = round(d["payload_bytes"] / size, 4)
             d["frame_ratio"] = round(d["frame_bytes"] / size, 4)
             d["rate_bps"] = s.wan["rate_bps"]
@@ -872,8 +889,8 @@ def print_report(report):
             print(f"   RVP failover in {f['site']}: killed {f['killed_agent']} at {f['killed_held_bytes'] / 1e6:.1f} MB "
                   f"held ({f['held_in_site_at_kill_bytes'] / 1e6:.1f} MB in the site's other agents); new RVP "
                   f"{f.get('new_rvp', 'NONE')} after {f.get('new_rvp_after_s', '-')} s; WAN after the kill "
-                  f"{f['wan_payload_after_kill_bytes'] / 1e6:.2f} MB for {f['remaining_at_kill_bytes'] / 1e6:.2f} MB "
-                  f"not yet in the site")
+                  f"{f['wan_payload_after_kill_bytes'] / 1e6:.2f} MB ({f['wan_content_after_kill_bytes'] / 1e6:.2f} MB "
+                  f"of content) for {f['remaining_at_kill_bytes'] / 1e6:.2f} MB not yet in the site")
         print(f"   {'agent':<7} {'site':<4} {'ok':<3} {'time s':>7} {'site MB':>8} {'parent MB':>9} {'origin MB':>9}"
               "  sources (get --json)")
         for a in c["agent_results"]:
