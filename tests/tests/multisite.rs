@@ -10,6 +10,10 @@
 //! server in the head office, and the packet headers Lowtide puts in each
 //! datagram (48 bytes per 1424 of content). The latency probe is off here.
 //! All of it counts against the 1.05 × package bound; nothing is subtracted.
+//! The RVP failover is judged on content bytes after the kill (UDP payload
+//! toward the site less the 48-byte data header of each datagram), so that the
+//! overhead, already bounded for the whole link, is not read as re-crossing.
+//! Every failed property is listed at once, with the whole report.
 
 use std::process::{Command, Stdio};
 
