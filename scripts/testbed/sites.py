@@ -230,8 +230,11 @@ class Testbed:
         for r in ("hq", "b1", "b2", "vpn"):
             self.new_ns(f"r-{r}")
             self.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], ns=f"r-{r}")
-        for s in self.sites:
-            self.run(["ip", "-n", self.ns(f"r-{s.router}"), "link", "add", s.bridge, "type", "bridge"])
+        for n, s in enumerate(self.sites):
+            # A fixed MAC: a bridge otherwise takes its lowest port's, which changes as ports are added
+            # (under the ARP caches of hosts already attached).
+            self.run(["ip", "-n", self.ns(f"r-{s.router}"), "link", "add", s.bridge, "address",
+                      f"02:1d:00:00:00:{n + 1:02x}", "type", "bridge"])
             self.run(["ip", "-n", self.ns(f"r-{s.router}"), "addr", "add", f"{s.net}.1/24", "dev", s.bridge])
             self.run(["ip", "-n", self.ns(f"r-{s.router}"), "link", "set", s.bridge, "up"])
         # WAN links: r-hq w-SITE <-> d-SITE (delay line) <-> r-SITE wan
