@@ -293,6 +293,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.hostname.clone()
     };
     let cred = load_or_enrol(&cfg, &client, &hostname).await?;
+    // Enrolled just now on the system's trust store: from here on, only the key it pinned.
+    let client = server_client(&cfg, url)?;
     let https = url.starts_with("https://");
     if https && cred.server_spki_sha256.is_none() && cfg.server_spki_sha256.is_none() {
         tracing::warn!(
