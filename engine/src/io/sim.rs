@@ -142,12 +142,13 @@ struct Link {
     busy_until_ns: u64,
 }
 
-/// One datagram that crossed a bottleneck: when it left, who sent it, its size,
-/// and how long it waited in the bottleneck's queue.
+/// One datagram that crossed a bottleneck: when it left, who sent it to whom,
+/// its size, and how long it waited in the bottleneck's queue.
 #[derive(Debug, Clone, Copy)]
 pub struct BottleneckRecord {
     pub left: Time,
     pub from: SocketAddr,
+    pub to: SocketAddr,
     pub bytes: u32,
     pub queued: Duration,
 }
@@ -217,6 +218,9 @@ pub struct Sim {
     bottlenecks: HashMap<SocketAddr, (LinkSpec, Link)>,
     /// Every datagram that crossed a bottleneck, in order.
     pub bottleneck_log: Vec<BottleneckRecord>,
+    /// Shared uplinks, by source: every datagram from that node queues here
+    /// first (a host's NIC), then on the link or bottleneck toward its destination.
+    uplinks: HashMap<SocketAddr, (LinkSpec, Link)>,
 }
 
 impl Sim {
@@ -234,6 +238,7 @@ impl Sim {
             buf: vec![0; GSO_SEGMENTS_MAX * DATAGRAM_BYTES_MAX],
             bottlenecks: HashMap::new(),
             bottleneck_log: Vec::new(),
+            uplinks: HashMap::new(),
         }
     }
 
@@ -271,6 +276,13 @@ impl Sim {
     /// anyone, waits in one queue with `spec`'s rate, delay and limit.
     pub fn set_bottleneck(&mut self, to: usize, spec: LinkSpec) {
         self.bottlenecks.insert(self.nodes[to].addr, (spec, Link::default()));
+    }
+
+    /// Put a shared uplink behind node `from`: every datagram it sends, to anyone,
+    /// first waits in one queue with `spec`'s rate and limit (its delay and loss
+    /// apply too), then goes on as usual.
+    pub fn set_uplink(&mut self, from: usize, spec: LinkSpec) {
+        self.uplinks.insert(self.nodes[from].addr, (spec, Link::default()));
     }
 
     fn index_of(&self, addr: SocketAddr) -> Option<usize> {
@@ -421,6 +433,24 @@ impl Sim {
 
     fn enqueue(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
         self.stats.datagrams_sent += 1;
+        // Through the sender's uplink first, if it has one: the datagram reaches
+        // the next link when the uplink is done with it.
+        let mut ready_ns = self.now.as_micros() * 1000;
+        if let Some((spec, link)) = self.uplinks.get_mut(&from) {
+            let spec = *spec;
+            let start_ns = link.busy_until_ns.max(ready_ns);
+            let queued = (start_ns - ready_ns) as f64 * 1e-9 * spec.rate_bytes_per_s as f64;
+            if queued > spec.queue_bytes_max as f64 {
+                self.stats.datagrams_dropped_queue += 1;
+                return;
+            }
+            link.busy_until_ns = start_ns + (bytes.len() as f64 * 1e9 / spec.rate_bytes_per_s as f64).round() as u64;
+            if self.rng.gen_bool(spec.loss) {
+                self.stats.datagrams_lost += 1;
+                return;
+            }
+            ready_ns = link.busy_until_ns + spec.delay.as_nanos() as u64;
+        }
         let default = self.default_link;
         let shared = self.bottlenecks.contains_key(&to);
         let (spec, link) = match self.bottlenecks.get_mut(&to) {
@@ -428,7 +458,7 @@ impl Sim {
             None => self.links.entry((from, to)).or_insert((default, Link::default())),
         };
         let spec = *spec;
-        let now_ns = self.now.as_micros() * 1000;
+        let now_ns = ready_ns;
         let start_ns = link.busy_until_ns.max(now_ns);
         let queued = (start_ns - now_ns) as f64 * 1e-9 * spec.rate_bytes_per_s as f64;
         if queued > spec.queue_bytes_max as f64 {
@@ -443,6 +473,7 @@ impl Sim {
             self.bottleneck_log.push(BottleneckRecord {
                 left: done,
                 from,
+                to,
                 bytes: bytes.len() as u32,
                 queued: Duration::from_nanos(start_ns - now_ns),
             });
