@@ -216,12 +216,12 @@ impl<'a> Model<'a> {
                 self.origin_bytes += bytes;
             }
         }
-        for a in 0..n {
-            self.held[a] = (self.held[a] + gain[a]).min(self.size);
-            if self.size - self.held[a] < 1.0 {
-                self.held[a] = self.size;
+        for ((h, r), g) in self.held.iter_mut().zip(self.in_rate.iter_mut()).zip(&gain) {
+            *h = (*h + g).min(self.size);
+            if self.size - *h < 1.0 {
+                *h = self.size;
             }
-            self.in_rate[a] = gain[a] / dt;
+            *r = g / dt;
         }
         self.now += dt;
     }

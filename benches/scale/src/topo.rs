@@ -222,11 +222,11 @@ pub fn generate(spec: &Spec, seed: u64) -> anyhow::Result<Topology> {
         let a = rng.gen_range(0..n);
         leave(&mut agents[a], &mut rng);
     }
-    for s in 0..sites.len() {
+    for site in sites.iter() {
         if !rng.gen_bool(spec.rvp_leave_fraction) {
             continue;
         }
-        let best = sites[s]
+        let best = site
             .agents
             .iter()
             .copied()
