@@ -241,3 +241,39 @@ fn background_fills_a_long_fat_link() {
         );
     }
 }
+
+/// A package crosses the WAN link once: everything a background transfer puts
+/// on the link in both directions (data with its headers, retransmissions,
+/// acknowledgements, requests) stays within 5 % of the package (issue 6's
+/// per-link budget). Headers alone are ~3.4 % (48 bytes per 1,424), so
+/// acknowledging nearly every datagram at WAN rates would not fit.
+#[test]
+fn background_transfer_crosses_the_link_once() {
+    for seed in [301, 302] {
+        let size = 16usize << 20;
+        let mut n = net(seed);
+        let (bg, rx) = (n.bg, n.rx);
+        start(&mut n, bg, bytes(size, 3), true, seed);
+        let done = n.sim.run_until(Time::ZERO + Duration::from_secs(60), |s| {
+            s.nodes[rx].fetches[0].is_complete()
+        });
+        assert!(done, "seed {seed}: the transfer did not complete");
+        let addr = n.sim.nodes[bg].addr;
+        let down: u64 = n
+            .sim
+            .bottleneck_log
+            .iter()
+            .filter(|r| r.from == addr)
+            .map(|r| r.bytes as u64)
+            .sum();
+        let total = n.sim.stats.bytes_delivered;
+        let up = total - down;
+        let ratio = total as f64 / size as f64;
+        eprintln!(
+            "seed {seed}: toward the receiver {:.4} x, back {:.4} x, both {ratio:.4} x of the package",
+            down as f64 / size as f64,
+            up as f64 / size as f64
+        );
+        assert!(ratio <= 1.05, "seed {seed}: the link carried {ratio:.4} x the package");
+    }
+}
