@@ -37,7 +37,8 @@ fn model_agrees_with_the_engine_at_packet_level_on_the_wan_tree() {
     let seed = 2;
     let calib = calibration();
     let topo = run::small_topology(5, 5, 3, seed).expect("topology");
-    let size = 8 << 20;
+    // Large enough that the transfers, not the control's polling, make up most of the time.
+    let size = 32 << 20;
     let c = run::crosscheck(&topo, calib, size, seed, 1200.0);
     eprintln!(
         "model {:.2} s, packet {:.2} s; per agent {:?}; per link {:?}",
