@@ -664,9 +664,9 @@ fn netns_an_agent_restarted_mid_download_resumes_without_refetching_verified_ran
 
     let out = lab.root().join("f.bin");
     let get = spawn_get(&f, &id, &out);
-    let held_before = wait_for("f to hold a quarter", || {
+    let held_before = wait_for("f to hold half", || {
         let h = held(&f, &id);
-        (h >= size / 4).then_some(h)
+        (h >= size / 2).then_some(h)
     });
     // A crash: SIGKILL, no chance to flush anything.
     f.kill();
@@ -680,13 +680,17 @@ fn netns_an_agent_restarted_mid_download_resumes_without_refetching_verified_ran
     assert_eq!(hash_of(&out), id, "byte-exact after the restart: {r}");
     let already = n(&r, "bytes_already_held");
     assert!(
-        already > 0 && already <= held_before.min(size),
-        "verified ranges survived the crash: {already} of {held_before} held at the kill: {r}"
+        already > 0 && already < size,
+        "verified ranges survived the crash: {already} kept, {held_before} held shortly before the kill: {r}"
     );
     assert_eq!(n(&r, "bytes_from_origin"), 0, "{r}");
     assert_eq!(n(&r, "bytes_from_peers") + already, size, "{r}");
     // What p sent for the second get: the missing part (and retransmissions), not the whole.
     let resent = served_after - served_before;
+    eprintln!(
+        "restart: {held_before} held at the kill, {already} kept, {resent} sent by the peer for the {} missing",
+        size - already
+    );
     assert!(
         resent >= size - already,
         "{resent} sent, {} were missing",
