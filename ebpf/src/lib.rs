@@ -20,6 +20,10 @@
 //! - [`EgressMonitor`]: tries the first, falls back to the second, and keeps
 //!   the reason.
 //!
+//! - [`PathWatch`]: what a serving process runs: one monitor per interface
+//!   toward its peers (chosen by [`MonitorMode`]), sampled into the
+//!   background controller's `PathSignal`.
+//!
 //! The `bpf` feature (default) brings the BPF monitor, aya, and clang at build
 //! time; without it the crate is [`EgressSample`] and [`NetlinkMonitor`] only.
 //!
@@ -39,6 +43,8 @@ mod maps;
 mod monitor;
 mod netlink;
 mod sample;
+#[cfg(feature = "bpf")]
+pub mod watch;
 
 #[cfg(feature = "bpf")]
 use std::net::IpAddr;
@@ -49,6 +55,17 @@ pub use iface::netns_inode;
 pub use monitor::{Monitor, MonitorStats, ProgramCost};
 pub use netlink::{NetlinkMonitor, QdiscStats};
 pub use sample::{EgressSample, SampleSource, TrafficSplit};
+#[cfg(feature = "bpf")]
+pub use watch::{MonitorMode, PathWatch};
+
+/// Name of the interface the kernel routes packets for `peer` out of, in this
+/// thread's network namespace (as `ip route get PEER` shows it).
+pub fn interface_toward(peer: std::net::IpAddr) -> Result<String, MonitorError> {
+    let ifindex = netlink::RtNetlink::open()
+        .and_then(|mut nl| nl.route_oif(peer))
+        .map_err(|source| MonitorError::NoRoute { peer, source })?;
+    iface::name_of(ifindex)
+}
 
 #[cfg(feature = "bpf")]
 /// A BPF monitor if one can be attached, the netlink fallback otherwise.

@@ -6,9 +6,9 @@
 //! wait for datagrams or the next timer, hand datagrams to the sessions,
 //! store verified blocks, commit them to disk in batches, run timers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -120,7 +120,16 @@ pub struct Endpoint {
     finishing: Vec<(ContentId, Vec<SourceStats>)>,
     /// Contents with blocks written through [`Endpoint::write_block`] and no fetch to commit them.
     loose: std::collections::HashSet<ContentId>,
+    /// Peers that asked for the background protocol, not yet taken by
+    /// [`Endpoint::take_background_peers`] (at most [`BACKGROUND_PEERS_MAX`]).
+    background_peers_new: Vec<IpAddr>,
+    /// Every peer address that asked for the background protocol (at most
+    /// [`BACKGROUND_PEERS_MAX`]; starts over when full).
+    background_peers_seen: HashSet<IpAddr>,
 }
+
+/// Bound on the background peers an endpoint remembers (see [`Endpoint::take_background_peers`]).
+pub const BACKGROUND_PEERS_MAX: usize = 4096;
 
 /// A commit job back from the commit thread: done, or failed with why.
 type CommitResult = Result<CommitJob, (CommitJob, StoreError)>;
@@ -199,6 +208,8 @@ impl Endpoint {
             commits_in_flight: HashMap::new(),
             finishing: Vec::new(),
             loose: std::collections::HashSet::new(),
+            background_peers_new: Vec::new(),
+            background_peers_seen: HashSet::new(),
             server: Server::new(key.clone(), cfg.server.clone(), seed),
             driver,
             keys: Keys::new(key),
@@ -342,6 +353,13 @@ impl Endpoint {
         self.server.on_path_signal(now, signal);
     }
 
+    /// Addresses of peers that asked for the background protocol since the last call, each
+    /// once: the caller watches the egress interface toward them (an egress monitor) and
+    /// feeds what it sees to [`Endpoint::on_path_signal`]. Only authenticated requests count.
+    pub fn take_background_peers(&mut self) -> Vec<IpAddr> {
+        std::mem::take(&mut self.background_peers_new)
+    }
+
     /// News since the last call.
     pub fn take_news(&mut self) -> Vec<FetchNews> {
         std::mem::take(&mut self.news)
@@ -420,6 +438,8 @@ impl Endpoint {
             store,
             fetches,
             drops,
+            background_peers_new,
+            background_peers_seen,
             ..
         } = self;
         let mut on_datagram = |from: SocketAddr, bytes: &[u8]| {
@@ -434,6 +454,19 @@ impl Endpoint {
                     return;
                 }
             };
+            if let Packet::Request { fixed, .. } = &packet {
+                if fixed.flags & crate::session::serve::REQUEST_BACKGROUND != 0
+                    && !background_peers_seen.contains(&from.ip())
+                {
+                    if background_peers_seen.len() == BACKGROUND_PEERS_MAX {
+                        background_peers_seen.clear();
+                    }
+                    background_peers_seen.insert(from.ip());
+                    if background_peers_new.len() < BACKGROUND_PEERS_MAX {
+                        background_peers_new.push(from.ip());
+                    }
+                }
+            }
             match packet {
                 Packet::Request { .. } | Packet::Ack { .. } | Packet::Cancel { .. } => {
                     server.handle_keyed(now, from, &packet, &*store, key)
