@@ -102,7 +102,7 @@ fi
 
 if [ "$build" = 1 ]; then
   echo "== building lowtide-xfer (release)" >&2
-  cargo build --release -p lowtide-engine --bin lowtide-xfer >&2
+  cargo build --release -p lowtide-xfer --bin lowtide-xfer >&2
 fi
 [ -n "$bin" ] || bin="${CARGO_TARGET_DIR:-target}/release/lowtide-xfer"
 bin="$(realpath "$bin")"

@@ -239,7 +239,7 @@ WANPROBE=$(build lowtide-wanprobe lowtide-wanprobe LOWTIDE_WANPROBE)
 XFER=""
 BG_FLAG=""
 if [[ ",$tools," == *,lowtide,* ]]; then
-  XFER=$(build lowtide-engine lowtide-xfer LOWTIDE_XFER)
+  XFER=$(build lowtide-xfer lowtide-xfer LOWTIDE_XFER)
   if [ "$lowtide_fg" = 1 ]; then
     log "WARNING: --lowtide-foreground: the lowtide rows are FOREGROUND fetches (for comparison)"
   elif "$XFER" fetch --help | grep -q -- '--background'; then

@@ -2,13 +2,18 @@
 //!
 //! ```text
 //! lowtide-xfer add   --store DIR FILE...                 hash files into a store, print their ids
-//! lowtide-xfer serve --store DIR --listen ADDR [--add FILE]...
+//! lowtide-xfer serve --store DIR --listen ADDR [--add FILE]... [--monitor auto|ebpf|netlink|off]
 //! lowtide-xfer fetch --store DIR --from ADDR [--from ADDR]... ID [--to PATH]
 //! ```
 //!
 //! Every packet is authenticated with the deployment key from `LOWTIDE_KEY`
 //! (or `--key`); both ends need the same one. The agent will own these
 //! commands later; this one exists to test and benchmark the engine.
+//!
+//! `serve` watches the egress interface toward each peer that asks for the
+//! background protocol (route lookup) with the eBPF monitor, or rtnetlink when
+//! BPF cannot be loaded (`--monitor`), samples it every few milliseconds and
+//! hands the backlog and the rate of other traffic to the background sessions.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use lowtide_ebpf::watch::{MonitorMode, PathWatch, SAMPLE_INTERVAL};
 use lowtide_engine::content::{ContentId, BLOCK_CHUNKS_LOG_DEFAULT};
 use lowtide_engine::endpoint::{DriverChoice, Endpoint, EndpointConfig, FetchNews};
 use lowtide_engine::io::uring::ZeroCopy;
@@ -76,6 +82,10 @@ enum Cmd {
         /// Serve encrypted sessions only (fetchers must use `fetch --encrypt`).
         #[arg(long)]
         require_encryption: bool,
+        /// Egress monitor for background sessions: auto (eBPF if it loads, else netlink),
+        /// ebpf, netlink (queue backlog only) or off (delay signal alone).
+        #[arg(long, default_value = "auto")]
+        monitor: MonitorMode,
     },
     /// Fetch content by id from one or more servers.
     Fetch {
@@ -152,6 +162,7 @@ fn run() -> anyhow::Result<ExitCode> {
             listen,
             add,
             require_encryption,
+            monitor,
         } => {
             for f in add {
                 let t = store
@@ -169,10 +180,31 @@ fn run() -> anyhow::Result<ExitCode> {
                 ..Default::default()
             };
             let mut ep = Endpoint::bind(*listen, key(&cli)?, store, cfg)?;
+            let mut watch = PathWatch::new(*monitor, &[ep.local_addr().port()]);
             install_signals();
             eprintln!("serving on {} ({})", ep.local_addr(), ep.driver_description());
+            let clock = Clock::new();
+            let mut next_sample = clock.now();
             while !STOP.load(Ordering::Relaxed) {
-                ep.poll(Duration::from_millis(200))?;
+                let wait = if watch.is_watching() {
+                    SAMPLE_INTERVAL
+                } else {
+                    Duration::from_millis(200)
+                };
+                ep.poll(wait)?;
+                for peer in ep.take_background_peers() {
+                    watch.watch_peer(peer);
+                    if *monitor == MonitorMode::Ebpf && !watch.bpf_attached() {
+                        bail!("--monitor ebpf: no eBPF monitor toward {peer} (see the log above); use --monitor auto to fall back to netlink");
+                    }
+                }
+                let now = clock.now();
+                if now >= next_sample {
+                    next_sample = now + SAMPLE_INTERVAL;
+                    if let Some(signal) = watch.sample(now) {
+                        ep.on_path_signal(&signal);
+                    }
+                }
             }
             let s = ep.server.stats();
             eprintln!(
