@@ -277,3 +277,141 @@ fn background_transfer_crosses_the_link_once() {
         assert!(ratio <= 1.05, "seed {seed}: the link carried {ratio:.4} x the package");
     }
 }
+
+/// The bottleneck on the sender's own egress (50 Mbit/s, 20 ms round trip), a
+/// foreground TCP flow from the same host from 3 s to 6 s. TCP small queues keep
+/// the local qdisc short (the bench saw 4–7 ms, below the 4 × target at which the
+/// delay signal calls it competition); here it is held at 2 ms, under the 3 ms
+/// target, where the delay signal carries nothing at all, so only the monitor's
+/// other-traffic figure can make the background yield.
+/// A fluid model on a 1 ms tick drives the controller through its public API
+/// with synthetic acks and synthetic monitor samples (every 5 ms, as
+/// `PathWatch` samples), with seeded jitter on the one-way delay.
+mod sender_bottleneck {
+    use std::time::Duration;
+
+    use lowtide_engine::cc::background::{Background, BackgroundConfig, PathSignal};
+    use lowtide_engine::cc::{AckSample, Controller};
+    use lowtide_engine::time::Time;
+    use rand::{Rng, SeedableRng};
+
+    const LINK: f64 = 6_250_000.0; // 50 Mbit/s, bytes/s
+    const BASE_RTT: Duration = Duration::from_millis(20);
+    const FG_START_MS: u64 = 3_000;
+    const FG_END_MS: u64 = 6_000;
+    const END_MS: u64 = 8_000;
+    /// What TCP small queues leave standing in the sender's qdisc while a TCP flow sends.
+    const TSQ_QUEUE_MS: f64 = 2.0;
+
+    /// Background delivery rate (bytes/s) per 1 ms tick.
+    fn run(seed: u64, monitor: bool) -> Vec<f64> {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut c = Background::new(BackgroundConfig::default());
+        let clock_offset_us: i64 = rng.gen_range(-1_000_000_000..1_000_000_000);
+        let mut rates = Vec::new();
+        let mut srtt = BASE_RTT;
+        for t in 1..END_MS {
+            let now = Time(t * 1000);
+            let fg = (FG_START_MS..FG_END_MS).contains(&t);
+            let bdp = LINK * BASE_RTT.as_secs_f64();
+            // Queueing delay: what the background's excess window stands in the queue when
+            // alone; what TCP small queues keep there while the foreground sends.
+            let q_s = if fg {
+                TSQ_QUEUE_MS / 1000.0
+            } else {
+                ((c.window() as f64 - bdp).max(0.0)) / LINK
+            };
+            let rtt = BASE_RTT + Duration::from_secs_f64(q_s);
+            srtt = (srtt * 7 + rtt) / 8;
+            // Two flows sharing the qdisc split it at best evenly (the bench saw the
+            // foreground at 42-48 % of its solo throughput while the background kept sending).
+            let bg_max = if fg { LINK / 2.0 } else { LINK };
+            let bg_rate = (c.window() as f64 / rtt.as_secs_f64()).min(bg_max);
+            rates.push(bg_rate);
+            if monitor && t % 5 == 0 {
+                // The eBPF classifier: the foreground takes whatever the background leaves.
+                let other = if fg { LINK - bg_rate } else { 0.0 };
+                let backlog = if fg { TSQ_QUEUE_MS / 1000.0 * LINK } else { q_s * LINK };
+                c.on_path(
+                    now,
+                    &PathSignal {
+                        backlog_bytes: backlog as u64,
+                        other_bytes_per_s: other as u64,
+                    },
+                );
+            }
+            let acked = (bg_rate / 1000.0) as u64;
+            c.on_sent(now, acked);
+            let jitter_us: i64 = rng.gen_range(0..300);
+            c.on_ack(
+                now,
+                &AckSample {
+                    acked_bytes: acked,
+                    rtt: Some(rtt),
+                    srtt,
+                    min_rtt: BASE_RTT,
+                    one_way_delay_us: Some(clock_offset_us + 10_000 + (q_s * 1e6) as i64 + jitter_us),
+                    in_flight: c.window(),
+                    app_limited: false,
+                },
+            );
+        }
+        rates
+    }
+
+    /// Mean share of the link over ticks [a, b) ms.
+    fn share(rates: &[f64], a: u64, b: u64) -> f64 {
+        let r = &rates[(a - 1) as usize..(b - 1) as usize];
+        r.iter().sum::<f64>() / r.len() as f64 / LINK
+    }
+
+    /// First tick at or after `from` whose 20 ms mean share satisfies `pred`, as time since `from`.
+    fn first(rates: &[f64], from: u64, pred: impl Fn(f64) -> bool) -> Option<Duration> {
+        (from..END_MS - 20)
+            .find(|&t| pred(share(rates, t, t + 20)))
+            .map(|t| Duration::from_millis(t - from))
+    }
+
+    #[test]
+    fn background_yields_to_local_tcp_the_delay_signal_misses_with_monitor_samples() {
+        for seed in [401, 402, 403] {
+            let rates = run(seed, true);
+            let solo = share(&rates, 1_000, FG_START_MS);
+            assert!(solo >= 0.95, "seed {seed}: solo utilisation {solo:.3}");
+            let yield_time = first(&rates, FG_START_MS, |s| s < 0.10).expect("never yielded");
+            assert!(
+                yield_time <= 2 * BASE_RTT + Duration::from_millis(100),
+                "seed {seed}: yielded after {yield_time:?}"
+            );
+            // The foreground keeps >= 95 % of the link once the background has yielded.
+            let during = share(&rates, FG_START_MS + 200, FG_END_MS);
+            assert!(
+                during <= 0.05,
+                "seed {seed}: background kept {during:.3} of the link under the foreground"
+            );
+            let reclaim = first(&rates, FG_END_MS, |s| s >= 0.90).expect("never reclaimed");
+            assert!(
+                reclaim <= Duration::from_millis(500),
+                "seed {seed}: reclaimed after {reclaim:?}"
+            );
+            eprintln!(
+                "seed {seed}: sender bottleneck with monitor: solo {solo:.3}, yield {yield_time:?}, \
+                 share under foreground {during:.3}, reclaim {reclaim:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn background_on_delay_alone_does_not_see_local_tcp_under_tsq() {
+        // Why the monitor is needed: the same path without its samples keeps sending
+        // into TCP's share, as the WAN bench measured (foreground at 42-48 % of solo).
+        for seed in [401, 402, 403] {
+            let rates = run(seed, false);
+            let during = share(&rates, FG_START_MS + 200, FG_END_MS);
+            assert!(
+                during >= 0.4,
+                "seed {seed}: the delay signal alone yielded ({during:.3}): the scenario no longer needs the monitor"
+            );
+        }
+    }
+}
