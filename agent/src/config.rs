@@ -40,6 +40,12 @@
 //! serve_on_battery = false                      # serve while running on battery
 //! busy_check_secs = 5                           # how often CPU, disk and power are sampled
 //! power_supply_dir = "/sys/class/power_supply"  # where the battery state is read
+//!
+//! # Egress monitor and pause-when-busy (src/monitor.rs)
+//! monitor = "auto"                              # egress monitor: auto (eBPF, else netlink), ebpf, netlink, off
+//! monitor_interfaces = ["eth0"]                 # interfaces to watch (default: the one toward the server)
+//! busy_other_kbit = 2000                        # other traffic above this pauses background serving (0: never)
+//! busy_resume_secs = 2                          # ...until it stays under half of that this long
 //! ```
 //!
 //! The P2P deployment key comes from the server at enrolment and with every
@@ -51,6 +57,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use lowtide_ebpf::watch::MonitorMode;
 use lowtide_engine::endpoint::DriverChoice;
 use serde::Deserialize;
 
@@ -138,6 +145,20 @@ pub struct Config {
     pub busy_check_secs: u64,
     /// Where the power supplies are read (`type`, `status`, `online` files).
     pub power_supply_dir: PathBuf,
+    /// Egress monitor for background serving: auto, ebpf, netlink or off.
+    #[serde(deserialize_with = "de_monitor")]
+    pub monitor: MonitorMode,
+    /// Interfaces the monitor watches from the start (empty: the one toward the server).
+    pub monitor_interfaces: Vec<String>,
+    /// Other traffic on a watched interface above this (kbit/s) pauses background serving; 0: never.
+    pub busy_other_kbit: u64,
+    /// Background serving resumes once other traffic stays under half of `busy_other_kbit` this long.
+    pub busy_resume_secs: u64,
+}
+
+fn de_monitor<'de, D: serde::Deserializer<'de>>(d: D) -> Result<MonitorMode, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
 }
 
 fn de_driver<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DriverChoice, D::Error> {
@@ -165,6 +186,10 @@ impl Default for Config {
             inventory_secs: 2,
             driver: DriverChoice::Auto,
             metrics_listen: None,
+            monitor: MonitorMode::Auto,
+            monitor_interfaces: Vec::new(),
+            busy_other_kbit: 2000,
+            busy_resume_secs: 2,
             uploads_max: lowtide_engine::session::serve::ServerConfig::default().sessions_max,
             encrypt_p2p: false,
             require_encryption: false,
@@ -222,6 +247,10 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("LOWTIDE_SERVE_ON_BATTERY", "serve_on_battery"),
     ("LOWTIDE_BUSY_CHECK_SECS", "busy_check_secs"),
     ("LOWTIDE_POWER_SUPPLY_DIR", "power_supply_dir"),
+    ("LOWTIDE_MONITOR", "monitor"),
+    ("LOWTIDE_MONITOR_INTERFACES", "monitor_interfaces (comma-separated)"),
+    ("LOWTIDE_BUSY_OTHER_KBIT", "busy_other_kbit"),
+    ("LOWTIDE_BUSY_RESUME_SECS", "busy_resume_secs"),
 ];
 
 impl Config {
@@ -315,6 +344,17 @@ impl Config {
                 "LOWTIDE_SERVE_ON_BATTERY" => self.serve_on_battery = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_BUSY_CHECK_SECS" => self.busy_check_secs = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_POWER_SUPPLY_DIR" => self.power_supply_dir = PathBuf::from(&v),
+                "LOWTIDE_MONITOR" => self.monitor = v.parse().map_err(|e: String| bad(&e))?,
+                "LOWTIDE_MONITOR_INTERFACES" => {
+                    self.monitor_interfaces = v
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }
+                "LOWTIDE_BUSY_OTHER_KBIT" => self.busy_other_kbit = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_BUSY_RESUME_SECS" => self.busy_resume_secs = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_METRICS_LISTEN" => {
                     self.metrics_listen = text().map(|t| t.parse()).transpose().map_err(|e| bad(&e))?
                 }

@@ -269,7 +269,8 @@ impl Shared {
 }
 
 /// Run the daemon until SIGINT or SIGTERM.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// `mon` is the egress monitor [`crate::monitor::setup`] attached before any thread started.
+pub async fn run(cfg: Config, mut mon: crate::monitor::EgressWatch) -> anyhow::Result<()> {
     let (url, secret) = cfg.check_for_daemon()?;
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
         format!(
@@ -353,7 +354,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 Ok(mut ep) => {
                     ep.set_keys(keys);
                     let _ = up_tx.send(Ok(ep.local_addr()));
-                    worker::run(ep, rx)
+                    mon.add_own_port(ep.local_addr().port());
+                    worker::run(ep, mon, rx)
                 }
                 Err(e) => {
                     let _ = up_tx.send(Err(e));
@@ -729,6 +731,11 @@ async fn metrics_text(sh: &Shared) -> String {
         requests_refused: snap.requests_refused,
         discovery_peers: sh.discovery.peer_count() as u64,
         discovery_dropped: sh.discovery.dropped(),
+        busy_paused: snap.monitor.paused_busy,
+        busy_pauses: snap.monitor.busy_pauses,
+        egress_backlog_bytes: snap.monitor.interfaces.iter().map(|i| i.backlog_bytes).max().unwrap_or(0),
+        egress_other_bytes_per_s: snap.monitor.interfaces.iter().filter_map(|i| i.other_bytes_per_s).sum(),
+        monitor_bpf: snap.monitor.interfaces.iter().any(|i| i.kind == "ebpf"),
     })
 }
 
@@ -903,6 +910,7 @@ async fn status(sh: &Shared) -> anyhow::Result<serde_json::Value> {
         "udp": snap.udp,
         "driver": snap.driver,
         "background_paused": snap.background_paused,
+        "monitor": snap.monitor,
         // A fetch whose content completed another way (the origin) lingers in the engine: leave it out.
         "transfers": snap.fetches.iter().filter(|f| !items.iter().any(|h| h.content == f.content && h.complete)).collect::<Vec<_>>(),
         "peers": st.peers.keys().collect::<Vec<_>>(),

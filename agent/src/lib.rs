@@ -18,9 +18,7 @@
 //! - [`busy`]: whether the device may serve now (CPU, disk, battery, VPN site).
 //! - [`discovery`]: peers on the local subnets (broadcast, neighbour cache, subnet scan).
 //! - `test_hooks`: fault injection for the integration tests, debug builds only.
-//!
-//! Not here yet: peer discovery on the local subnets (peers come from the
-//! server's source lists), serving limits.
+//! - [`monitor`]: the egress monitor, pause-when-busy, dropping BPF capabilities.
 
 pub mod busy;
 pub mod config;
@@ -28,6 +26,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod facts;
 pub mod metrics;
+pub mod monitor;
 pub mod origin;
 pub mod proto;
 pub mod server;

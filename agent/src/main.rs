@@ -105,12 +105,16 @@ fn run() -> anyhow::Result<ExitCode> {
     let sock = cfg.socket_path();
     match cli.cmd {
         Cmd::Run => {
+            // Before the runtime starts its threads: capabilities are per thread, and the
+            // threads started afterwards inherit the set left once BPF is attached.
+            cfg.check_for_daemon()?;
+            let mon = lowtide_agent::monitor::setup(&cfg);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(lowtide_agent::daemon::run(cfg))?;
+            rt.block_on(lowtide_agent::daemon::run(cfg, mon))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Get {
@@ -375,12 +379,32 @@ fn print_status(v: &serde_json::Value) {
         "udp       {} ({} driver){}",
         s("udp"),
         s("driver"),
-        if v["background_paused"].as_bool() == Some(true) {
-            ", background serving paused"
-        } else {
+        if v["background_paused"].as_bool() != Some(true) {
             ""
+        } else if v["monitor"]["paused_busy"].as_bool() == Some(true) {
+            ", background serving paused: the link is busy with other traffic"
+        } else {
+            ", background serving paused"
         }
     );
+    let m = &v["monitor"];
+    if let Some(ifs) = m["interfaces"].as_array() {
+        for i in ifs {
+            println!(
+                "egress    {} ({}): backlog {} bytes, other traffic {}{}",
+                i["name"].as_str().unwrap_or("?"),
+                i["kind"].as_str().unwrap_or("?"),
+                i["backlog_bytes"],
+                i["other_bytes_per_s"]
+                    .as_u64()
+                    .map_or("not visible".to_string(), |b| format!("{} kbit/s", b * 8 / 1000)),
+                i["degraded"].as_str().map_or(String::new(), |d| format!(" [eBPF unavailable: {d}]"))
+            );
+        }
+        if ifs.is_empty() {
+            println!("egress    not watched (monitor {}): delay signal only", m["mode"].as_str().unwrap_or("?"));
+        }
+    }
     let b = &v["bytes_by_source"];
     println!(
         "received  {} from same-site peers, {} from the parent site, {} from the origin",

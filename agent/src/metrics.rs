@@ -34,6 +34,12 @@ pub struct Values {
     pub discovery_peers: u64,
     /// Discovery packets dropped, by reason.
     pub discovery_dropped: Vec<(&'static str, u64)>,
+    /// Paused because the egress monitor sees the link busy with other traffic.
+    pub busy_paused: bool,
+    pub busy_pauses: u64,
+    pub egress_backlog_bytes: u64,
+    pub egress_other_bytes_per_s: u64,
+    pub monitor_bpf: bool,
 }
 
 pub fn render(v: &Values) -> String {
@@ -149,6 +155,36 @@ pub fn render(v: &Values) -> String {
         "counter",
         "Discovery packets dropped, by reason (malformed, version, tag, stale, replayed, rate_limited, unsolicited).",
         &dropped,
+    );
+    metric(
+        "lowtide_agent_background_busy",
+        "gauge",
+        "1 while background serving is paused because other traffic keeps the link busy.",
+        &[("", u8::from(v.busy_paused).to_string())],
+    );
+    metric(
+        "lowtide_agent_busy_pauses_total",
+        "counter",
+        "Times background serving paused because the link was busy.",
+        &[("", v.busy_pauses.to_string())],
+    );
+    metric(
+        "lowtide_agent_egress_backlog_bytes",
+        "gauge",
+        "Bytes queued on the watched egress qdisc (the largest over watched interfaces).",
+        &[("", v.egress_backlog_bytes.to_string())],
+    );
+    metric(
+        "lowtide_agent_egress_other_bytes_per_second",
+        "gauge",
+        "Traffic other than Lowtide's leaving the watched interfaces (eBPF only; 0 with the netlink fallback).",
+        &[("", v.egress_other_bytes_per_s.to_string())],
+    );
+    metric(
+        "lowtide_agent_egress_monitor_bpf",
+        "gauge",
+        "1 when an eBPF egress monitor is attached (0: netlink fallback or none).",
+        &[("", u8::from(v.monitor_bpf).to_string())],
     );
     s
 }

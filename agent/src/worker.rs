@@ -18,6 +18,8 @@ use lowtide_engine::store::StoreError;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use crate::monitor::{EgressWatch, MonitorView};
+
 /// Longest one loop turn waits for datagrams before looking at commands again.
 pub const POLL_WAIT: Duration = Duration::from_millis(20);
 /// Most commands handled between two loop turns.
@@ -90,6 +92,8 @@ pub struct Snapshot {
     /// Store errors (a full disk, an I/O error) since the start, and the last one.
     pub store_errors: u64,
     pub store_error: Option<String>,
+    /// The egress monitor and why background serving is paused.
+    pub monitor: MonitorView,
 }
 
 /// What the engine loop remembers for snapshots besides the endpoint.
@@ -190,7 +194,7 @@ fn held(ep: &Endpoint, id: &ContentId) -> Option<Held> {
     })
 }
 
-fn snapshot(ep: &Endpoint, notes: &Notes) -> Snapshot {
+fn snapshot(ep: &Endpoint, notes: &Notes, mon: &EgressWatch) -> Snapshot {
     let s = ep.server.stats();
     Snapshot {
         udp: ep.local_addr(),
@@ -228,10 +232,11 @@ fn snapshot(ep: &Endpoint, notes: &Notes) -> Snapshot {
         dropped_peers: notes.drops.iter().cloned().collect(),
         store_errors: notes.store_errors,
         store_error: notes.store_error.clone(),
+        monitor: mon.view(),
     }
 }
 
-fn handle(ep: &mut Endpoint, notes: &Notes, cmd: Cmd) -> bool {
+fn handle(ep: &mut Endpoint, notes: &Notes, mon: &mut EgressWatch, cmd: Cmd) -> bool {
     let e = |e: &dyn std::fmt::Display| e.to_string();
     match cmd {
         Cmd::Fetch {
@@ -318,11 +323,11 @@ fn handle(ep: &mut Endpoint, notes: &Notes, cmd: Cmd) -> bool {
             };
             let _ = reply.send(r);
         }
-        Cmd::Pause(p) => ep.server.set_background_paused(p),
+        Cmd::Pause(p) => mon.set_operator_paused(ep, p),
         Cmd::SetKeys(k) => ep.set_keys(k),
         Cmd::Refuse(r) => ep.server.set_refusing(r),
         Cmd::Snapshot { reply } => {
-            let _ = reply.send(Ok(snapshot(ep, notes)));
+            let _ = reply.send(Ok(snapshot(ep, notes, mon)));
         }
         Cmd::Stop => return false,
     }
@@ -331,13 +336,14 @@ fn handle(ep: &mut Endpoint, notes: &Notes, cmd: Cmd) -> bool {
 
 /// Run the endpoint until [`Cmd::Stop`] or the command channel closes.
 /// Fetch news (source drops) is logged; completion is read from the store.
-pub fn run(mut ep: Endpoint, rx: mpsc::Receiver<Cmd>) {
+/// The egress monitor is sampled between turns (see [`crate::monitor`]).
+pub fn run(mut ep: Endpoint, mut mon: EgressWatch, rx: mpsc::Receiver<Cmd>) {
     let mut notes = Notes::default();
     'outer: loop {
         for _ in 0..COMMANDS_PER_TURN_MAX {
             match rx.try_recv() {
                 Ok(c) => {
-                    if !handle(&mut ep, &notes, c) {
+                    if !handle(&mut ep, &notes, &mut mon, c) {
                         break 'outer;
                     }
                 }
@@ -345,13 +351,14 @@ pub fn run(mut ep: Endpoint, rx: mpsc::Receiver<Cmd>) {
                 Err(mpsc::TryRecvError::Disconnected) => break 'outer,
             }
         }
-        if let Err(e) = ep.poll(POLL_WAIT) {
+        if let Err(e) = ep.poll(mon.wait_max(POLL_WAIT)) {
             tracing::error!("engine loop: {e}");
             if e.get_ref().is_some_and(|x| x.is::<StoreError>()) {
                 notes.store_errors += 1;
                 notes.store_error = Some(e.to_string());
             }
         }
+        mon.tick(&mut ep);
         for n in ep.take_news() {
             match n {
                 FetchNews::Complete { content, .. } => tracing::info!("{} complete from peers", content.short()),

@@ -172,6 +172,19 @@ impl PathWatch {
         self.mode
     }
 
+    /// Marks `port` as Lowtide's own on every BPF monitor, present and future.
+    pub fn add_own_port(&mut self, port: u16) -> Result<(), MonitorError> {
+        if !self.own_ports.contains(&port) {
+            self.own_ports.push(port);
+        }
+        for w in &mut self.watched {
+            if let Source::Bpf(m) = &mut w.source {
+                m.add_own_port(port)?;
+            }
+        }
+        Ok(())
+    }
+
     /// True when at least one interface is watched with BPF.
     pub fn bpf_attached(&self) -> bool {
         self.watched.iter().any(|w| matches!(w.source, Source::Bpf(_)))
