@@ -18,7 +18,9 @@
 //!   [`CURRENT_FILTER`] samples.
 //! - **The local egress queue and competing traffic** ([`PathSignal`], from
 //!   the eBPF monitor when the agent has it): backlog bytes on our own
-//!   interface are queueing delay we can see directly; bytes of *other*
+//!   interface are queueing delay we can see directly (the minimum over the
+//!   last [`CURRENT_FILTER`] samples, drained at the link's rate: a burst
+//!   handed to the qdisc at once is not a standing queue); bytes of *other*
 //!   traffic leaving the interface mean foreground traffic is present.
 //!   Without this signal the controller runs on delay alone.
 //!
@@ -35,6 +37,9 @@
 //! - Queue above [`YIELD_FACTOR`] × target, or competing traffic on the local
 //!   interface: someone else is sending; the window drops to its minimum at
 //!   once (the yield), remembering the delivery rate it had.
+//! - After a yield to competing traffic the monitor saw on this host, the
+//!   monitor also sees it stop: once it has, and the queue has stayed below
+//!   target for a round trip, the link is reclaimed as below.
 //! - Queue empty again after a yield, and staying empty for a hold-off (two
 //!   round trips, at least 100 ms; doubled up to 4 s each time a yield follows
 //!   a reclaim within 2 s, because then the foreground flow had not left, its
@@ -76,6 +81,8 @@ pub const YIELD_FACTOR: i64 = 4;
 pub const SLOWDOWN_INTERVAL: Duration = Duration::from_secs(20);
 /// Least time the queue must stay empty after a yield before the link is reclaimed.
 pub const RECLAIM_HOLDOFF_MIN: Duration = Duration::from_millis(100);
+/// Least hold-off after a yield to competing traffic the monitor saw on this host.
+pub const LOCAL_RECLAIM_HOLDOFF_MIN: Duration = Duration::from_millis(20);
 /// Longest hold-off, after repeated yields shortly after reclaiming.
 pub const RECLAIM_HOLDOFF_MAX: Duration = Duration::from_secs(4);
 /// A yield this soon after a reclaim means the foreground never left.
@@ -157,6 +164,12 @@ pub struct Background {
     saved_window: u64,
     next_slowdown: Time,
     path: Option<PathSignal>,
+    /// The last yield was to competing traffic the monitor saw on this host.
+    yield_local: bool,
+    /// Local backlog of the last [`CURRENT_FILTER`] monitor samples: the standing queue is
+    /// their minimum (a GSO burst handed to the qdisc at once is not a standing queue).
+    path_backlog: [u64; CURRENT_FILTER],
+    path_len: usize,
     started: bool,
 }
 
@@ -186,6 +199,9 @@ impl Background {
             saved_window: 0,
             next_slowdown: Time::ZERO,
             path: None,
+            yield_local: false,
+            path_backlog: [0; CURRENT_FILTER],
+            path_len: 0,
             started: false,
         }
     }
@@ -252,8 +268,17 @@ impl Background {
         (rate as f64 * rtt.as_secs_f64()) as u64
     }
 
-    fn yield_now(&mut self, now: Time) {
+    /// `local`: the monitor saw the competing traffic leave this host (so it will also see it stop).
+    fn yield_now(&mut self, now: Time, local: bool) {
+        self.yield_local = local;
         if !self.yielded {
+            tracing::debug!(
+                now_us = now.as_micros(),
+                queue_us = self.queue_us,
+                other_bytes_per_s = self.path.map_or(0, |p| p.other_bytes_per_s),
+                local,
+                "background: yield"
+            );
             self.remembered_rate = self.delivery_rate().max(self.remembered_rate);
             self.yielded = true;
             let base = RECLAIM_HOLDOFF_MIN.max(self.srtt * 2);
@@ -317,8 +342,13 @@ impl Controller for Background {
         }
         let target_us = self.cfg.queue_delay_target.as_micros() as i64;
         let q_owd = self.base_us().map_or(0, |b| self.current_us() - b);
-        let q_local = match self.path {
-            Some(p) if self.delivery_rate() > 0 => (p.backlog_bytes as f64 / self.delivery_rate() as f64 * 1e6) as i64,
+        // The local qdisc drains at the link's rate, not at ours.
+        let drain_rate = self.delivery_rate().max(self.capacity_rate);
+        let q_local = match self.path_len {
+            n if n > 0 && drain_rate > 0 => {
+                let standing = self.path_backlog[..n.min(CURRENT_FILTER)].iter().copied().min().unwrap_or(0);
+                (standing as f64 / drain_rate as f64 * 1e6) as i64
+            }
             _ => 0,
         };
         let q = q_owd.max(q_local);
@@ -347,7 +377,7 @@ impl Controller for Background {
             .path
             .is_some_and(|p| p.other_bytes_per_s > self.cfg.other_bytes_per_s_yield);
         if competing || q > YIELD_FACTOR * target_us {
-            self.yield_now(now);
+            self.yield_now(now, competing);
             return;
         }
         if q > target_us {
@@ -358,10 +388,27 @@ impl Controller for Background {
             }
         } else {
             if self.yielded {
-                if q < target_us / 4 {
+                // After yielding to traffic the monitor saw leave this host, its absence is
+                // known first-hand: one round trip without it and the local queue below target
+                // is enough (the one-way delay, sampled twice a round trip while yielded, would
+                // show the drained queue a couple of round trips late). After a yield on delay
+                // alone, a drained queue may only be the foreground's sawtooth.
+                let (queue, low, holdoff) = if self.yield_local {
+                    (q_local, target_us, self.srtt.max(LOCAL_RECLAIM_HOLDOFF_MIN))
+                } else {
+                    (q, target_us / 4, self.holdoff)
+                };
+                if queue < low {
                     let since = *self.low_since.get_or_insert(now);
-                    if now.since(since) >= self.holdoff {
+                    if now.since(since) >= holdoff {
                         // The link has stayed free: jump back toward what it carried before the yield.
+                        tracing::debug!(
+                            now_us = now.as_micros(),
+                            low_since_us = since.as_micros(),
+                            holdoff_ms = holdoff.as_millis() as u64,
+                            local = self.yield_local,
+                            "background: reclaim"
+                        );
                         self.yielded = false;
                         self.low_since = None;
                         self.last_reclaim = now;
@@ -407,6 +454,8 @@ impl Controller for Background {
 
     fn on_path(&mut self, _now: Time, signal: &PathSignal) {
         self.path = Some(*signal);
+        self.path_backlog[self.path_len % CURRENT_FILTER] = signal.backlog_bytes;
+        self.path_len += 1;
     }
 
     fn window(&self) -> u64 {
@@ -512,6 +561,29 @@ mod tests {
         );
         feed(&mut c, 100, 101, |_| 20_000);
         assert!(c.is_yielding());
+    }
+
+    #[test]
+    fn background_reclaims_within_a_round_trip_once_local_competing_traffic_stops() {
+        let mut c = Background::new(BackgroundConfig::default());
+        feed(&mut c, 1, 300, |_| 20_000);
+        let bdp = c.bdp(c.delivery_rate());
+        let busy = PathSignal {
+            backlog_bytes: 0,
+            other_bytes_per_s: 1_000_000,
+        };
+        c.on_path(Time(300_000), &busy);
+        feed(&mut c, 300, 400, |_| 20_000);
+        assert!(c.is_yielding());
+        assert_eq!(c.window(), BackgroundConfig::default().window_bytes_min);
+        // Still there 100 ms later: still yielding, even though the queue is empty.
+        feed(&mut c, 400, 500, |_| 20_000);
+        assert!(c.is_yielding());
+        c.on_path(Time(500_000), &PathSignal::default());
+        // One round trip (40 ms) without it, then the window jumps back toward the BDP.
+        feed(&mut c, 500, 500 + 45, |_| 20_000);
+        assert!(!c.is_yielding());
+        assert!(c.window() >= bdp / 2, "window {} after the reclaim, BDP {bdp}", c.window());
     }
 
     #[test]
