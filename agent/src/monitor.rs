@@ -402,8 +402,8 @@ mod tests {
 
     fn sig(other: u64) -> PathSignal {
         PathSignal {
-            backlog_bytes: 0,
             other_bytes_per_s: other,
+            ..Default::default()
         }
     }
 

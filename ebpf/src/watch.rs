@@ -122,6 +122,8 @@ struct Watched {
     /// Why BPF is not in use on this interface, if it is not.
     degraded: Option<String>,
     other: RateTracker,
+    /// Own and other traffic together.
+    all: RateTracker,
     last: PathSignal,
     /// A sample failed; logged once until one succeeds again.
     failing: bool,
@@ -219,6 +221,7 @@ impl PathWatch {
             source,
             degraded,
             other: RateTracker::default(),
+            all: RateTracker::default(),
             last: PathSignal::default(),
             failing: false,
         };
@@ -285,6 +288,9 @@ impl PathWatch {
                     w.last = PathSignal {
                         backlog_bytes: s.backlog_bytes,
                         other_bytes_per_s: s.traffic.map_or(0, |t| w.other.push(now, t.other_bytes)),
+                        egress_bytes_per_s: s
+                            .traffic
+                            .map_or(0, |t| w.all.push(now, t.other_bytes + t.own_bytes)),
                     };
                 }
                 Err(e) => {
@@ -296,6 +302,8 @@ impl PathWatch {
             }
             combined.backlog_bytes = combined.backlog_bytes.max(w.last.backlog_bytes);
             combined.other_bytes_per_s = combined.other_bytes_per_s.saturating_add(w.last.other_bytes_per_s);
+            // The busiest interface's rate goes with the largest backlog more often than not.
+            combined.egress_bytes_per_s = combined.egress_bytes_per_s.max(w.last.egress_bytes_per_s);
         }
         self.last = Some(combined);
         self.last

@@ -337,6 +337,7 @@ mod sender_bottleneck {
                     &PathSignal {
                         backlog_bytes: backlog as u64,
                         other_bytes_per_s: other as u64,
+                        egress_bytes_per_s: (other + bg_rate) as u64,
                     },
                 );
             }

@@ -97,6 +97,10 @@ pub struct PathSignal {
     pub backlog_bytes: u64,
     /// Rate of traffic other than Lowtide's leaving the interface, bytes/s.
     pub other_bytes_per_s: u64,
+    /// Rate of all traffic (ours and others') handed to the interface, bytes/s; 0 when
+    /// unknown. While a queue stands, the qdisc drains at about this rate, so it turns the
+    /// backlog into a delay (our own rate would overstate it while we are a small share).
+    pub egress_bytes_per_s: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -343,7 +347,10 @@ impl Controller for Background {
         let target_us = self.cfg.queue_delay_target.as_micros() as i64;
         let q_owd = self.base_us().map_or(0, |b| self.current_us() - b);
         // The local qdisc drains at the link's rate, not at ours.
-        let drain_rate = self.delivery_rate().max(self.capacity_rate);
+        let drain_rate = self
+            .delivery_rate()
+            .max(self.capacity_rate)
+            .max(self.path.map_or(0, |p| p.egress_bytes_per_s));
         let q_local = match self.path_len {
             n if n > 0 && drain_rate > 0 => {
                 let standing = self.path_backlog[..n.min(CURRENT_FILTER)].iter().copied().min().unwrap_or(0);
@@ -557,6 +564,7 @@ mod tests {
             &PathSignal {
                 backlog_bytes: 0,
                 other_bytes_per_s: 1_000_000,
+                egress_bytes_per_s: 2_000_000,
             },
         );
         feed(&mut c, 100, 101, |_| 20_000);
@@ -571,6 +579,7 @@ mod tests {
         let busy = PathSignal {
             backlog_bytes: 0,
             other_bytes_per_s: 1_000_000,
+            egress_bytes_per_s: 2_000_000,
         };
         c.on_path(Time(300_000), &busy);
         feed(&mut c, 300, 400, |_| 20_000);
