@@ -733,7 +733,13 @@ async fn metrics_text(sh: &Shared) -> String {
         discovery_dropped: sh.discovery.dropped(),
         busy_paused: snap.monitor.paused_busy,
         busy_pauses: snap.monitor.busy_pauses,
-        egress_backlog_bytes: snap.monitor.interfaces.iter().map(|i| i.backlog_bytes).max().unwrap_or(0),
+        egress_backlog_bytes: snap
+            .monitor
+            .interfaces
+            .iter()
+            .map(|i| i.backlog_bytes)
+            .max()
+            .unwrap_or(0),
         egress_other_bytes_per_s: snap.monitor.interfaces.iter().filter_map(|i| i.other_bytes_per_s).sum(),
         monitor_bpf: snap.monitor.interfaces.iter().any(|i| i.kind == "ebpf"),
     })

@@ -398,11 +398,16 @@ fn print_status(v: &serde_json::Value) {
                 i["other_bytes_per_s"]
                     .as_u64()
                     .map_or("not visible".to_string(), |b| format!("{} kbit/s", b * 8 / 1000)),
-                i["degraded"].as_str().map_or(String::new(), |d| format!(" [eBPF unavailable: {d}]"))
+                i["degraded"]
+                    .as_str()
+                    .map_or(String::new(), |d| format!(" [eBPF unavailable: {d}]"))
             );
         }
         if ifs.is_empty() {
-            println!("egress    not watched (monitor {}): delay signal only", m["mode"].as_str().unwrap_or("?"));
+            println!(
+                "egress    not watched (monitor {}): delay signal only",
+                m["mode"].as_str().unwrap_or("?")
+            );
         }
     }
     let b = &v["bytes_by_source"];

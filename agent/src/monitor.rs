@@ -146,7 +146,9 @@ impl EgressWatch {
     /// Marks the endpoint's UDP port as Lowtide's own (needed when it was only known after binding).
     pub fn add_own_port(&mut self, port: u16) {
         if let Err(e) = self.watch.add_own_port(port) {
-            tracing::warn!("egress monitor: cannot mark UDP port {port} as Lowtide's: {e}; its traffic counts as other traffic");
+            tracing::warn!(
+                "egress monitor: cannot mark UDP port {port} as Lowtide's: {e}; its traffic counts as other traffic"
+            );
         }
     }
 
@@ -266,7 +268,11 @@ pub fn setup(cfg: &Config) -> EgressWatch {
                 tracing::info!(
                     "dropped {} from the effective and permitted sets{} (only loading BPF needed them)",
                     d.dropped.join(", "),
-                    if d.bounding_kept.is_empty() { " and the bounding set" } else { "" }
+                    if d.bounding_kept.is_empty() {
+                        " and the bounding set"
+                    } else {
+                        ""
+                    }
                 );
             }
             if !d.bounding_kept.is_empty() {
@@ -452,10 +458,7 @@ mod tests {
     /// Capability bits of `field` (CapEff, CapPrm, CapBnd) in /proc/thread-self/status.
     fn caps_of(field: &str) -> u64 {
         let s = std::fs::read_to_string("/proc/thread-self/status").unwrap();
-        let line = s
-            .lines()
-            .find(|l| l.starts_with(&format!("{field}:")))
-            .unwrap();
+        let line = s.lines().find(|l| l.starts_with(&format!("{field}:"))).unwrap();
         u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
     }
 
@@ -496,7 +499,11 @@ mod tests {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "child failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "child failed: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let line = text
             .lines()
             .find_map(|l| l.find("CAPS ").map(|i| &l[i..]))
@@ -520,7 +527,10 @@ mod tests {
         }
         if before[1] & mask == mask {
             // Running as root: every one of them was held, and is reported.
-            let names = line.split_whitespace().find_map(|w| w.strip_prefix("dropped=")).unwrap();
+            let names = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("dropped="))
+                .unwrap();
             assert_eq!(names.split('+').count(), MONITOR_CAPABILITIES.len(), "{line}");
         }
     }

@@ -288,9 +288,7 @@ impl PathWatch {
                     w.last = PathSignal {
                         backlog_bytes: s.backlog_bytes,
                         other_bytes_per_s: s.traffic.map_or(0, |t| w.other.push(now, t.other_bytes)),
-                        egress_bytes_per_s: s
-                            .traffic
-                            .map_or(0, |t| w.all.push(now, t.other_bytes + t.own_bytes)),
+                        egress_bytes_per_s: s.traffic.map_or(0, |t| w.all.push(now, t.other_bytes + t.own_bytes)),
                     };
                 }
                 Err(e) => {

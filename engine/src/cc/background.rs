@@ -353,7 +353,11 @@ impl Controller for Background {
             .max(self.path.map_or(0, |p| p.egress_bytes_per_s));
         let q_local = match self.path_len {
             n if n > 0 && drain_rate > 0 => {
-                let standing = self.path_backlog[..n.min(CURRENT_FILTER)].iter().copied().min().unwrap_or(0);
+                let standing = self.path_backlog[..n.min(CURRENT_FILTER)]
+                    .iter()
+                    .copied()
+                    .min()
+                    .unwrap_or(0);
                 (standing as f64 / drain_rate as f64 * 1e6) as i64
             }
             _ => 0,
@@ -592,7 +596,11 @@ mod tests {
         // One round trip (40 ms) without it, then the window jumps back toward the BDP.
         feed(&mut c, 500, 500 + 45, |_| 20_000);
         assert!(!c.is_yielding());
-        assert!(c.window() >= bdp / 2, "window {} after the reclaim, BDP {bdp}", c.window());
+        assert!(
+            c.window() >= bdp / 2,
+            "window {} after the reclaim, BDP {bdp}",
+            c.window()
+        );
     }
 
     #[test]
