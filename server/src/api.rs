@@ -29,7 +29,9 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::publish::{self, PublishRequest};
-use crate::store::{AgentAuth, Enrolled, Facts, HeartbeatReply, Inventory, Store, TrafficReport};
+use crate::store::{
+    AgentAuth, AssignmentsAnswer, AssignmentsRequest, Enrolled, Facts, HeartbeatReply, Inventory, Store, TrafficReport,
+};
 use crate::topology::{self, Topology};
 
 /// Shared state of the HTTP handlers.
@@ -221,6 +223,38 @@ async fn sources(State(app): State<Arc<App>>, h: HeaderMap, Path(id): Path<Strin
             .sources(&a, &id, app.active_since(), app.cap(), app.now())
             .await?,
     )
+}
+
+/// Longest an assignments request may wait for something new.
+pub const ASSIGNMENTS_WAIT_MS_MAX: u64 = 25_000;
+/// While an assignments request waits, the database is read again this often anyway
+/// (another server process may have recorded the change).
+pub const ASSIGNMENTS_RECHECK_MS: u64 = 2_000;
+
+/// What the agent should fetch for its site as its RVP. Long poll: answers at once when
+/// there is an assignment not in `running`, else when one appears (or an RVP is elected),
+/// else after `wait_ms`.
+async fn assignments(State(app): State<Arc<App>>, h: HeaderMap, b: Result<Bytes, BytesRejection>) -> ApiResult {
+    let a = agent(&app, &h).await?;
+    let req: AssignmentsRequest = json_body(b, app.cfg.body_bytes_max)?;
+    let wait = std::time::Duration::from_millis(req.wait_ms.min(ASSIGNMENTS_WAIT_MS_MAX));
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        // Registered before the read, so a change during the read is not missed.
+        let changed = app.store.assignments_changed().notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let list = app.store.assignments(&a, app.active_since(), app.now()).await?;
+        let now = tokio::time::Instant::now();
+        if now >= deadline || list.iter().any(|x| !req.running.contains(&x.content)) {
+            return json(&AssignmentsAnswer { assignments: list });
+        }
+        let recheck = now + std::time::Duration::from_millis(ASSIGNMENTS_RECHECK_MS);
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep_until(recheck.min(deadline)) => {}
+        }
+    }
 }
 
 async fn manifest(State(app): State<Arc<App>>, h: HeaderMap, Path(id): Path<String>) -> ApiResult {
@@ -478,6 +512,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/inventory", put(inventory))
         .route("/v1/traffic", post(traffic))
         .route("/v1/content/{id}/sources", get(sources))
+        .route("/v1/assignments", post(assignments))
         .route("/v1/content/{id}/manifest", get(manifest))
         .route("/v1/content/{id}/table", get(table))
         .route("/v1/names/{name}", get(resolve_latest))

@@ -53,6 +53,13 @@ pub const ROUTES: &[(&str, &str, Auth, Option<&str>, &str)] = &[
         "Ranked sources for a content: peers, site RVP, parent RVP, origin",
     ),
     (
+        "post",
+        "/v1/assignments",
+        Auth::Agent,
+        Some("AssignmentsRequest"),
+        "Contents this agent should fetch for its site as its RVP (long poll up to wait_ms)",
+    ),
+    (
         "get",
         "/v1/content/{id}/manifest",
         Auth::Agent,
@@ -213,6 +220,9 @@ fn schemas() -> Value {
                 "content": id, "complete": {"type": "boolean"},
                 "ranges": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}}}}}}},
         "TrafficReport": {"type": "object", "properties": {"lan_bytes": {"type": "integer"}, "wan_bytes": {"type": "integer"}, "origin_bytes": {"type": "integer"}}},
+        "AssignmentsRequest": {"type": "object", "properties": {
+            "wait_ms": {"type": "integer", "description": "long poll: wait up to this long (at most 25000) for an assignment not in running"},
+            "running": {"type": "array", "items": id}}},
         "PublishRequest": {"type": "object", "required": ["name", "version"], "properties": {
             "name": {"type": "string"}, "version": {"type": "string"}, "path": {"type": "string"}, "url": {"type": "string"},
             "origins": {"type": "array", "items": {"type": "string"}}, "store": {"type": "boolean", "default": true}}},

@@ -63,6 +63,15 @@ pub const DEPLOYMENT_KEYS_RECHECK_MS: i64 = 5000;
 
 const SQLITE_INIT: &str = include_str!("../migrations/sqlite/0001_init.sql");
 const POSTGRES_INIT: &str = include_str!("../migrations/postgres/0001_init.sql");
+const SQLITE_WANTED: &str = include_str!("../migrations/sqlite/0002_wanted.sql");
+const POSTGRES_WANTED: &str = include_str!("../migrations/postgres/0002_wanted.sql");
+/// Most wanted contents looked at per site for one assignments answer.
+pub const ASSIGNMENTS_MAX: i64 = 64;
+/// A (site, content) recorded as wanted is not written again for this long (saves a write per
+/// sources query while a site downloads).
+pub const WANTED_REWRITE_MS: i64 = 10_000;
+/// Most (site, content) pairs remembered as recently wanted.
+const WANTED_SEEN_MAX: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -85,6 +94,11 @@ pub struct Store {
     content_cache: Arc<Mutex<HashMap<ContentId, (ContentInfo, i64)>>>,
     /// The deployment keys with the time they were read; trusted for [`DEPLOYMENT_KEYS_RECHECK_MS`].
     keys_cache: Arc<Mutex<Option<(DeploymentKeys, i64)>>>,
+    /// (site, content) pairs recorded as wanted, with when (see [`WANTED_REWRITE_MS`]).
+    wanted_seen: Arc<Mutex<HashMap<(String, ContentId), i64>>>,
+    /// Woken when a site comes to want a content or an RVP is elected: long-polling
+    /// assignment requests of this process look again (other processes find out by their recheck).
+    assignments_changed: Arc<tokio::sync::Notify>,
 }
 
 /// One heartbeat waiting for the writer.
@@ -493,6 +507,33 @@ pub struct SourcesAnswer {
     pub sources: Vec<Source>,
 }
 
+/// `POST /v1/assignments`: what an RVP should fetch for its site.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentsRequest {
+    /// Wait up to this long for an assignment not in `running` (bounded by the server).
+    #[serde(default)]
+    pub wait_ms: u64,
+    /// Contents the agent is already fetching: the wait ends only for others.
+    #[serde(default)]
+    pub running: Vec<ContentId>,
+}
+
+/// One content an agent should fetch for its site, as the site's RVP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Assignment {
+    pub content: ContentId,
+    pub site: String,
+    pub size: u64,
+    /// Bytes of it the agent holds, as last reported.
+    pub held_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AssignmentsAnswer {
+    pub assignments: Vec<Assignment>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Election {
     pub site: String,
@@ -726,13 +767,26 @@ impl Store {
             Backend::Sqlite => SQLITE_INIT,
             Backend::Postgres => POSTGRES_INIT,
         };
-        let migrator = Migrator::with_migrations(vec![Migration::new(
-            1,
-            "init".into(),
-            MigrationType::Simple,
-            sqlx::SqlSafeStr::into_sql_str(sql),
-            false,
-        )]);
+        let wanted = match backend {
+            Backend::Sqlite => SQLITE_WANTED,
+            Backend::Postgres => POSTGRES_WANTED,
+        };
+        let migrator = Migrator::with_migrations(vec![
+            Migration::new(
+                1,
+                "init".into(),
+                MigrationType::Simple,
+                sqlx::SqlSafeStr::into_sql_str(sql),
+                false,
+            ),
+            Migration::new(
+                2,
+                "wanted".into(),
+                MigrationType::Simple,
+                sqlx::SqlSafeStr::into_sql_str(wanted),
+                false,
+            ),
+        ]);
         migrator.run(&write).await?;
         // SQLite has one writer anyway; PostgreSQL takes concurrent batches.
         let writers = match backend {
@@ -755,6 +809,8 @@ impl Store {
             hb_tx,
             content_cache: Arc::default(),
             keys_cache: Arc::default(),
+            wanted_seen: Arc::default(),
+            assignments_changed: Arc::new(tokio::sync::Notify::new()),
             topo: Arc::new(Mutex::new(TopoCache {
                 version: None,
                 checked_ms: i64::MIN,
@@ -1793,6 +1849,7 @@ impl Store {
         .rows_affected();
         if n == 1 {
             tracing::info!(site, content = %content.short(), rvp = %choice.agent_id, previous = ?current, "elected RVP");
+            self.assignments_changed.notify_waiters();
             return Ok(Some(choice.agent_id.clone()));
         }
         // Another server elected at the same time: take its choice.
@@ -1840,6 +1897,100 @@ impl Store {
             serving: serving.iter().map(|c| c.agent_id.clone()).collect(),
             bench: bench.iter().map(|c| c.agent_id.clone()).collect(),
         })
+    }
+
+    /// Record that `site` wants `content` (its RVP does not hold it whole), at most once per
+    /// [`WANTED_REWRITE_MS`] per process; wakes long-polling assignment requests when new.
+    async fn want(&self, site: &str, content: &ContentId, now_ms: i64) -> Result<()> {
+        let key = (site.to_string(), *content);
+        {
+            let mut seen = self.wanted_seen.lock().expect("wanted lock");
+            if seen
+                .get(&key)
+                .is_some_and(|t| now_ms.saturating_sub(*t) < WANTED_REWRITE_MS)
+            {
+                return Ok(());
+            }
+            if seen.len() >= WANTED_SEEN_MAX {
+                seen.clear();
+            }
+            seen.insert(key, now_ms);
+        }
+        let n = sqlx::query(
+            "INSERT INTO wanted (site_id, content_id, wanted_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (site_id, content_id) DO NOTHING",
+        )
+        .bind(site)
+        .bind(content.to_string())
+        .bind(now_ms)
+        .execute(&self.write)
+        .await?
+        .rows_affected();
+        if n == 1 {
+            tracing::info!(site, content = %content.short(), "site wants content: its RVP is told to fetch it");
+            self.assignments_changed.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Woken when a site comes to want a content or an RVP is elected (in this process).
+    pub fn assignments_changed(&self) -> &tokio::sync::Notify {
+        &self.assignments_changed
+    }
+
+    /// What `agent` should fetch for its site: contents the site wants, of which it is the RVP
+    /// (electing a new RVP where the recorded one went inactive), that it does not hold whole.
+    /// Wanted rows whose RVP holds the content whole, or whose content was retired, are removed.
+    pub async fn assignments(&self, agent: &AgentAuth, active_since_ms: i64, now_ms: i64) -> Result<Vec<Assignment>> {
+        let Some(site) = agent.site.as_deref() else {
+            return Ok(Vec::new());
+        };
+        let rows = sqlx::query(
+            "SELECT w.content_id, c.size, c.retired_ms FROM wanted w LEFT JOIN content c ON c.id = w.content_id \
+             WHERE w.site_id = $1 ORDER BY w.wanted_ms LIMIT $2",
+        )
+        .bind(site)
+        .bind(ASSIGNMENTS_MAX)
+        .fetch_all(&self.read)
+        .await?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let id: String = r.try_get(0)?;
+            let size: Option<i64> = r.try_get(1)?;
+            let retired: Option<i64> = r.try_get(2)?;
+            let Ok(content) = id.parse::<ContentId>() else { continue };
+            let done = match (size, retired) {
+                (Some(size), None) => {
+                    let size = to_u64(size);
+                    match self.site_rvp(site, &content, active_since_ms, now_ms).await? {
+                        Some(c) if c.held_bytes >= size => true,
+                        Some(c) if c.agent_id == agent.id => {
+                            out.push(Assignment {
+                                content,
+                                site: site.to_string(),
+                                size,
+                                held_bytes: c.held_bytes,
+                            });
+                            false
+                        }
+                        _ => false,
+                    }
+                }
+                _ => true,
+            };
+            if done {
+                sqlx::query("DELETE FROM wanted WHERE site_id = $1 AND content_id = $2")
+                    .bind(site)
+                    .bind(&id)
+                    .execute(&self.write)
+                    .await?;
+                self.wanted_seen
+                    .lock()
+                    .expect("wanted lock")
+                    .remove(&(site.to_string(), content));
+            }
+        }
+        Ok(out)
     }
 
     /// Where `agent` should get `content` from, best first.
@@ -1901,6 +2052,10 @@ impl Store {
             };
             let rvp = rvp_c.as_ref().map(|c| c.agent_id.clone());
             you_are_rvp = rvp.as_deref() == Some(agent.id.as_str());
+            // The site's RVP does not hold it whole: it is told to fetch it for the site.
+            if rvp_c.as_ref().is_some_and(|c| c.held_bytes < size) {
+                self.want(&s.id, content, now_ms).await?;
+            }
             let (serving, _bench) = ranking::serving_and_bench(&holders, rvp.as_deref(), cap);
             for c in serving.iter().filter(|c| c.agent_id != agent.id) {
                 let (pct, _) = held(c);
@@ -1934,6 +2089,9 @@ impl Store {
                     None => self.site_rvp(&p.id, content, active_since_ms, now_ms).await?,
                 };
                 if let Some(c) = c {
+                    if c.held_bytes < size {
+                        self.want(&p.id, content, now_ms).await?;
+                    }
                     let (pct, _) = held(&c);
                     let which = if hops == 1 { "parent site" } else { "ancestor site" };
                     let reason = format!("{which} {} RVP, holds {pct}%", p.id);

@@ -580,6 +580,122 @@ async fn rvp_is_re_elected_when_it_goes_inactive(db: Db) {
     h.finish().await;
 }
 
+async fn sites_want_content_and_their_rvps_are_assigned_it(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let f = fleet(&h).await;
+    let id = |n: usize| f.creds[n].0.clone();
+    let cred = |n: usize| f.creds[n].1.clone();
+    let assigned = |n: usize, running: Vec<String>| {
+        let c = cred(n);
+        let h = &h;
+        async move {
+            let r = h
+                .send(
+                    "POST",
+                    "/v1/assignments",
+                    Some(&c),
+                    &json!({"wait_ms": 0, "running": running}),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json()["assignments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["content"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    // The fleet's package: branch's RVP b0 and hq's RVP h0 hold it whole: nothing to fetch.
+    h.get(&format!("/v1/content/{}/sources", f.cid), Some(&cred(4))).await;
+    for n in 0..7 {
+        assert!(assigned(n, vec![]).await.is_empty(), "agent {n}");
+    }
+    // A new package nobody holds: b3 asks. Branch's RVP (b2, the most free disk) is told to
+    // fetch it for the site, and hq's RVP (h0) for hq, which branch's RVP fetches from.
+    let new = h.publish_bytes("new", &data(40_000, 3)).await;
+    h.get(&format!("/v1/content/{new}/sources"), Some(&cred(4))).await;
+    let e = h
+        .get(&format!("/v1/admin/sites/branch/content/{new}/election"), Some(ADMIN))
+        .await
+        .json();
+    assert_eq!(e["rvp"], id(3).as_str(), "{e}");
+    assert_eq!(assigned(3, vec![]).await, vec![new.clone()]);
+    assert_eq!(assigned(0, vec![]).await, vec![new.clone()]);
+    for n in [1, 2, 4, 5, 6] {
+        assert!(assigned(n, vec![]).await.is_empty(), "agent {n} is no RVP of it");
+    }
+    // Long poll: an agent already fetching everything it is assigned waits, and is answered
+    // when a new assignment appears (here: the site comes to want a third package).
+    let third = h.publish_bytes("third", &data(30_000, 4)).await;
+    let (c3, running) = (cred(3), vec![new.clone()]);
+    let waiting = {
+        let h = &h;
+        async move {
+            h.send(
+                "POST",
+                "/v1/assignments",
+                Some(&c3),
+                &json!({"wait_ms": 20_000, "running": running}),
+            )
+            .await
+            .json()
+        }
+    };
+    let ask = async {
+        tokio::task::yield_now().await;
+        h.get(&format!("/v1/content/{third}/sources"), Some(&cred(4))).await
+    };
+    let (w, _) = tokio::join!(waiting, ask);
+    let got: Vec<&str> = w["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["content"].as_str().unwrap())
+        .collect();
+    assert!(got.contains(&third.as_str()) && got.contains(&new.as_str()), "{w}");
+    // Once the RVP holds it whole, the site no longer wants it.
+    let r = h
+        .send(
+            "PUT",
+            "/v1/inventory",
+            Some(&cred(3)),
+            &json!({"items": [{"content": new, "complete": true}]}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(assigned(3, vec![]).await, vec![third.clone()]);
+    // The RVP goes inactive: the next to ask for assignments among the active agents of the
+    // site is elected, and told to fetch it.
+    h.clock.advance_ms(200_000);
+    for (i, addr) in [(0, "10.0.0.1"), (1, "10.20.0.10"), (2, "10.20.0.11"), (4, "10.20.0.13")] {
+        assert_eq!(h.heartbeat(&f.creds[i].1, facts(addr, 100)).await.status, 200);
+    }
+    h.clock.advance_ms(200_000);
+    let mut after = Vec::new();
+    for n in [1, 2, 4] {
+        after.push(assigned(n, vec![]).await);
+    }
+    assert_eq!(
+        after.iter().filter(|a| a.contains(&third)).count(),
+        1,
+        "exactly one new RVP is assigned it: {after:?}"
+    );
+    // Bad input.
+    assert_4xx(
+        &h.send("POST", "/v1/assignments", Some(&cred(3)), &json!({"wait": 1}))
+            .await,
+        400,
+        "not the JSON",
+    );
+    assert_4xx(
+        &h.send("POST", "/v1/assignments", None, &json!({})).await,
+        401,
+        "Authorization",
+    );
+    h.finish().await;
+}
+
 async fn serving_cap_puts_the_rest_on_the_bench(db: Db) {
     let Some(h) = H::start_with(db, |c| c.peers_active_max = 2).await else {
         return;
@@ -987,6 +1103,7 @@ both!(
     sources_are_ranked_with_reasons,
     vpn_sites_never_serve,
     rvp_is_re_elected_when_it_goes_inactive,
+    sites_want_content_and_their_rvps_are_assigned_it,
     serving_cap_puts_the_rest_on_the_bench,
     inventory_and_traffic,
     metrics_openapi_and_every_route,
