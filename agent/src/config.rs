@@ -14,6 +14,7 @@
 //! preferred = false                             # ranking hint for RVP election
 //! site_override = "branch-7"                    # pin this agent to a site
 //! peer_stall_secs = 5                           # no progress from peers this long: use the origin
+//! rvp_wait_secs = 60                            # wait this long for a live RVP upstream that makes no progress
 //! sources_refresh_secs = 10                     # while fetching from peers, ask the server for more this often
 //! heartbeat_secs = 60                           # 0: the interval the server asks for
 //! inventory_secs = 2                            # how often inventory changes are reported
@@ -69,6 +70,8 @@ pub const PEER_STALL_SECS_MAX: u64 = 600;
 pub const DISCOVERY_SCAN_PER_SEC_MAX: u32 = 1000;
 /// Longest a get may wait for discovery answers.
 pub const DISCOVERY_LOOKUP_MS_MAX: u64 = 5000;
+/// Longest a download may wait for an upstream RVP that makes no progress.
+pub const RVP_WAIT_SECS_MAX: u64 = 3600;
 
 /// Everything the agent reads at start.
 #[derive(Debug, Clone, Deserialize)]
@@ -98,6 +101,11 @@ pub struct Config {
     pub site_override: Option<String>,
     /// No progress from peers for this long (or no peer at all): fetch the rest from the origin.
     pub peer_stall_secs: u64,
+    /// While this agent's upstream (its site's RVP, or for an RVP the parent site's RVP) is
+    /// listed by the server and still getting the content, or is reached over the background
+    /// protocol, wait this long without progress (neither this agent's copy nor the upstream's
+    /// grows) before fetching the rest from the origin.
+    pub rvp_wait_secs: u64,
     /// While fetching from peers, ask the server for more sources this often.
     pub sources_refresh_secs: u64,
     /// Heartbeat interval; 0 takes the interval the server asks for.
@@ -181,6 +189,7 @@ impl Default for Config {
             preferred: false,
             site_override: None,
             peer_stall_secs: 5,
+            rvp_wait_secs: 60,
             sources_refresh_secs: 10,
             heartbeat_secs: 0,
             inventory_secs: 2,
@@ -225,6 +234,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("LOWTIDE_PREFERRED", "preferred"),
     ("LOWTIDE_SITE_OVERRIDE", "site_override"),
     ("LOWTIDE_PEER_STALL_SECS", "peer_stall_secs"),
+    ("LOWTIDE_RVP_WAIT_SECS", "rvp_wait_secs"),
     ("LOWTIDE_SOURCES_REFRESH_SECS", "sources_refresh_secs"),
     ("LOWTIDE_HEARTBEAT_SECS", "heartbeat_secs"),
     ("LOWTIDE_INVENTORY_SECS", "inventory_secs"),
@@ -319,6 +329,7 @@ impl Config {
                 "LOWTIDE_PREFERRED" => self.preferred = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_SITE_OVERRIDE" => self.site_override = text(),
                 "LOWTIDE_PEER_STALL_SECS" => self.peer_stall_secs = v.parse().map_err(|e| bad(&e))?,
+                "LOWTIDE_RVP_WAIT_SECS" => self.rvp_wait_secs = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_SOURCES_REFRESH_SECS" => self.sources_refresh_secs = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_HEARTBEAT_SECS" => self.heartbeat_secs = v.parse().map_err(|e| bad(&e))?,
                 "LOWTIDE_INVENTORY_SECS" => self.inventory_secs = v.parse().map_err(|e| bad(&e))?,
@@ -413,6 +424,10 @@ impl Config {
             anyhow::ensure!(v <= 100, "{k} is a percentage: 0 (never refuse) to 100");
         }
         anyhow::ensure!(self.busy_check_secs >= 1, "busy_check_secs must be at least 1");
+        anyhow::ensure!(
+            self.rvp_wait_secs <= RVP_WAIT_SECS_MAX,
+            "rvp_wait_secs must be at most {RVP_WAIT_SECS_MAX}"
+        );
         Ok(())
     }
 

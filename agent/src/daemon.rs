@@ -38,6 +38,10 @@ use crate::server::{self, Client, Facts, Inventory, InventoryItem, Protocol, Sou
 use crate::tls::{self, PinVerifier};
 use crate::worker::{self, Cmd, Handle, Held};
 
+/// Most looks (50 ms apart) for a completed fetch's per-source figures.
+const FINAL_STATS_POLLS_MAX: usize = 40;
+/// Most ticks a finished fetch's last commit may take before the store shows the content complete.
+const FINISHING_TICKS_MAX: u64 = 40;
 /// How often a download looks at its progress.
 const TICK: Duration = Duration::from_millis(250);
 /// Most byte ranges reported per partial content (fewer is safe: under-reporting).
@@ -56,6 +60,13 @@ const HEARTBEAT_RETRY_SECS: u64 = 5;
 /// change (a new network, DHCP, a moved VM) heartbeats at once, so the server
 /// places the agent in its new site and downloads ask for the new site's peers.
 const ADDRESS_POLL: Duration = Duration::from_secs(2);
+/// How long one assignments request waits on the server (under the client's request timeout).
+const ASSIGNMENTS_WAIT_MS: u64 = 20_000;
+/// Wait before asking for assignments again after a failed request, and before retrying
+/// an assigned download that failed.
+const ASSIGNMENT_RETRY_SECS: u64 = 10;
+/// Most assignments shown in `status`.
+const ASSIGNMENTS_SHOWN_MAX: usize = 64;
 
 /// What enrolment gave this agent, kept in the state directory (mode 0600).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -226,6 +237,25 @@ struct State {
     /// Last CPU and disk use sampled, percent.
     cpu_percent: Option<u8>,
     disk_percent: Option<u8>,
+    /// Downloads the server assigned to this agent as its site's RVP (at most
+    /// [`ASSIGNMENTS_SHOWN_MAX`]).
+    assigned: BTreeMap<ContentId, Assigned>,
+}
+
+/// A download the server assigned to this agent as its site's RVP, run in the background.
+#[derive(Debug, Clone, Serialize)]
+pub struct Assigned {
+    pub content: ContentId,
+    pub site: String,
+    /// `fetching`, `done` or `failed`.
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Unix milliseconds of the last state change.
+    pub since_ms: u64,
+    /// Monotonic instant it ended, for the back-off before the same content is run again.
+    #[serde(skip)]
+    pub ended_at: Option<tokio::time::Instant>,
 }
 
 struct Shared {
@@ -426,6 +456,7 @@ pub async fn run(cfg: Config, mut mon: crate::monitor::EgressWatch) -> anyhow::R
     let hb = tokio::spawn(heartbeat_loop(sh.clone()));
     let inv = tokio::spawn(inventory_loop(sh.clone()));
     let busy = tokio::spawn(busy_loop(sh.clone()));
+    let asg = tokio::spawn(assignment_loop(sh.clone()));
     let acc = tokio::spawn(accept_loop(sh.clone(), listener));
     let metrics = metrics_listener.map(|l| {
         let bound = l.local_addr().ok();
@@ -457,6 +488,7 @@ pub async fn run(cfg: Config, mut mon: crate::monitor::EgressWatch) -> anyhow::R
     inv.abort();
     busy.abort();
     sh.discovery.stop();
+    asg.abort();
     let _ = std::fs::remove_file(&sock_path);
     engine.send(Cmd::Stop);
     tokio::task::spawn_blocking(move || engine_thread.join())
@@ -706,6 +738,104 @@ async fn inventory_loop(sh: Arc<Shared>) {
     }
 }
 
+fn unix_ms() -> u64 {
+    #[expect(clippy::disallowed_methods, reason = "a wall-clock stamp for status, not a timer")]
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Forget the per-content download locks nobody holds or waits on.
+fn forget_idle_locks(sh: &Shared) {
+    sh.locks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|_, l| Arc::strong_count(l) > 1);
+}
+
+/// As its site's RVP, fetch what the server says the site wants, without anybody asking:
+/// long-poll `POST /v1/assignments` and run each new one as a background `get` (shown in
+/// `status` under `assignments`). One that ended is not run again for [`ASSIGNMENT_RETRY_SECS`]
+/// (a failed one is retried then).
+async fn assignment_loop(sh: Arc<Shared>) {
+    loop {
+        // Running ones, and failed ones still backing off: the server waits while there is nothing else.
+        let busy: Vec<ContentId> = {
+            let st = sh.state();
+            st.assigned
+                .values()
+                .filter(|a| {
+                    a.state == "fetching"
+                        || a.ended_at
+                            .is_some_and(|t| t.elapsed() < Duration::from_secs(ASSIGNMENT_RETRY_SECS))
+                })
+                .map(|a| a.content)
+                .collect()
+        };
+        let list = match sh
+            .client
+            .assignments(&sh.cred.credential, &busy, ASSIGNMENTS_WAIT_MS)
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("{e:#}");
+                tokio::time::sleep(Duration::from_secs(ASSIGNMENT_RETRY_SECS)).await;
+                continue;
+            }
+        };
+        let mut started = false;
+        for a in list.into_iter().filter(|a| !busy.contains(&a.content)) {
+            started = true;
+            let id = a.content;
+            tracing::info!(content = %id.short(), site = %a.site, held = a.held_bytes, "fetching for the site as its RVP");
+            {
+                let mut st = sh.state();
+                if st.assigned.len() >= ASSIGNMENTS_SHOWN_MAX && !st.assigned.contains_key(&id) {
+                    let old = st.assigned.iter().find(|(_, x)| x.state != "fetching").map(|(k, _)| *k);
+                    if let Some(k) = old {
+                        st.assigned.remove(&k);
+                    }
+                }
+                st.assigned.insert(
+                    id,
+                    Assigned {
+                        content: id,
+                        site: a.site.clone(),
+                        state: "fetching",
+                        error: None,
+                        since_ms: unix_ms(),
+                        ended_at: None,
+                    },
+                );
+            }
+            let sh = sh.clone();
+            tokio::spawn(async move {
+                let (ptx, _) = mpsc::channel::<Progress>(1);
+                let r = get(sh.clone(), id, ptx, true).await;
+                forget_idle_locks(&sh);
+                let mut st = sh.state();
+                if let Some(x) = st.assigned.get_mut(&id) {
+                    x.since_ms = unix_ms();
+                    x.ended_at = Some(tokio::time::Instant::now());
+                    match r {
+                        Ok(_) => x.state = "done",
+                        Err(e) => {
+                            tracing::warn!(content = %id.short(), "assigned download failed (retried later): {e:#}");
+                            x.state = "failed";
+                            x.error = Some(format!("{e:#}"));
+                        }
+                    }
+                }
+            });
+        }
+        if !started {
+            // Answered without anything new (the wait ran out): ask again at once, but never spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 async fn metrics_text(sh: &Shared) -> String {
     let (Ok(snap), Ok(items)) = (
         sh.engine.call(|reply| Cmd::Snapshot { reply }).await,
@@ -818,12 +948,8 @@ async fn serve_conn(sh: Arc<Shared>, conn: UnixStream) -> anyhow::Result<()> {
             let task = tokio::spawn({
                 let sh = sh.clone();
                 async move {
-                    let r = get(sh.clone(), content, ptx).await;
-                    // Forget the per-content locks nobody waits on.
-                    sh.locks
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .retain(|_, l| Arc::strong_count(l) > 1);
+                    let r = get(sh.clone(), content, ptx, false).await;
+                    forget_idle_locks(&sh);
                     r
                 }
             });
@@ -930,6 +1056,7 @@ async fn status(sh: &Shared) -> anyhow::Result<serde_json::Value> {
         },
         "served": {
             "payload_bytes": snap.served_payload_bytes,
+            "resent_bytes": snap.served_resent_bytes,
             "sessions_opened": snap.serve_sessions_opened,
             "sessions": snap.serve_sessions,
         },
@@ -944,6 +1071,7 @@ async fn status(sh: &Shared) -> anyhow::Result<serde_json::Value> {
             "complete": items.iter().filter(|h| h.complete).count(),
         },
         "recent": st.recent,
+        "assignments": st.assigned.values().collect::<Vec<_>>(),
     }))
 }
 
@@ -959,7 +1087,14 @@ fn peer_addr(addresses: &[String], port: u16) -> Option<SocketAddr> {
         .map(|ip| SocketAddr::new(*ip, port))
 }
 
-async fn get(sh: Arc<Shared>, id: ContentId, progress: mpsc::Sender<Progress>) -> anyhow::Result<GetDone> {
+/// Fetch `id` into the cache. `assigned`: run for the server's assignment, not for a person
+/// (a content already cached then leaves no entry in `recent`).
+async fn get(
+    sh: Arc<Shared>,
+    id: ContentId,
+    progress: mpsc::Sender<Progress>,
+    assigned: bool,
+) -> anyhow::Result<GetDone> {
     let lock = sh
         .locks
         .lock()
@@ -993,13 +1128,15 @@ async fn get(sh: Arc<Shared>, id: ContentId, progress: mpsc::Sender<Progress>) -
         size: manifest.size,
         bytes_already_held: already,
         bytes_from_peers: 0,
+        bytes_from_parent: 0,
         bytes_from_origin: 0,
         sources: Vec::new(),
         path: PathBuf::new(),
         site: None,
         you_are_rvp: false,
     };
-    if !before.as_ref().is_some_and(|h| h.complete) {
+    let cached = before.as_ref().is_some_and(|h| h.complete);
+    if !cached {
         let last_drop = |s: &worker::Snapshot| s.dropped_peers.last().map_or(0, |d| d.seq);
         let drops_before = last_drop(&sh.engine.call(|reply| Cmd::Snapshot { reply }).await?);
         let fetched = fetch(&sh, id, &manifest, already, &progress, &mut done).await;
@@ -1027,7 +1164,7 @@ async fn get(sh: Arc<Shared>, id: ContentId, progress: mpsc::Sender<Progress>) -
         phase: "done".into(),
         ..Progress::default()
     });
-    {
+    if !(assigned && cached) {
         let mut st = sh.state();
         st.recent.push_back(done.clone());
         while st.recent.len() > RECENT_MAX {
@@ -1045,26 +1182,47 @@ async fn get(sh: Arc<Shared>, id: ContentId, progress: mpsc::Sender<Progress>) -
     Ok(done)
 }
 
-/// What a sources answer offers this agent now.
-struct Usable {
-    /// Same-site peers holding some of it (foreground), with the server's reason.
-    fg: Vec<(SocketAddr, String)>,
-    /// Parent-site peers holding some of it (background).
-    bg: Vec<(SocketAddr, String)>,
+/// A peer a sources answer names, as this agent uses it.
+#[derive(Debug, Clone)]
+struct Named {
+    addr: SocketAddr,
+    agent_id: Option<String>,
+    /// Reached over a WAN link: ask it for the background protocol.
+    background: bool,
+    held_bytes: u64,
+    complete: bool,
+    /// Byte ranges held (`[(0, size)]` when complete).
+    ranges: Vec<(u64, u64)>,
+    why: String,
+}
+
+/// What one sources answer offers this agent.
+struct Plan {
+    you_are_rvp: bool,
+    site: Option<String>,
+    /// Who gets the content for this agent: its site's RVP (foreground) or, when this agent
+    /// is the RVP or its site does not share, the nearest serving ancestor site's RVP
+    /// (background). `None`: nobody upstream (the top site's RVP): the origin.
+    upstream: Option<Named>,
+    /// Same-site peers that hold some of it (foreground), the upstream left out.
+    peers: Vec<Named>,
     origins: Vec<String>,
 }
 
-/// Sort an answer into usable peers and origins, and remember every peer named.
-fn usable_sources(sh: &Shared, id: ContentId, answer: &server::SourcesAnswer) -> Usable {
-    let mut u = Usable {
-        fg: Vec::new(),
-        bg: Vec::new(),
+/// Sort an answer into a [`Plan`], and remember every peer named.
+fn plan_from(sh: &Shared, id: ContentId, size: u64, answer: &server::SourcesAnswer) -> Plan {
+    let mut plan = Plan {
+        you_are_rvp: answer.you_are_rvp,
+        site: answer.site.clone(),
+        upstream: None,
+        peers: Vec::new(),
         origins: Vec::new(),
     };
+    let (mut site_rvp, mut parent) = (None, None);
     for s in &answer.sources {
         if s.kind == SourceKind::Origin {
             if let Some(url) = &s.url {
-                u.origins.push(url.clone());
+                plan.origins.push(url.clone());
             }
             continue;
         }
@@ -1093,52 +1251,201 @@ fn usable_sources(sh: &Shared, id: ContentId, answer: &server::SourcesAnswer) ->
                 },
             );
         }
-        // A peer that holds none of it yet cannot serve now.
-        if s.held_percent == 0 {
-            continue;
-        }
-        let why = format!("{addr}: {}", s.reason);
-        match s.protocol {
-            Protocol::Foreground => u.fg.push((addr, why)),
-            Protocol::Background => u.bg.push((addr, why)),
+        let complete = s.held_percent >= 100;
+        let (held_bytes, ranges) = if complete {
+            (size, vec![(0, size)])
+        } else if !s.ranges.is_empty() {
+            (
+                s.ranges.iter().map(|(a, b)| b.saturating_sub(*a)).sum(),
+                s.ranges.clone(),
+            )
+        } else {
+            (size.saturating_mul(s.held_percent) / 100, Vec::new())
+        };
+        let n = Named {
+            addr,
+            agent_id: s.agent_id.clone(),
+            background: s.protocol == Protocol::Background,
+            held_bytes,
+            complete,
+            ranges,
+            why: format!("{addr}: {}", s.reason),
+        };
+        match s.kind {
+            SourceKind::SiteRvp => site_rvp = Some(n),
+            SourceKind::ParentRvp => parent = Some(n),
+            // A peer that holds none of it cannot serve now.
+            _ if n.held_bytes == 0 => {}
+            _ => plan.peers.push(n),
         }
     }
-    u
-}
-
-fn note_peers(done: &mut GetDone, peers: &[(SocketAddr, String)], background: bool) {
-    let how = if background {
-        "background from"
-    } else {
-        "foreground from"
+    plan.upstream = match site_rvp {
+        Some(r) if !plan.you_are_rvp => Some(r),
+        _ => parent,
     };
-    done.sources.extend(peers.iter().map(|(_, why)| format!("{how} {why}")));
+    plan
 }
 
-/// Give `peers` to the running fetch of the content if one still has live
-/// sources, else start a fetch (the engine cannot cancel a dead one).
-async fn start_or_join(
+/// Byte ranges of `[0, size)` not in `held` (sorted, disjoint).
+fn complement(held: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &(s, e) in held {
+        if s > at {
+            out.push((at, s.min(size)));
+        }
+        at = at.max(e);
+    }
+    if at < size {
+        out.push((at, size));
+    }
+    out
+}
+
+/// Bytes in both range lists (each sorted and disjoint).
+fn overlap(a: &[(u64, u64)], b: &[(u64, u64)]) -> u64 {
+    let (mut i, mut j, mut n) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        n += e.saturating_sub(s);
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    n
+}
+
+/// The sources to give the engine now, each `(named, background)`:
+/// - same-site peers that hold something this agent lacks, over the foreground protocol;
+/// - a same-site upstream (the site's RVP) always, even while it holds little or nothing:
+///   it re-serves verified ranges while it downloads;
+/// - a background upstream (the parent site's RVP, across the WAN) only once no same-site
+///   peer holds anything this agent lacks, or they made no progress for `defer_done`:
+///   what the site already has never crosses the WAN again.
+fn choose<'a>(plan: &'a Plan, missing: &[(u64, u64)], defer_done: bool) -> Vec<&'a Named> {
+    let mut out: Vec<&Named> = plan
+        .peers
+        .iter()
+        .filter(|p| overlap(&p.ranges, missing) > 0 || (p.ranges.is_empty() && p.held_bytes > 0))
+        .collect();
+    // Only peers known to hold something this agent lacks hold the parent back.
+    let site_has_more = out.iter().any(|p| !p.ranges.is_empty());
+    if let Some(u) = &plan.upstream {
+        if !u.background || !site_has_more || defer_done {
+            out.push(u);
+        }
+    }
+    out
+}
+
+/// Where a download stands between ticks.
+struct Watch {
+    /// Ticks since this agent's copy last grew.
+    idle: u64,
+    /// Ticks since the upstream last changed (another RVP) or grew.
+    up_idle: u64,
+    last_held: u64,
+    /// The upstream as last seen: agent and bytes held.
+    up_seen: Option<(Option<String>, u64)>,
+    /// Sources given to the engine, with what they held then (a dropped one is given again
+    /// only when it holds more, or when it is an upstream that is still getting it).
+    given: HashMap<SocketAddr, u64>,
+    /// Sources asked for the background protocol, in use.
+    background: HashSet<SocketAddr>,
+    /// Every source ever asked for the background protocol (for counting bytes by source).
+    wan: HashSet<SocketAddr>,
+    /// Blocks verified per source address: (as last seen in the engine's figures, total).
+    /// Counted here because the engine reuses a dropped source's slot for the next one.
+    verified: HashMap<SocketAddr, (u64, u64)>,
+    /// Ticks since the engine's fetch finished while the store does not show it complete yet.
+    finishing: u64,
+}
+
+impl Watch {
+    /// Take the engine's per-source figures into the per-address totals.
+    fn count(&mut self, views: &[crate::worker::SourceView]) {
+        for v in views {
+            let (last, total) = self.verified.entry(v.addr).or_default();
+            // A source given again starts from zero.
+            *total += v
+                .blocks_verified
+                .saturating_sub(if v.blocks_verified < *last { 0 } else { *last });
+            *last = v.blocks_verified;
+        }
+    }
+
+    /// Take a new plan's upstream into account: a new RVP, or one that grew, is progress.
+    fn upstream(&mut self, plan: &Plan) {
+        let now = plan.upstream.as_ref().map(|u| (u.agent_id.clone(), u.held_bytes));
+        let progressed = match (&self.up_seen, &now) {
+            (Some((a, h0)), Some((b, h1))) => a != b || h1 > h0,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if progressed {
+            self.up_idle = 0;
+        }
+        self.up_seen = now;
+    }
+}
+
+/// Give the engine the sources [`choose`] picks that it is not using yet; true when one of
+/// them was never given before (a dropped one given again does not count as news).
+async fn apply(
     sh: &Shared,
     table: &lowtide_engine::content::BlockTable,
-    peers: Vec<SocketAddr>,
-    background: bool,
-) -> anyhow::Result<()> {
+    plan: &Plan,
+    held: &Held,
+    w: &mut Watch,
+    defer_done: bool,
+    done: &mut GetDone,
+) -> anyhow::Result<bool> {
     let id = table.root();
-    let snap = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?;
-    if snap.fetches.iter().any(|f| f.content == id && f.live_sources > 0) {
-        sh.engine.send(Cmd::AddPeers { id, peers });
-        return Ok(());
+    let missing = complement(&held.ranges, held.size);
+    let views = sh.engine.call(|reply| Cmd::FetchSources { id, reply }).await?;
+    let upstream = plan.upstream.as_ref().map(|u| u.addr);
+    let mut add = Vec::new();
+    let mut new = false;
+    for n in choose(plan, &missing, defer_done) {
+        let in_use = views.iter().any(|v| v.addr == n.addr && !v.dropped);
+        let again = match w.given.get(&n.addr) {
+            None => true,
+            Some(h) => !in_use && (n.held_bytes > *h || (Some(n.addr) == upstream && !n.complete)),
+        };
+        if in_use || !again {
+            continue;
+        }
+        if !w.given.contains_key(&n.addr) {
+            new = true;
+            let how = if n.background {
+                "background from"
+            } else {
+                "foreground from"
+            };
+            done.sources.push(format!("{how} {}", n.why));
+        }
+        w.given.insert(n.addr, n.held_bytes);
+        if n.background {
+            w.background.insert(n.addr);
+            w.wan.insert(n.addr);
+        }
+        add.push((n.addr, n.background));
+    }
+    if add.is_empty() {
+        return Ok(false);
     }
     let t = table.clone();
     sh.engine
         .call(|reply| Cmd::Fetch {
             table: t,
-            peers,
-            background,
+            peers: add,
             encrypt: sh.cfg.encrypt_p2p,
             reply,
         })
-        .await
+        .await?;
+    Ok(new)
 }
 
 async fn fetch(
@@ -1158,45 +1465,67 @@ async fn fetch(
             manifest.size
         );
     }
-    let answer = sh.client.sources(cred, &id).await?;
-    let mut found = usable_sources(sh, id, &answer);
-    sh.discovery.add_peers(id, &mut found.fg).await;
-    let mut origins = found.origins.clone();
-    for o in &manifest.origins {
-        if !origins.contains(o) {
-            origins.push(o.clone());
-        }
-    }
-    // The engine runs one protocol per fetch: same-site peers when there are any, else the parent site.
-    let background = found.fg.is_empty() && !found.bg.is_empty();
-    let peers: Vec<(SocketAddr, String)> = if background {
-        std::mem::take(&mut found.bg)
-    } else {
-        std::mem::take(&mut found.fg)
-    };
-    let mut tried: HashSet<SocketAddr> = peers.iter().map(|(a, _)| *a).collect();
-    let fetching = !peers.is_empty();
-    note_peers(done, &peers, background);
-    done.site = answer.site.clone();
-    done.you_are_rvp = answer.you_are_rvp;
     let size = manifest.size;
-    if peers.is_empty() {
-        let t = table.clone();
-        sh.engine.call(|reply| Cmd::Begin { table: t, reply }).await?;
-    } else {
-        start_or_join(sh, &table, peers.iter().map(|(a, _)| *a).collect(), background).await?;
-    }
-    let store_errors_before = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?.store_errors;
-    let stall_ticks = (sh.cfg.peer_stall_secs * 1000 / TICK.as_millis() as u64).max(1);
-    let refresh_ticks = (sh.cfg.sources_refresh_secs * 1000 / TICK.as_millis() as u64).max(1);
+    // The store entry first: peers of the site may ask this agent for what it gets while it gets it.
+    let t = table.clone();
+    sh.engine.call(|reply| Cmd::Begin { table: t, reply }).await?;
+    let mut plan = plan_from(sh, id, size, &sh.client.sources(cred, &id).await?);
+    done.site = plan.site.clone();
+    done.you_are_rvp = plan.you_are_rvp;
+    // Holders found on the local subnets join the same-site peers (foreground) for the whole
+    // download; their ranges are not known, so they never hold back an RVP's parent source.
+    let discovered = {
+        let mut named: Vec<(SocketAddr, String)> = plan
+            .peers
+            .iter()
+            .chain(plan.upstream.iter())
+            .map(|n| (n.addr, n.why.clone()))
+            .collect();
+        let before = named.len();
+        sh.discovery.add_peers(id, &mut named).await;
+        named
+            .split_off(before)
+            .into_iter()
+            .map(|(addr, why)| Named {
+                addr,
+                agent_id: None,
+                background: false,
+                held_bytes: 1,
+                complete: false,
+                ranges: Vec::new(),
+                why,
+            })
+            .collect::<Vec<_>>()
+    };
+    plan.peers.extend(discovered.iter().cloned());
+    let origins = |plan: &Plan| {
+        let mut o = plan.origins.clone();
+        o.extend(manifest.origins.iter().filter(|m| !plan.origins.contains(m)).cloned());
+        o
+    };
+    let ticks = |secs: u64| (secs * 1000 / TICK.as_millis() as u64).max(1);
+    let stall_ticks = ticks(sh.cfg.peer_stall_secs);
+    let rvp_ticks = ticks(sh.cfg.rvp_wait_secs);
+    let refresh_ticks = ticks(sh.cfg.sources_refresh_secs);
+    let wait_refresh_ticks = ticks(1).min(refresh_ticks);
+    let mut w = Watch {
+        idle: 0,
+        up_idle: 0,
+        last_held: already,
+        up_seen: None,
+        given: HashMap::new(),
+        background: HashSet::new(),
+        wan: HashSet::new(),
+        verified: HashMap::new(),
+        finishing: 0,
+    };
+    w.upstream(&plan);
     let mut since_refresh = 0u64;
+    let store_errors_before = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?.store_errors;
     let mut site_seen = sh.state().site.clone();
-    let mut still = 0u64;
-    let mut last_held = already;
     let mut origin_bytes = 0u64;
     let mut tick = tokio::time::interval(TICK);
     loop {
-        tick.tick().await;
         let h = sh
             .engine
             .call(|reply| Cmd::Held { id, reply })
@@ -1205,6 +1534,13 @@ async fn fetch(
         if h.complete {
             break;
         }
+        // Every tick: what this agent lacks changes as blocks arrive (a deferred parent joins
+        // once the site's peers have given what they hold).
+        let defer_done = w.idle >= stall_ticks;
+        if apply(sh, &table, &plan, &h, &mut w, defer_done, done).await? {
+            w.idle = 0;
+        }
+        tick.tick().await;
         let snap = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?;
         // The store cannot keep what arrives (a full disk): say so now rather than stall.
         if snap.store_errors > store_errors_before {
@@ -1214,64 +1550,121 @@ async fn fetch(
                 snap.store_error.as_deref().unwrap_or("the content store failed")
             );
         }
-        // The engine cannot cancel a fetch, so an earlier one whose peers were all dropped may linger.
-        let fv = snap
-            .fetches
-            .iter()
-            .filter(|f| f.content == id)
-            .max_by_key(|f| f.live_sources);
-        let live = fv.map_or(0, |f| f.live_sources);
-        let rate = fv.map_or(0, |f| f.sources.iter().map(|s| s.rate_bytes_per_s).sum());
+        let fv = snap.fetches.iter().find(|f| f.content == id);
+        if let Some(f) = fv {
+            w.count(&f.sources);
+            w.finishing = 0;
+        } else if !w.given.is_empty() && w.finishing < FINISHING_TICKS_MAX {
+            // The engine's fetch is gone: it got every block and is committing the last ones
+            // (the store shows them once they are durable). Not a reason for the origin.
+            w.finishing += 1;
+            continue;
+        }
+        let live = fv.map_or(0, |f| f.sources.iter().filter(|s| !s.dropped).count());
+        let rate: u64 = fv.map_or(0, |f| f.sources.iter().map(|s| s.rate_bytes_per_s).sum());
         let held_now = fv.map_or(h.held_bytes, |f| f.bytes_held.max(h.held_bytes));
+        if held_now > w.last_held {
+            w.last_held = held_now;
+            w.idle = 0;
+        } else {
+            w.idle += 1;
+        }
+        w.up_idle += 1;
+        let up = plan.upstream.as_ref();
+        // The upstream is still getting it: wait for it (it re-serves what it verified).
+        let up_getting = up.is_some_and(|u| !u.complete);
+        let up_dropped =
+            up.is_some_and(|u| fv.is_some_and(|f| f.sources.iter().any(|s| s.addr == u.addr && s.dropped)));
+        let waiting = up_getting && rate == 0 && w.idle > 1;
+        let phase = match up {
+            Some(u) if waiting => format!(
+                "waiting for the {} RVP ({}%)",
+                if u.background { "parent site" } else { "site" },
+                held_percent(u.held_bytes, size)
+            ),
+            _ => "peers".to_string(),
+        };
         let _ = progress.try_send(Progress {
             content: Some(id),
             size,
             held_bytes: held_now,
-            phase: "peers".into(),
+            phase,
             sources: live,
             peer_rate_bytes_per_s: rate,
         });
-        if held_now > last_held {
-            last_held = held_now;
-            still = 0;
+        // How long to go without progress before the origin: long while an upstream RVP is
+        // alive and getting it (or is reached over the WAN, where the background protocol
+        // yields to other traffic), short for peers that hold it whole on the LAN.
+        let budget = if up.is_some() && (up_getting || (up.is_some_and(|u| u.background) && !up_dropped)) {
+            rvp_ticks
         } else {
-            still += 1;
-        }
-        let why = if !fetching {
-            Some("no peer holds it")
-        } else if fv.is_some() && live == 0 {
-            Some("every peer was dropped")
-        } else if still >= stall_ticks {
-            Some("peers made no progress")
+            stall_ticks
+        };
+        let why = if up.is_none() && w.given.is_empty() {
+            Some("nobody upstream of this agent and no peer holds it".to_string())
+        } else if live == 0 && !up_getting {
+            Some("every peer was dropped".to_string())
+        } else if w.idle >= budget && w.up_idle >= budget {
+            Some(format!("no progress for {} s", budget * TICK.as_millis() as u64 / 1000))
         } else {
             None
         };
-        // While fetching from peers, ask the server again now and then, and before giving up on
-        // peers: agents that got the content meanwhile can serve it. At once when this agent
-        // moved to another site: the new site's peers serve it.
+        // Ask the server again now and then (every second while waiting), and before giving
+        // up: another RVP may have been elected, or agents got it meanwhile. At once when this
+        // agent moved to another site: the new site's peers (and RVP) serve it.
         since_refresh += 1;
+        let cadence = if rate == 0 || live == 0 {
+            wait_refresh_ticks
+        } else {
+            refresh_ticks
+        };
         let site_now = sh.state().site.clone();
         if site_now != site_seen {
             tracing::info!("{}: now in site {site_now:?}; asking for its sources", id.short());
             site_seen = site_now;
-            since_refresh = refresh_ticks;
+            since_refresh = cadence;
         }
-        if fetching && (since_refresh >= refresh_ticks || why.is_some()) {
+        if since_refresh >= cadence || (why.is_some() && since_refresh > 1 && !w.given.is_empty()) {
             since_refresh = 0;
             match sh.client.sources(cred, &id).await {
                 Ok(a) => {
-                    let f = usable_sources(sh, id, &a);
-                    let new: Vec<(SocketAddr, String)> =
-                        f.fg.into_iter()
-                            .chain(f.bg)
-                            .filter(|(a, _)| !tried.contains(a))
-                            .collect();
-                    if !new.is_empty() {
-                        tracing::info!("{}: {} more peer(s) from the server", id.short(), new.len());
-                        tried.extend(new.iter().map(|(a, _)| *a));
-                        note_peers(done, &new, background);
-                        start_or_join(sh, &table, new.iter().map(|(a, _)| *a).collect(), background).await?;
-                        still = 0;
+                    plan = plan_from(sh, id, size, &a);
+                    let named: Vec<SocketAddr> = plan.peers.iter().map(|n| n.addr).collect();
+                    plan.peers
+                        .extend(discovered.iter().filter(|d| !named.contains(&d.addr)).cloned());
+                    w.upstream(&plan);
+                    if plan.you_are_rvp && !done.you_are_rvp {
+                        tracing::info!("{}: this agent is now its site's RVP for it", id.short());
+                        done.sources.push("elected the site's RVP meanwhile".into());
+                    }
+                    // Background sources that are no longer this agent's upstream (it is no
+                    // longer the RVP, or the parent site's RVP changed): stop crossing the WAN.
+                    let keep = plan.upstream.as_ref().filter(|u| u.background).map(|u| u.addr);
+                    let stale: Vec<SocketAddr> = w.background.iter().filter(|a| Some(**a) != keep).copied().collect();
+                    if !stale.is_empty() {
+                        tracing::info!("{}: no longer fetching across the WAN from {stale:?}", id.short());
+                        for a in &stale {
+                            w.background.remove(a);
+                            w.given.remove(a);
+                        }
+                        sh.engine.send(Cmd::DropSources {
+                            id,
+                            addrs: stale,
+                            encrypt: sh.cfg.encrypt_p2p,
+                        });
+                    }
+                    done.you_are_rvp = plan.you_are_rvp;
+                    done.site = plan.site.clone();
+                    let h = sh.engine.call(|reply| Cmd::Held { id, reply }).await?;
+                    if let Some(h) = h {
+                        let defer_done = w.idle >= stall_ticks;
+                        if apply(sh, &table, &plan, &h, &mut w, defer_done, done).await? {
+                            w.idle = 0;
+                            continue;
+                        }
+                    }
+                    if why.is_some() {
+                        // Look again with the new answer before giving up.
                         continue;
                     }
                 }
@@ -1279,10 +1672,12 @@ async fn fetch(
             }
         }
         let Some(why) = why else { continue };
+        let origins = origins(&plan);
         tracing::info!("{}: {why}; fetching the rest from the origin", id.short());
         done.sources.push(format!("origin ({why}): {}", origins.join(", ")));
         let base = h.held_bytes;
         let ptx = progress.clone();
+        let mut n_origin = 0u64;
         let stored = crate::origin::fetch_missing(
             &sh.origin_http(),
             &origins,
@@ -1290,11 +1685,11 @@ async fn fetch(
             &h.missing_blocks,
             &sh.engine,
             |n| {
-                origin_bytes += n;
+                n_origin += n;
                 let _ = ptx.try_send(Progress {
                     content: Some(id),
                     size,
-                    held_bytes: (base + origin_bytes).min(size),
+                    held_bytes: (base + n_origin).min(size),
                     phase: "origin".into(),
                     sources: 1,
                     peer_rate_bytes_per_s: 0,
@@ -1308,23 +1703,67 @@ async fn fetch(
                  and the next get resumes from it"
             )
         })?;
+        origin_bytes += n_origin;
         tracing::debug!("{} bytes of {} from the origin", stored, id.short());
-        still = 0;
+        w.idle = 0;
+        // The engine makes written blocks durable on its commit thread; the store shows them
+        // once they are. Wait for that, so the next look does not take them for missing.
+        for _ in 0..FINISHING_TICKS_MAX {
+            let now = sh.engine.call(|reply| Cmd::Held { id, reply }).await?;
+            if now.is_none_or(|x| x.complete || x.held_bytes >= (base + stored).min(size)) {
+                break;
+            }
+            tokio::time::sleep(TICK).await;
+        }
     }
-    let peer_bytes = size.saturating_sub(already).saturating_sub(origin_bytes);
+    // Who sent what: the engine's per-source counts of verified blocks, split by protocol
+    // (the completed fetch's figures come once its last blocks are committed).
+    let engine_bytes = size.saturating_sub(already).saturating_sub(origin_bytes);
+    if engine_bytes > 0 {
+        for _ in 0..FINAL_STATS_POLLS_MAX {
+            let views = sh.engine.call(|reply| Cmd::FetchSources { id, reply }).await?;
+            if !views.is_empty() {
+                w.count(&views);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let blocks = |bg: bool| -> u64 {
+        w.verified
+            .iter()
+            .filter(|(a, _)| w.wan.contains(a) == bg)
+            .map(|(_, (_, total))| *total)
+            .sum()
+    };
+    let (bg_blocks, fg_blocks) = (blocks(true), blocks(false));
+    tracing::debug!(content = %id.short(), verified = ?w.verified, background = ?w.wan, "sources used");
+    let parent_bytes = if bg_blocks + fg_blocks == 0 {
+        0
+    } else {
+        (engine_bytes as u128 * bg_blocks as u128 / (bg_blocks + fg_blocks) as u128) as u64
+    };
+    let peer_bytes = engine_bytes - parent_bytes;
     done.bytes_from_peers = peer_bytes;
+    done.bytes_from_parent = parent_bytes;
     done.bytes_from_origin = origin_bytes;
     let mut st = sh.state();
-    if background {
-        st.totals.parent += peer_bytes;
-        st.unreported.wan_bytes += peer_bytes;
-    } else {
-        st.totals.peer += peer_bytes;
-        st.unreported.lan_bytes += peer_bytes;
-    }
+    st.totals.parent += parent_bytes;
+    st.unreported.wan_bytes += parent_bytes;
+    st.totals.peer += peer_bytes;
+    st.unreported.lan_bytes += peer_bytes;
     st.totals.origin += origin_bytes;
     st.unreported.origin_bytes += origin_bytes;
     Ok(())
+}
+
+/// Percent of `size` that `held` is (100 only when whole).
+fn held_percent(held: u64, size: u64) -> u64 {
+    if size == 0 || held >= size {
+        100
+    } else {
+        (held as u128 * 100 / size as u128).min(99) as u64
+    }
 }
 
 #[cfg(test)]

@@ -319,12 +319,13 @@ fn get(sock: &Path, id: ContentId, to: Option<PathBuf>, interactive: bool, json:
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{} {}@{}: {} bytes ({} from peers, {} from the origin, {} already cached){}",
+        "{} {}@{}: {} bytes ({} from peers, {} from the parent site, {} from the origin, {} already cached){}",
         d.content,
         d.name,
         d.version,
         d.size,
         d.bytes_from_peers,
+        d.bytes_from_parent,
         d.bytes_from_origin,
         d.bytes_already_held,
         to.map(|t| format!(" -> {}", t.display())).unwrap_or_default()

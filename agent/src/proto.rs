@@ -106,7 +106,8 @@ pub struct Progress {
     pub content: Option<ContentId>,
     pub size: u64,
     pub held_bytes: u64,
-    /// `manifest`, `peers`, `origin`, `done`.
+    /// `manifest`, `peers`, `waiting for the site RVP (N%)`, `waiting for the parent site
+    /// RVP (N%)`, `origin`, `done`.
     pub phase: String,
     /// Sources in use right now (peers not dropped, or 1 for the origin).
     pub sources: usize,
@@ -123,7 +124,11 @@ pub struct GetDone {
     pub size: u64,
     /// Already in the cache before this request.
     pub bytes_already_held: u64,
+    /// From peers of this agent's site (foreground).
     pub bytes_from_peers: u64,
+    /// From the parent (or an ancestor) site's RVP, over the background protocol.
+    #[serde(default)]
+    pub bytes_from_parent: u64,
     pub bytes_from_origin: u64,
     /// Which sources were used and why.
     pub sources: Vec<String>,

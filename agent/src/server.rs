@@ -140,6 +140,20 @@ pub struct Resolved {
     pub version: String,
 }
 
+/// A content this agent should fetch for its site, as the site's RVP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Assignment {
+    pub content: ContentId,
+    pub site: String,
+    pub size: u64,
+    pub held_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AssignmentsAnswer {
+    pub assignments: Vec<Assignment>,
+}
+
 /// What the server signs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Manifest {
@@ -381,6 +395,27 @@ impl Client {
             .extend(version);
         let r = self.send(self.http().get(url).bearer_auth(cred), &what).await?;
         Self::json(r, &what).await
+    }
+
+    /// What to fetch for the site as its RVP: answers at once when there is something not in
+    /// `running`, else waits up to `wait_ms` on the server for it.
+    pub async fn assignments(
+        &self,
+        cred: &str,
+        running: &[ContentId],
+        wait_ms: u64,
+    ) -> anyhow::Result<Vec<Assignment>> {
+        let what = "asking the server what to fetch for the site";
+        let r = self
+            .send(
+                self.http()
+                    .post(format!("{}/v1/assignments", self.base))
+                    .bearer_auth(cred)
+                    .json(&serde_json::json!({"wait_ms": wait_ms, "running": running})),
+                what,
+            )
+            .await?;
+        Ok(Self::json::<AssignmentsAnswer>(r, what).await?.assignments)
     }
 
     pub async fn manifest(&self, cred: &str, id: &ContentId) -> anyhow::Result<SignedManifest> {

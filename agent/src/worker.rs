@@ -5,7 +5,7 @@
 //! The endpoint has no wake-up handle, so the loop polls it with a short
 //! wait ([`POLL_WAIT`]) and drains commands between turns.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use lowtide_engine::content::{BlockTable, ContentId};
 use lowtide_engine::endpoint::{Endpoint, FetchNews};
-use lowtide_engine::session::fetch::FetchConfig;
+use lowtide_engine::session::fetch::{DropReason, FetchConfig};
 use lowtide_engine::store::StoreError;
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -46,7 +46,10 @@ pub struct Held {
 pub struct SourceView {
     pub addr: SocketAddr,
     pub active: bool,
+    /// Dropped by the fetch (no answer, stalled, refused, lied); may be added again.
+    pub dropped: bool,
     pub payload_bytes: u64,
+    pub blocks_verified: u64,
     pub rate_bytes_per_s: u64,
     /// Encrypted datagrams from it whose AEAD tag failed (tampered on the path).
     pub sealed_rejected: u64,
@@ -82,6 +85,8 @@ pub struct Snapshot {
     pub requests_refused: u64,
     pub fetches: Vec<FetchView>,
     pub served_payload_bytes: u64,
+    /// Of those, bytes sent again (lost or late on the path).
+    pub served_resent_bytes: u64,
     pub serve_sessions_opened: u64,
     pub serve_sessions: usize,
     pub store_used_bytes: u64,
@@ -108,19 +113,15 @@ struct Notes {
 pub type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 pub enum Cmd {
-    /// Start fetching from peers (the table is verified and the store entry begun first).
+    /// Fetch from peers, each `(address, background)`: added to the running fetch of the
+    /// content, else a fetch is started (the table is verified and the store entry begun
+    /// first). Peers that sent a bad block or table for the content are not added again.
     Fetch {
         table: BlockTable,
-        peers: Vec<SocketAddr>,
-        background: bool,
+        peers: Vec<(SocketAddr, bool)>,
         /// Ask the peers to encrypt the data.
         encrypt: bool,
         reply: Reply<()>,
-    },
-    /// Add more peers to a running fetch.
-    AddPeers {
-        id: ContentId,
-        peers: Vec<SocketAddr>,
     },
     /// Begin a store entry (for content fetched from the origin only).
     Begin {
@@ -138,6 +139,21 @@ pub enum Cmd {
     Held {
         id: ContentId,
         reply: Reply<Option<Held>>,
+    },
+    /// Stop using these sources for the content (an agent that is no longer its site's RVP
+    /// stops fetching across the WAN). The engine's fetch is restarted without them (what was
+    /// verified stays; blocks in flight are asked for again).
+    DropSources {
+        id: ContentId,
+        addrs: Vec<SocketAddr>,
+        /// Ask the peers to encrypt the data (as the fetch being restarted did).
+        encrypt: bool,
+    },
+    /// Per-source figures of the content's fetch: the running one, else the last one that
+    /// completed.
+    FetchSources {
+        id: ContentId,
+        reply: Reply<Vec<SourceView>>,
     },
     List {
         reply: Reply<Vec<Held>>,
@@ -194,7 +210,57 @@ fn held(ep: &Endpoint, id: &ContentId) -> Option<Held> {
     })
 }
 
-fn snapshot(ep: &Endpoint, notes: &Notes, mon: &EgressWatch) -> Snapshot {
+/// What the engine thread remembers about the sources of its fetches.
+#[derive(Default)]
+struct Sources {
+    /// Per content: sources that lied (bad block, bad table, wrong geometry); never added again.
+    banned: HashMap<ContentId, HashSet<SocketAddr>>,
+    /// Per content: sources dropped and not added again since.
+    dropped: HashMap<ContentId, HashSet<SocketAddr>>,
+    /// Per content and source: whether it was asked for the background protocol.
+    background: HashMap<(ContentId, SocketAddr), bool>,
+    /// Per content: the sources of the fetch that completed last (until another starts).
+    finals: HashMap<ContentId, Vec<SourceView>>,
+}
+
+/// Most completed fetches whose source figures are kept until asked for.
+const FINALS_MAX: usize = 64;
+
+fn source_view(s: &lowtide_engine::session::fetch::SourceStats, dropped: bool) -> SourceView {
+    SourceView {
+        addr: s.addr,
+        active: s.active,
+        dropped,
+        payload_bytes: s.payload_bytes,
+        blocks_verified: s.blocks_verified,
+        rate_bytes_per_s: s.rate_bytes_per_s,
+        sealed_rejected: s.sealed_rejected,
+    }
+}
+
+/// Most contents whose source bans are remembered.
+const BANNED_CONTENTS_MAX: usize = 1024;
+
+impl Sources {
+    fn on_drop(&mut self, content: ContentId, addr: SocketAddr, reason: &DropReason) {
+        if matches!(
+            reason,
+            DropReason::BadBlock(_) | DropReason::BadTable(_) | DropReason::WrongGeometry
+        ) {
+            if self.banned.len() >= BANNED_CONTENTS_MAX && !self.banned.contains_key(&content) {
+                self.banned.clear();
+            }
+            self.banned.entry(content).or_default().insert(addr);
+        }
+        self.dropped.entry(content).or_default().insert(addr);
+    }
+
+    fn banned(&self, content: &ContentId, addr: &SocketAddr) -> bool {
+        self.banned.get(content).is_some_and(|b| b.contains(addr))
+    }
+}
+
+fn snapshot(ep: &Endpoint, notes: &Notes, mon: &EgressWatch, known: &Sources) -> Snapshot {
     let s = ep.server.stats();
     Snapshot {
         udp: ep.local_addr(),
@@ -213,17 +279,12 @@ fn snapshot(ep: &Endpoint, notes: &Notes, mon: &EgressWatch) -> Snapshot {
                 sources: p
                     .sources
                     .iter()
-                    .map(|s| SourceView {
-                        addr: s.addr,
-                        active: s.active,
-                        payload_bytes: s.payload_bytes,
-                        rate_bytes_per_s: s.rate_bytes_per_s,
-                        sealed_rejected: s.sealed_rejected,
-                    })
+                    .map(|s| source_view(s, known.dropped.get(&p.content).is_some_and(|d| d.contains(&s.addr))))
                     .collect(),
             })
             .collect(),
         served_payload_bytes: s.payload_bytes_sent,
+        served_resent_bytes: s.payload_bytes_resent,
         serve_sessions_opened: s.sessions_opened,
         serve_sessions: ep.server.session_count(),
         store_used_bytes: ep.store.used_bytes(),
@@ -236,29 +297,44 @@ fn snapshot(ep: &Endpoint, notes: &Notes, mon: &EgressWatch) -> Snapshot {
     }
 }
 
-fn handle(ep: &mut Endpoint, notes: &Notes, mon: &mut EgressWatch, cmd: Cmd) -> bool {
+fn handle(ep: &mut Endpoint, notes: &Notes, mon: &mut EgressWatch, known: &mut Sources, cmd: Cmd) -> bool {
     let e = |e: &dyn std::fmt::Display| e.to_string();
     match cmd {
         Cmd::Fetch {
             table,
             peers,
-            background,
             encrypt,
             reply,
         } => {
             let id = table.root();
-            let cfg = FetchConfig {
-                background,
-                encrypt,
-                ..FetchConfig::default()
+            let r = if ep.progress().iter().any(|p| p.content == id) {
+                Ok(())
+            } else {
+                known.dropped.remove(&id);
+                known.finals.remove(&id);
+                let cfg = FetchConfig {
+                    encrypt,
+                    ..FetchConfig::default()
+                };
+                ep.start_fetch(id, Some(table), &[], cfg).map_err(|x| e(&x))
             };
-            let r = ep.start_fetch(id, Some(table), &peers, cfg).map_err(|x| e(&x));
-            let _ = reply.send(r);
-        }
-        Cmd::AddPeers { id, peers } => {
-            for p in peers {
-                ep.add_source(&id, p);
+            if r.is_ok() {
+                for (addr, background) in peers {
+                    if known.banned(&id, &addr) {
+                        continue;
+                    }
+                    if ep.add_source_with(&id, addr, background) {
+                        if let Some(d) = known.dropped.get_mut(&id) {
+                            d.remove(&addr);
+                        }
+                        if known.background.len() >= BANNED_CONTENTS_MAX * 64 {
+                            known.background.clear();
+                        }
+                        known.background.insert((id, addr), background);
+                    }
+                }
             }
+            let _ = reply.send(r);
         }
         Cmd::Begin { table, reply } => {
             let r = table
@@ -287,6 +363,42 @@ fn handle(ep: &mut Endpoint, notes: &Notes, mon: &mut EgressWatch, cmd: Cmd) -> 
         }
         Cmd::Held { id, reply } => {
             let _ = reply.send(Ok(held(ep, &id)));
+        }
+        Cmd::DropSources { id, addrs, encrypt } => {
+            let keep: Option<Vec<(SocketAddr, bool)>> = ep.progress().into_iter().find(|p| p.content == id).map(|p| {
+                let dropped = known.dropped.get(&id);
+                p.sources
+                    .iter()
+                    .filter(|s| !addrs.contains(&s.addr) && !dropped.is_some_and(|d| d.contains(&s.addr)))
+                    .map(|s| (s.addr, known.background.get(&(id, s.addr)).copied().unwrap_or(false)))
+                    .collect()
+            });
+            if let Some(keep) = keep {
+                ep.cancel_fetch(&id);
+                known.dropped.remove(&id);
+                let cfg = FetchConfig {
+                    encrypt,
+                    ..FetchConfig::default()
+                };
+                match ep.start_fetch(id, None, &[], cfg) {
+                    Ok(()) => {
+                        for (addr, background) in keep {
+                            ep.add_source_with(&id, addr, background);
+                        }
+                    }
+                    Err(e) => tracing::warn!("restarting the fetch of {} without {addrs:?}: {e}", id.short()),
+                }
+            }
+        }
+        Cmd::FetchSources { id, reply } => {
+            let running = ep.progress().into_iter().find(|p| p.content == id).map(|p| {
+                p.sources
+                    .iter()
+                    .map(|s| source_view(s, known.dropped.get(&id).is_some_and(|d| d.contains(&s.addr))))
+                    .collect()
+            });
+            let v = running.or_else(|| known.finals.get(&id).cloned()).unwrap_or_default();
+            let _ = reply.send(Ok(v));
         }
         Cmd::List { reply } => {
             let v = ep.store.list().iter().filter_map(|i| held(ep, &i.id)).collect();
@@ -327,7 +439,7 @@ fn handle(ep: &mut Endpoint, notes: &Notes, mon: &mut EgressWatch, cmd: Cmd) -> 
         Cmd::SetKeys(k) => ep.set_keys(k),
         Cmd::Refuse(r) => ep.server.set_refusing(r),
         Cmd::Snapshot { reply } => {
-            let _ = reply.send(Ok(snapshot(ep, notes, mon)));
+            let _ = reply.send(Ok(snapshot(ep, notes, mon, known)));
         }
         Cmd::Stop => return false,
     }
@@ -339,11 +451,12 @@ fn handle(ep: &mut Endpoint, notes: &Notes, mon: &mut EgressWatch, cmd: Cmd) -> 
 /// The egress monitor is sampled between turns (see [`crate::monitor`]).
 pub fn run(mut ep: Endpoint, mut mon: EgressWatch, rx: mpsc::Receiver<Cmd>) {
     let mut notes = Notes::default();
+    let mut known = Sources::default();
     'outer: loop {
         for _ in 0..COMMANDS_PER_TURN_MAX {
             match rx.try_recv() {
                 Ok(c) => {
-                    if !handle(&mut ep, &notes, &mut mon, c) {
+                    if !handle(&mut ep, &notes, &mut mon, &mut known, c) {
                         break 'outer;
                     }
                 }
@@ -361,7 +474,16 @@ pub fn run(mut ep: Endpoint, mut mon: EgressWatch, rx: mpsc::Receiver<Cmd>) {
         mon.tick(&mut ep);
         for n in ep.take_news() {
             match n {
-                FetchNews::Complete { content, .. } => tracing::info!("{} complete from peers", content.short()),
+                FetchNews::Complete { content, sources } => {
+                    known.dropped.remove(&content);
+                    if known.finals.len() >= FINALS_MAX {
+                        known.finals.clear();
+                    }
+                    known
+                        .finals
+                        .insert(content, sources.iter().map(|s| source_view(s, false)).collect());
+                    tracing::info!("{} complete from peers", content.short())
+                }
                 FetchNews::SourceDropped { content, addr, reason } => {
                     tracing::warn!("peer {addr} dropped for {}: {reason}", content.short());
                     if notes.drops.len() >= DROPS_KEPT_MAX {
@@ -374,6 +496,7 @@ pub fn run(mut ep: Endpoint, mut mon: EgressWatch, rx: mpsc::Receiver<Cmd>) {
                         addr,
                         reason: reason.to_string(),
                     });
+                    known.on_drop(content, addr, &reason);
                 }
             }
         }

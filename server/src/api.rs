@@ -310,11 +310,22 @@ async fn files(State(app): State<Arc<App>>, Path(id): Path<String>, req: Request
             app.cfg.files_dir().display()
         )));
     }
+    // A HEAD answer carries the Content-Length but no body.
+    let sends_body = req.method() == axum::http::Method::GET;
     let resp = tower_http::services::ServeFile::new(path).oneshot(req).await;
-    Ok(match resp {
+    let r = match resp {
         Ok(r) => r.into_response(),
         Err(never) => match never {},
-    })
+    };
+    if sends_body && r.status().is_success() {
+        let len = r
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        app.metrics.add_origin_bytes(len.unwrap_or(0));
+    }
+    Ok(r)
 }
 
 // ---- admin endpoints ----

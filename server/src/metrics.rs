@@ -21,6 +21,7 @@ pub struct Metrics {
     buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
+    origin_bytes: AtomicU64,
 }
 
 impl Metrics {
@@ -49,6 +50,16 @@ impl Metrics {
             .unwrap_or(0)
     }
 
+    /// Count body bytes this server sent as an origin (`/files`, full or Range answers).
+    pub fn add_origin_bytes(&self, n: u64) {
+        self.origin_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Body bytes this server sent as an origin since it started.
+    pub fn origin_bytes(&self) -> u64 {
+        self.origin_bytes.load(Ordering::Relaxed)
+    }
+
     pub fn render(&self, counts: &Counts, traffic: &[TrafficRow], backend: &str) -> String {
         let mut out = String::new();
         let w = &mut out;
@@ -64,6 +75,12 @@ impl Metrics {
                 route.replace(['"', '\\', '\n'], "_")
             );
         }
+        let _ = writeln!(
+            w,
+            "# HELP lowtide_origin_served_bytes_total Body bytes this server sent as an origin (/files), by Content-Length."
+        );
+        let _ = writeln!(w, "# TYPE lowtide_origin_served_bytes_total counter");
+        let _ = writeln!(w, "lowtide_origin_served_bytes_total {}", self.origin_bytes());
         let _ = writeln!(
             w,
             "# HELP lowtide_http_request_duration_seconds Time to answer HTTP requests."

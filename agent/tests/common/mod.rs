@@ -55,7 +55,16 @@ impl Server {
         Self::start_opts(Some((cert.to_path_buf(), key.to_path_buf())))
     }
 
+    /// Like [`start`](Self::start), with `tweak` applied to the server's config.
+    pub fn start_tweaked(tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_opts_tweaked(None, tweak)
+    }
+
     fn start_opts(tls: Option<(PathBuf, PathBuf)>) -> Self {
+        Self::start_opts_tweaked(tls, |_| {})
+    }
+
+    fn start_opts_tweaked(tls: Option<(PathBuf, PathBuf)>, tweak: impl FnOnce(&mut Config)) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let scheme = if tls.is_some() { "https" } else { "http" };
         let base = format!("{scheme}://{}", listener.local_addr().unwrap());
@@ -65,16 +74,23 @@ impl Server {
             b"id,name,parent,type,subnets,wan_up_kbps,wan_down_kbps\nhq,HQ,,standard,127.0.0.0/8,,\n\
               branch,Branch,hq,standard,10.99.0.0/24,,\n",
             tls,
+            tweak,
         )
     }
 
     /// A server answering on `listener` (which may belong to another network
     /// namespace), reached by agents at `base`, with the topology `csv`.
     pub fn start_on(listener: std::net::TcpListener, base: String, csv: &[u8]) -> Self {
-        Self::start_with(listener, base, csv, None)
+        Self::start_with(listener, base, csv, None, |_| {})
     }
 
-    fn start_with(listener: std::net::TcpListener, base: String, csv: &[u8], tls: Option<(PathBuf, PathBuf)>) -> Self {
+    fn start_with(
+        listener: std::net::TcpListener,
+        base: String,
+        csv: &[u8],
+        tls: Option<(PathBuf, PathBuf)>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -84,13 +100,14 @@ impl Server {
         let (base, app, stop, task, token) = rt.block_on(async {
             listener.set_nonblocking(true).unwrap();
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let cfg = Config {
+            let mut cfg = Config {
                 state_dir: dir.path().to_path_buf(),
                 public_url: Some(base.clone()),
                 admin_token: Some("agent-test-admin-token-0123".into()),
                 heartbeat_secs: 2,
                 ..Config::default()
             };
+            tweak(&mut cfg);
             let store = Store::open(&cfg.database_url(), 4).await.unwrap();
             let clock = Clock::System;
             let now = clock.now_ms();
@@ -164,6 +181,26 @@ impl Server {
                 .unwrap()
         });
         serde_json::to_value(answer).unwrap()
+    }
+
+    /// The RVP, serving peers and bench of `site` for `id` (the admin view; elects if needed).
+    pub fn election(&self, site: &str, id: &ContentId) -> Value {
+        let app = self.app.clone();
+        let (site, id) = (site.to_string(), *id);
+        let e = self.rt.block_on(async move {
+            let now = app.clock.now_ms();
+            let since = now - app.cfg.inactive_after_ms();
+            app.store
+                .election(&site, &id, since, app.cfg.peers_active_max as usize, now)
+                .await
+                .unwrap()
+        });
+        serde_json::to_value(e).unwrap()
+    }
+
+    /// Body bytes the server sent as the origin (`/files`) since it started.
+    pub fn origin_bytes(&self) -> u64 {
+        self.app.metrics.origin_bytes()
     }
 
     /// Publish `bytes` (kept in the server's file store, served at /files/{id}).
