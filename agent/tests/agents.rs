@@ -420,6 +420,8 @@ fn agents_partial_rvp_is_told_to_fetch_the_rest_and_serves_it() {
     let a_id = a.status()["agent_id"].as_str().unwrap().to_string();
     let b = Agent::start_with(&srv, root.path(), "b", 64, "hq", "peer_stall_secs = 1");
     let b_id = b.status()["agent_id"].as_str().unwrap().to_string();
+    // Asking for sources (as b would) already tells a to fetch the rest: the answer shows a
+    // holding the first half (with its range), or all of it once a has healed.
     let mut seen = serde_json::Value::Null;
     for _ in 0..200 {
         seen = srv.sources_for(&b_id, "hq", &id);
@@ -428,7 +430,7 @@ fn agents_partial_rvp_is_told_to_fetch_the_rest_and_serves_it() {
             .unwrap()
             .iter()
             .find(|s| s["agent_id"] == a_id.as_str());
-        if pa.is_some_and(|p| p["held_percent"] == 50) {
+        if pa.is_some_and(|p| p["held_percent"] == 50 || p["held_percent"] == 100) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -440,9 +442,12 @@ fn agents_partial_rvp_is_told_to_fetch_the_rest_and_serves_it() {
         .find(|s| s["agent_id"] == a_id.as_str())
         .unwrap_or_else(|| panic!("a is not a source: {seen}"))
         .clone();
-    assert_eq!(pa["held_percent"], 50, "{seen}");
     assert_eq!(pa["kind"], "site_rvp", "{seen}");
-    assert_eq!(pa["ranges"], serde_json::json!([[0, 32 * block]]), "{seen}");
+    if pa["held_percent"] == 50 {
+        assert_eq!(pa["ranges"], serde_json::json!([[0, 32 * block]]), "{seen}");
+    } else {
+        assert_eq!(pa["held_percent"], 100, "{seen}");
+    }
 
     // b asks; a, the site's RVP, is told to fetch the missing half (from the origin: hq is the
     // top site) without anybody asking it, and b takes everything from a.
