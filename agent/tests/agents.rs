@@ -18,7 +18,9 @@ fn agents_get_from_origin_then_from_peers() {
     let root = tempfile::tempdir().unwrap();
     let bytes = data(3 * 1024 * 1024 + 12_345, 7);
     let id = srv.publish(&bytes, "tool", "1.0");
-    let a = Agent::start(&srv, root.path(), "a", 64);
+    // a serves the branch agent d in the background; over loopback its egress monitor would
+    // take the other agents' traffic for competing WAN traffic and pause that.
+    let a = Agent::start_with(&srv, root.path(), "a", 64, "hq", "busy_other_kbit = 0");
 
     // The first agent, alone in hq (so its RVP): no peer holds it, so everything comes from the origin.
     let out_a = root.path().join("a.bin");
