@@ -375,7 +375,8 @@ impl Config {
         Ok(())
     }
 
-    fn check(&self) -> anyhow::Result<()> {
+    /// What every command needs of a config (`load` runs it after the overrides).
+    pub fn check(&self) -> anyhow::Result<()> {
         if let Some(u) = &self.server_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
                 bail!("server_url {u:?} must start with http:// or https://");

@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::facts;
-use crate::proto::{GetDone, Progress, Reply, Request, REQUEST_BYTES_MAX};
+use crate::proto::{self, GetDone, Progress, Reply, Request, REQUEST_BYTES_MAX};
 use crate::server::{self, Client, Facts, Inventory, InventoryItem, Protocol, SourceKind, TrafficReport};
 use crate::tls::{self, PinVerifier};
 use crate::worker::{self, Cmd, Handle, Held};
@@ -932,15 +932,9 @@ async fn serve_conn(sh: Arc<Shared>, conn: UnixStream) -> anyhow::Result<()> {
     BufReader::new(r.take(REQUEST_BYTES_MAX as u64))
         .read_line(&mut line)
         .await?;
-    let req: Request = match serde_json::from_str(&line) {
+    let req: Request = match proto::parse_request(&line) {
         Ok(r) => r,
-        Err(e) => {
-            return write_reply(
-                &mut w,
-                &Reply::Error(format!("not a request this agent understands: {e}")),
-            )
-            .await;
-        }
+        Err(e) => return write_reply(&mut w, &Reply::Error(e)).await,
     };
     let result = match req {
         Request::Get { content } => {

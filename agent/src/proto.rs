@@ -92,6 +92,12 @@ impl std::str::FromStr for Target {
     }
 }
 
+/// Parse one request line as the daemon reads it (at most [`REQUEST_BYTES_MAX`]
+/// bytes, up to and including the newline); the error is the reply to send.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    serde_json::from_str(line).map_err(|e| format!("not a request this agent understands: {e}"))
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {

@@ -154,6 +154,40 @@ impl Server {
         })
     }
 
+    /// Kill the server as a crash would: every task (the listener, open
+    /// connections, requests in flight) stops at once, nothing is shut down cleanly.
+    pub fn crash(&mut self) {
+        let fresh = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let old = std::mem::replace(&mut self.rt, fresh);
+        self.stop = None;
+        self.task = None;
+        old.shutdown_background();
+    }
+
+    /// Start the server again after [`crash`](Self::crash): same database, same
+    /// address, same configuration, a new process state.
+    pub fn restart(&mut self) {
+        let cfg = self.app.cfg.clone();
+        let addr = self.base.trim_start_matches("http://").to_string();
+        let (app, stop, task) = self.rt.block_on(async move {
+            let store = Store::open(&cfg.database_url(), 4).await.unwrap();
+            let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
+            let app = App::new(store, cfg, Clock::System).await.unwrap();
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(api::serve(app.clone(), listener, async move {
+                let _ = rx.await;
+            }));
+            (app, tx, task)
+        });
+        self.app = app;
+        self.stop = Some(stop);
+        self.task = Some(task);
+    }
+
     /// Bytes the agents reported per (site, link), as the server recorded them.
     pub fn traffic(&self) -> Vec<(String, String, u64)> {
         let app = self.app.clone();
