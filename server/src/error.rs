@@ -41,7 +41,7 @@ pub enum Error {
     #[error("{message}: {}", errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     Invalid { message: String, errors: Vec<LineError> },
     /// The database failed; the operation was not applied.
-    #[error("database error: {0}")]
+    #[error("{}", db_message(.0))]
     Db(#[from] sqlx::Error),
     #[error("database migration failed: {0}; check that the database URL points at a Lowtide database")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -53,6 +53,9 @@ pub enum Error {
     },
     #[error("{0}")]
     Upstream(String),
+    /// A dependency (the database) is down for now; retry later.
+    #[error("{0}")]
+    Unavailable(String),
     /// A failure inside the server; the operation was not applied.
     #[error("{0}")]
     Internal(String),
@@ -78,9 +81,34 @@ impl Error {
             Self::TooLarge(_) => 413,
             Self::Invalid { .. } => 422,
             Self::Upstream(_) => 502,
-            Self::Db(sqlx::Error::PoolTimedOut) => 503,
+            Self::Db(e) if db_unavailable(e) => 503,
+            Self::Unavailable(_) => 503,
             Self::Db(_) | Self::Migrate(_) | Self::Io { .. } | Self::Internal(_) => 500,
         }
+    }
+}
+
+/// The database cannot be reached right now (down, restarting, recovering, or
+/// every connection busy): a 503 the client retries, not a bug.
+pub(crate) fn db_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // SQLSTATE class 08 (connection exception) and 57 (operator intervention:
+        // shutdown, crash recovery, "the database system is starting up").
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57")),
+        _ => false,
+    }
+}
+
+pub(crate) fn db_message(e: &sqlx::Error) -> String {
+    if db_unavailable(e) {
+        format!("the database is unavailable ({e}); nothing was changed, retry in a few seconds")
+    } else {
+        format!("database error: {e}")
     }
 }
 

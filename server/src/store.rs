@@ -60,6 +60,9 @@ pub const TRAFFIC_REPORT_BYTES_MAX: u64 = 1 << 50;
 /// How long the cached deployment keys are trusted (a rotation by another server or the
 /// command line shows within this).
 pub const DEPLOYMENT_KEYS_RECHECK_MS: i64 = 5000;
+/// Longest a request waits for a PostgreSQL connection; when the database is
+/// down, requests get a 503 after this instead of hanging (sqlx's default is 30 s).
+pub const PG_ACQUIRE_TIMEOUT_MS: u64 = 5000;
 
 const SQLITE_INIT: &str = include_str!("../migrations/sqlite/0001_init.sql");
 const POSTGRES_INIT: &str = include_str!("../migrations/postgres/0001_init.sql");
@@ -105,7 +108,7 @@ pub struct Store {
 struct HbItem {
     row: HbRow,
     /// `Ok(true)` recorded, `Ok(false)` refused (unknown, forged or revoked), `Err` database failure.
-    reply: tokio::sync::oneshot::Sender<Result<bool, String>>,
+    reply: tokio::sync::oneshot::Sender<Result<bool, Error>>,
 }
 
 struct HbRow {
@@ -140,7 +143,11 @@ async fn heartbeat_writer(pool: AnyPool, mut rx: tokio::sync::mpsc::Receiver<HbI
         for item in batch.drain(..) {
             let r = match &result {
                 Ok(ids) => Ok(ids.contains(&item.row.agent_id)),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(if crate::error::db_unavailable(e) {
+                    Error::Unavailable(crate::error::db_message(e))
+                } else {
+                    Error::Internal(format!("database error while recording a heartbeat: {e}"))
+                }),
             };
             let _ = item.reply.send(r);
         }
@@ -758,6 +765,7 @@ impl Store {
             Backend::Postgres => {
                 let pool = AnyPoolOptions::new()
                     .max_connections(connections_max)
+                    .acquire_timeout(std::time::Duration::from_millis(PG_ACQUIRE_TIMEOUT_MS))
                     .connect(url)
                     .await?;
                 (pool.clone(), pool)
@@ -1354,9 +1362,7 @@ impl Store {
         match answer.await.map_err(|_| stopped())? {
             Ok(true) => Ok((agent_id.to_string(), site)),
             Ok(false) => Err(self.refusal(agent_id, secret).await),
-            Err(e) => Err(Error::Internal(format!(
-                "database error while recording a heartbeat: {e}"
-            ))),
+            Err(e) => Err(e),
         }
     }
 
