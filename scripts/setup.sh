@@ -11,6 +11,7 @@ have ip || need_apt+=(iproute2)
 have iperf3 || need_apt+=(iperf3)
 have ping || need_apt+=(iputils-ping)
 have ethtool || need_apt+=(ethtool)
+have nft || need_apt+=(nftables)
 have python3 || need_apt+=(python3)
 have curl || need_apt+=(curl)
 # bench-distribution.sh's parallel HTTP reference.
