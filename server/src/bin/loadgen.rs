@@ -23,9 +23,10 @@ const STARTUP_WAIT_MS: u64 = 30_000;
 #[derive(Parser)]
 #[command(about = "Load generator for the Lowtide server (loopback only)")]
 struct Args {
-    /// Server base URL; must be a loopback address.
-    #[arg(long, default_value = "http://127.0.0.1:7400")]
-    url: String,
+    /// Server base URL; must be a loopback address. Repeat it for several
+    /// servers on one database: agent i talks to server i mod N (setup goes to the first).
+    #[arg(long = "url", default_value = "http://127.0.0.1:7400")]
+    urls: Vec<String>,
     #[arg(long, env = "LOWTIDE_ADMIN_TOKEN")]
     admin_token: String,
     #[arg(long, default_value_t = 10_000)]
@@ -38,7 +39,7 @@ struct Args {
     /// Length of each timed phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Label for the JSON output (sqlite or postgres).
+    /// Label for the JSON output (sqlite, postgres, postgres-2-servers).
     #[arg(long, default_value = "sqlite")]
     db: String,
     /// Directory for the package file the server publishes (must be readable by the server).
@@ -168,38 +169,49 @@ where
 }
 
 async fn run(args: Args) -> anyhow::Result<Value> {
-    let host = args
-        .url
-        .trim_start_matches("http://")
-        .split(['/', ':'])
-        .next()
-        .unwrap_or("");
-    if !(host == "localhost" || host.starts_with("127.") || host == "[::1]") {
-        bail!("the load generator only targets loopback addresses, not {host:?}");
+    for url in &args.urls {
+        let host = url.trim_start_matches("http://").split(['/', ':']).next().unwrap_or("");
+        if !(host == "localhost" || host.starts_with("127.") || host == "[::1]") {
+            bail!("the load generator only targets loopback addresses, not {host:?}");
+        }
     }
     anyhow::ensure!(args.sites >= 2 && args.sites <= 10_000, "--sites must be 2..=10000");
     anyhow::ensure!(
         args.agents >= 1 && args.concurrency >= 1,
         "--agents and --concurrency must be positive"
     );
-    let c = Arc::new(Client {
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(args.concurrency * 2)
-            .build()?,
-        base: args.url.trim_end_matches('/').to_string(),
-    });
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency * 2)
+        .build()?;
+    let servers: Arc<Vec<Client>> = Arc::new(
+        args.urls
+            .iter()
+            .map(|u| Client {
+                http: http.clone(),
+                base: u.trim_end_matches('/').to_string(),
+            })
+            .collect(),
+    );
+    // Agent i talks to c[i % c.len()]; setup goes to c[0].
+    let c = servers;
     let admin = args.admin_token.clone();
 
     // Wait for the server.
     let sw = Stopwatch::start();
     loop {
-        match c.call(reqwest::Method::GET, "/healthz", "", None).await {
-            Ok((200, _)) => break,
-            _ if sw.elapsed_us() > STARTUP_WAIT_MS * 1000 => {
-                bail!("server at {} did not answer /healthz in time", args.url)
+        let mut up = 0;
+        for s in c.iter() {
+            if let Ok((200, _)) = s.call(reqwest::Method::GET, "/healthz", "", None).await {
+                up += 1;
             }
-            _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
         }
+        if up == c.len() {
+            break;
+        }
+        if sw.elapsed_us() > STARTUP_WAIT_MS * 1000 {
+            bail!("not every server of {:?} answered /healthz in time", args.urls)
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 
     // Topology: site 0 is the top, the others its children.
@@ -209,7 +221,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         let parent = if i == 0 { String::new() } else { "s0".into() };
         csv.push_str(&format!("s{i},Site {i},{parent},standard,10.{a}.{b}.0/24,,\n"));
     }
-    let (status, body) = c
+    let (status, body) = c[0]
         .call(
             reqwest::Method::PUT,
             "/v1/admin/topology",
@@ -229,7 +241,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
             .collect::<Vec<u8>>(),
     )?;
-    let published = c
+    let published = c[0]
         .json(
             reqwest::Method::POST,
             "/v1/admin/content",
@@ -242,7 +254,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         .as_str()
         .context("publish answer has no id")?
         .to_string();
-    let token = c
+    let token = c[0]
         .json(
             reqwest::Method::POST,
             "/v1/admin/tokens",
@@ -278,6 +290,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
                     break;
                 }
                 let r: anyhow::Result<()> = async {
+                    let c = &c[i % c.len()];
                     let e = c
                         .json(
                             reqwest::Method::POST,
@@ -341,7 +354,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             let (c, creds, bodies) = (c.clone(), creds.clone(), bodies.clone());
             async move {
                 matches!(
-                    c.call(
+                    c[i % c.len()].call(
                         reqwest::Method::POST,
                         "/v1/heartbeat",
                         &creds[i],
@@ -360,7 +373,12 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         let path = format!("/v1/content/{cid}/sources");
         phase(args.concurrency, args.seconds, args.agents, move |i| {
             let (c, creds, path) = (c.clone(), creds.clone(), path.clone());
-            async move { matches!(c.call(reqwest::Method::GET, &path, &creds[i], None).await, Ok((200, _))) }
+            async move {
+                matches!(
+                    c[i % c.len()].call(reqwest::Method::GET, &path, &creds[i], None).await,
+                    Ok((200, _))
+                )
+            }
         })
         .await
     };
@@ -380,6 +398,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         "sites": args.sites,
         "concurrency": args.concurrency,
         "seconds_per_phase": args.seconds,
+        "servers": c.len(),
     }))
 }
 
