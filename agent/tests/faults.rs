@@ -97,7 +97,7 @@ fn agent_killed_50_times_mid_download_never_corrupts_its_store() {
     // A reference download gives the window the kill points are drawn from.
     let t = Instant::now();
     b.get_json(&id, &root.path().join("ref.bin"));
-    let mut window_ms = (t.elapsed().as_millis() as u64).max(20);
+    let window_ms = (t.elapsed().as_millis() as u64).max(20);
     b.ok(&["cache", "rm", &id.to_string()]);
 
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
