@@ -513,6 +513,29 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
     resp
 }
 
+/// Longest plain-text error body rewrapped by [`json_errors`].
+const PLAIN_ERROR_BYTES_MAX: usize = 4096;
+
+/// Error answers that axum produces itself (a path parameter that is not
+/// UTF-8, a bad query string, an unknown route or method) are plain text;
+/// wrap them in the API's `{"error": ...}` form so every 4xx/5xx is JSON.
+/// Found by the `http_bodies` fuzz target (`/v1/content/%FF%FF/manifest`).
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let text = match axum::body::to_bytes(resp.into_body(), PLAIN_ERROR_BYTES_MAX).await {
+        Ok(b) if !b.is_empty() => String::from_utf8_lossy(&b).trim().to_string(),
+        _ => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    (status, Json(serde_json::json!({"error": text}))).into_response()
+}
+
 /// The router with every route of [`crate::openapi::ROUTES`].
 pub fn router(app: Arc<App>) -> Router {
     let body_max = app.cfg.body_bytes_max;
@@ -552,6 +575,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), observe))
+        .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(body_max))
         .with_state(app)
 }

@@ -198,6 +198,15 @@ async fn malformed_and_oversized_bodies_are_refused(db: Db) {
         400,
         "not a content id",
     );
+    // Regression (fuzz target http_bodies, crash-e575b531): a path id that is
+    // not UTF-8 was answered by axum in plain text; every error is JSON.
+    assert_4xx(
+        &h.get("/v1/content/ababababababab%FF%FFbababa/manifest", Some(&cred))
+            .await,
+        400,
+        "utf-8",
+    );
+    assert_4xx(&h.get("/v1/no-such-route", Some(&cred)).await, 404, "not found");
     let missing = ContentId::of(b"never published");
     assert_4xx(
         &h.get(&format!("/v1/content/{missing}/sources"), Some(&cred)).await,
