@@ -4,6 +4,10 @@
 //! happened, what was lost (asserted to be nothing) and the recovery time
 //! (reported, never asserted). Run with `-- --nocapture` to see the figures.
 //! (Network faults in namespaces are in `netns.rs`.)
+#![expect(
+    clippy::disallowed_methods,
+    reason = "a fault test is a driver: it reads the wall clock to report recovery times"
+)]
 
 mod common;
 
@@ -112,7 +116,7 @@ fn agent_killed_50_times_mid_download_never_corrupts_its_store() {
         );
         let out = root.path().join("out.bin");
         let get = start_get(&b, &id, &out);
-        if attempts % 5 == 0 {
+        if attempts.is_multiple_of(5) {
             // Early: while it asks the server for the manifest, table and sources.
             early += 1;
             std::thread::sleep(Duration::from_millis(rng.below(100)));

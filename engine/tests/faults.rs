@@ -4,6 +4,10 @@
 //! that lies about what it holds), and garbage sprayed at the fetcher the
 //! whole time. The fetch must come out byte-exact, drop the liar, count the
 //! garbage and keep going. Figures are printed (`-- --nocapture`), never asserted.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "a fault test is a driver: it reads the wall clock to report recovery times"
+)]
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
@@ -102,7 +106,7 @@ fn proxy(upstream: SocketAddr, mischief: Mischief, stop: Arc<AtomicBool>) -> (So
                 stats.forwarded.fetch_add(1, Ordering::Relaxed);
                 n += 1;
                 if let Mischief::Replay = mischief {
-                    if n % 3 == 0 && !ring.is_empty() {
+                    if n.is_multiple_of(3) && !ring.is_empty() {
                         let _ = back.send(&ring[(n * 7919) % ring.len()]);
                         stats.replayed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -132,7 +136,7 @@ fn proxy(upstream: SocketAddr, mischief: Mischief, stop: Arc<AtomicBool>) -> (So
                 }
                 Mischief::Corrupt => {}
                 Mischief::Replay => {
-                    if n % 3 == 0 && !ring.is_empty() {
+                    if n.is_multiple_of(3) && !ring.is_empty() {
                         let _ = front.send_to(&ring[(n * 7919) % ring.len()], to);
                         stats.replayed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -169,14 +173,14 @@ fn spray(to: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> 
             for b in buf[..len].iter_mut() {
                 *b = next() as u8;
             }
-            if sent % 2 == 0 && len >= 3 {
+            if sent.is_multiple_of(2) && len >= 3 {
                 buf[..2].copy_from_slice(&lowtide_engine::wire::MAGIC);
                 buf[2] = lowtide_engine::wire::VERSION;
             }
             if s.send_to(&buf[..len], to).is_ok() {
                 sent += 1;
             }
-            if sent % 64 == 0 {
+            if sent.is_multiple_of(64) {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }

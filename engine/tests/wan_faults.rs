@@ -14,6 +14,10 @@
 //! Needs root, `nft` (scripts/setup.sh installs nftables) and the
 //! `lowtide-delayline` binary next to `lowtide-xfer` (`cargo test --workspace`
 //! builds it); skipped loudly otherwise, a failure under `CI=true`.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "a fault test is a driver: it reads the wall clock to report recovery times"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -280,12 +284,7 @@ fn background_fetch_survives_loss_bursts_and_link_flaps() {
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        let why = err
-            .lines()
-            .filter(|l| l.contains("dropped:"))
-            .last()
-            .unwrap_or("")
-            .to_string();
+        let why = err.lines().rfind(|l| l.contains("dropped:")).unwrap_or("").to_string();
         // The first progress line ("<id>: 3 / 15 MiB from 1 source(s), ...") says what it started with.
         let first = err.lines().find(|l| l.contains(" MiB from ")).map_or("", |l| {
             l.split_once(": ")

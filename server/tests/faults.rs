@@ -4,6 +4,10 @@
 //! request during the outage with a clear 503, recover without a restart, and
 //! lose nothing it acknowledged. The recovery time is printed, never asserted.
 //! Run with `-- --nocapture` to see the figures.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "a fault test is a driver: it reads the wall clock to report recovery times"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -354,7 +358,7 @@ async fn postgres_killed_and_restored_under_load_loses_nothing() {
         server.0.try_wait().unwrap().is_none(),
         "the server process died with its database"
     );
-    let s = seen.lock().unwrap();
+    let s = std::mem::take(&mut *seen.lock().unwrap());
     let recovered = s
         .first_ok_after
         .expect("no request succeeded after PostgreSQL came back");
