@@ -354,13 +354,14 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             let (c, creds, bodies) = (c.clone(), creds.clone(), bodies.clone());
             async move {
                 matches!(
-                    c[i % c.len()].call(
-                        reqwest::Method::POST,
-                        "/v1/heartbeat",
-                        &creds[i],
-                        Some(bodies[i].clone())
-                    )
-                    .await,
+                    c[i % c.len()]
+                        .call(
+                            reqwest::Method::POST,
+                            "/v1/heartbeat",
+                            &creds[i],
+                            Some(bodies[i].clone())
+                        )
+                        .await,
                     Ok((200, _))
                 )
             }
