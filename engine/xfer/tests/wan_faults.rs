@@ -42,7 +42,7 @@ fn skip(why: &str) {
 }
 
 fn wan_sh() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/testbed/wan.sh")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/testbed/wan.sh")
 }
 
 /// The testbed; torn down on drop (also when the test panics).
