@@ -332,6 +332,10 @@ impl BlockTable {
         if bytes[4] != TABLE_VERSION {
             return Err(VerifyError::TableMalformed("unknown version"));
         }
+        // Reserved: zero in version 1, so a table has exactly one encoding.
+        if bytes[6..8] != [0, 0] {
+            return Err(VerifyError::TableMalformed("reserved header bytes are not zero"));
+        }
         let size = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
         let geometry = Geometry::new(size, bytes[5])?;
         let body = &bytes[TABLE_HEADER_BYTES..];
@@ -460,6 +464,25 @@ mod tests {
             BlockTable::decode(&enc[..enc.len() - 1]),
             Err(VerifyError::TableMalformed(_))
         ));
+    }
+
+    /// Found by `scripts/fuzz.sh` (engine:table_decode) in CI: a table whose reserved
+    /// header bytes were not zero decoded, and re-encoded to other bytes.
+    #[test]
+    fn table_with_nonzero_reserved_bytes_is_malformed() {
+        let input: &[u8] = &[
+            0x4c, 0x54, 0x62, 0x74, 0x1, 0xa, 0x0, 0xa, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0,
+            0x0, 0xfe, 0xff, 0x7, 0x0, 0x0, 0x0, 0x80, 0xff, 0xf7, 0xff, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0,
+            0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0,
+        ];
+        assert!(matches!(
+            BlockTable::decode(input),
+            Err(VerifyError::TableMalformed("reserved header bytes are not zero"))
+        ));
+        let mut enc = BlockTable::from_bytes(&[7u8; 5000], 4).encode();
+        assert!(BlockTable::decode(&enc).is_ok());
+        enc[6] = 1;
+        assert!(matches!(BlockTable::decode(&enc), Err(VerifyError::TableMalformed(_))));
     }
 
     #[test]
