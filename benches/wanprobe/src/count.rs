@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::stopping;
-use crate::tap::{drops, open_proto};
+use crate::tap::{drops, open_proto, recv_frame};
 
 /// Ethernet header bytes in front of every IP packet.
 const ETH_HEADER: u64 = 14;
@@ -97,35 +97,21 @@ fn watch(iface: String, counts: Arc<Mutex<IfaceCounts>>) -> Result<(), String> {
     let fd = open(&iface)?;
     let mut buf = [0u8; 128];
     while !stopping() {
-        // SAFETY: an all-zero sockaddr_ll is valid for recvfrom to fill.
-        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-        // SAFETY: `buf` and `from` are writable for the lengths passed.
-        let n = unsafe {
-            libc::recvfrom(
-                fd.0,
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                libc::MSG_TRUNC,
-                &mut from as *mut libc::sockaddr_ll as *mut libc::sockaddr,
-                &mut from_len,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.kind() {
+        let (n, from) = match recv_frame(&fd, &mut buf) {
+            Ok(r) => r,
+            Err(e) => match e.kind() {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted => {
                     let d = drops(&fd) as u64;
                     counts.lock().unwrap_or_else(|p| p.into_inner()).dropped += d;
                     continue;
                 }
                 _ => return Err(format!("recvfrom on {iface}: {e}")),
-            }
-        }
+            },
+        };
         if from.sll_protocol != (libc::ETH_P_IP as u16).to_be() {
             continue;
         }
-        let got = (n as usize).min(buf.len());
+        let got = n.min(buf.len());
         let Some((mut key, payload)) = payload_of(&buf[..got]) else {
             continue;
         };

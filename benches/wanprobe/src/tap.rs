@@ -29,6 +29,29 @@ struct Count {
     big: u64,
 }
 
+/// One frame from a packet socket: its length before truncation to `buf`
+/// (`MSG_TRUNC`) and where it came from (direction, protocol).
+pub(crate) fn recv_frame(fd: &Fd, buf: &mut [u8]) -> std::io::Result<(usize, libc::sockaddr_ll)> {
+    // SAFETY: an all-zero sockaddr_ll is valid for recvfrom to fill.
+    let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: `buf` and `from` are writable for the lengths passed.
+    let n = unsafe {
+        libc::recvfrom(
+            fd.0,
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_TRUNC,
+            &mut from as *mut libc::sockaddr_ll as *mut libc::sockaddr,
+            &mut from_len,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((n as usize, from))
+}
+
 pub(crate) struct Fd(pub(crate) libc::c_int);
 
 impl Drop for Fd {
@@ -140,35 +163,21 @@ pub fn tap(iface: &str, bin_ms: u64, out: &str) -> Result<(), String> {
     let mut total = 0u64;
     let mut dropped = 0u64;
     while !stopping() {
-        // SAFETY: an all-zero sockaddr_ll is valid for recvfrom to fill.
-        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-        // SAFETY: `buf` and `from` are writable for the lengths passed.
-        let n = unsafe {
-            libc::recvfrom(
-                fd.0,
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                libc::MSG_TRUNC,
-                &mut from as *mut libc::sockaddr_ll as *mut libc::sockaddr,
-                &mut from_len,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.kind() {
+        let (n, from) = match recv_frame(&fd, &mut buf) {
+            Ok(r) => r,
+            Err(e) => match e.kind() {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted => {
                     dropped += drops(&fd) as u64;
                     continue;
                 }
                 _ => return Err(format!("recvfrom: {e}")),
-            }
-        }
+            },
+        };
         let now = clock_ns(libc::CLOCK_REALTIME);
         if from.sll_pkttype == libc::PACKET_OUTGOING {
             continue;
         }
-        let got = (n as usize).min(buf.len());
+        let got = n.min(buf.len());
         if got < 20 || buf[0] >> 4 != 4 {
             continue;
         }
