@@ -366,3 +366,115 @@ fn tampered_encrypted_data_is_counted_and_dropped_and_the_sender_not_blamed() {
         "{drops:?}"
     );
 }
+
+/// Blocks verified over every source of the fetch: equal to the block count when no
+/// block was fetched twice.
+fn blocks_verified(s: &Setup) -> u64 {
+    s.sim.nodes[s.fetcher].fetches[0]
+        .sources()
+        .iter()
+        .map(|st| st.blocks_verified)
+        .sum()
+}
+
+#[test]
+fn the_only_source_is_kept_through_outages_shorter_than_the_give_up() {
+    // 3 s outlasts the stall limit (1 s x 3 strikes); 15 s outlasts the server's idle timeout
+    // too, so the old session is gone and only a new greeting brings the data back.
+    for (seed, outage) in [(81, 3), (82, 15)] {
+        let link = LinkSpec {
+            rate_bytes_per_s: 2_500_000,
+            delay: Duration::from_millis(10),
+            ..LinkSpec::lan()
+        };
+        let mut s = setup(seed, 4 << 20, 1, link);
+        start_fetch(
+            &mut s,
+            FetchConfig {
+                background: true,
+                ..FetchConfig::default()
+            },
+            false,
+        );
+        let (fetcher, sender) = (s.fetcher, s.senders[0]);
+        let third = s.data.len() as u64 / 3;
+        assert!(s
+            .sim
+            .run_until(Time::ZERO + Duration::from_secs(30), |sim| sim.nodes[fetcher].fetches
+                [0]
+            .bytes_held()
+                >= third));
+        let held = s.sim.nodes[fetcher].fetches[0].have().clone();
+        s.sim.nodes[sender].down = true;
+        let back = s.sim.now + Duration::from_secs(outage);
+        s.sim.run_until(back, |_| false);
+        assert_eq!(s.sim.nodes[fetcher].fetches[0].live_sources(), 1, "outage {outage} s");
+        s.sim.nodes[sender].down = false;
+        assert!(
+            run(&mut s, Duration::from_secs(outage + 60)),
+            "did not complete after a {outage} s outage"
+        );
+        assert_byte_exact(&s);
+        assert!(dropped(&s).is_empty(), "outage {outage} s: {:?}", dropped(&s));
+        let f = &s.sim.nodes[fetcher].fetches[0];
+        assert!(f.have().count() >= held.count());
+        assert_eq!(
+            blocks_verified(&s),
+            f.have().count(),
+            "outage {outage} s: a block was fetched twice"
+        );
+    }
+}
+
+#[test]
+fn the_only_source_is_dropped_once_it_stays_silent_past_the_give_up() {
+    let mut s = setup(83, 4 << 20, 1, LinkSpec::lan());
+    let give_up = Duration::from_secs(8);
+    start_fetch(
+        &mut s,
+        FetchConfig {
+            source_give_up: give_up,
+            ..FetchConfig::default()
+        },
+        true,
+    );
+    let fetcher = s.fetcher;
+    assert!(s
+        .sim
+        .run_until(Time::ZERO + Duration::from_secs(10), |sim| sim.nodes[fetcher].fetches
+            [0]
+        .bytes_held()
+            > 0));
+    s.sim.nodes[s.senders[0]].down = true;
+    let down_at = s.sim.now;
+    // Greeted again, not dropped, for as long as the give-up allows.
+    s.sim.run_until(down_at + give_up - Duration::from_secs(1), |_| false);
+    assert!(dropped(&s).is_empty(), "{:?}", dropped(&s));
+    s.sim.run_until(down_at + give_up + Duration::from_secs(2), |_| false);
+    assert_eq!(dropped(&s), vec![(s.sim.nodes[s.senders[0]].addr, DropReason::Stalled)]);
+    assert_eq!(s.sim.nodes[fetcher].fetches[0].live_sources(), 0);
+}
+
+#[test]
+fn a_stalled_source_is_still_dropped_while_another_serves() {
+    let link = LinkSpec {
+        rate_bytes_per_s: 2_500_000,
+        ..LinkSpec::lan()
+    };
+    // Long enough that the stalled source strikes out before the other one finishes.
+    let mut s = setup(84, 16 << 20, 2, link);
+    start_fetch(&mut s, FetchConfig::default(), true);
+    let fetcher = s.fetcher;
+    assert!(s
+        .sim
+        .run_until(Time::ZERO + Duration::from_secs(10), |sim| sim.nodes[fetcher].fetches
+            [0]
+        .bytes_held()
+            > 0));
+    let gone = s.senders[0];
+    s.sim.nodes[gone].down = true;
+    assert!(run(&mut s, Duration::from_secs(60)), "did not complete");
+    assert_byte_exact(&s);
+    let addr = s.sim.nodes[gone].addr;
+    assert_eq!(dropped(&s), vec![(addr, DropReason::Stalled)]);
+}

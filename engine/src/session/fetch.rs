@@ -14,7 +14,12 @@
 //!    bad block is dropped and the block is requested elsewhere.
 //! 4. A source that sends nothing for a while loses its blocks to the others
 //!    (and is dropped after [`FetchConfig::stall_strikes_max`] stalls); a
-//!    block that does not arrive in time is re-requested. When every block is
+//!    block that does not arrive in time is re-requested. The fetch's last
+//!    active source is not dropped for stalls alone (a WAN link flap must not
+//!    lose the transfer): it is greeted again on a new session (its server may
+//!    have dropped the old one), with backoff up to
+//!    [`FetchConfig::probe_interval_max`], and dropped only once nothing came
+//!    from it for [`FetchConfig::source_give_up`]. When every block is
 //!    handed out, idle sources duplicate the oldest outstanding blocks of
 //!    others (end game); the first copy to verify wins and the rest are cancelled.
 //!
@@ -66,6 +71,12 @@ pub struct FetchConfig {
     /// A source with outstanding blocks that sends nothing for this long stalls.
     pub stall_timeout: Duration,
     pub stall_strikes_max: u32,
+    /// The last active source that stalls out is greeted again (new session) and kept
+    /// until nothing came from it for this long, then dropped (`Stalled`).
+    pub source_give_up: Duration,
+    /// Longest wait between two greetings of such a source (bounds the recovery time
+    /// once its link is back).
+    pub probe_interval_max: Duration,
     /// Least time a requested block may take before it is requested again.
     pub block_timeout_min: Duration,
     /// How long a `NotHave` answer keeps a source from being asked for those blocks.
@@ -95,6 +106,8 @@ impl Default for FetchConfig {
             connect_tries_max: 5,
             stall_timeout: Duration::from_secs(1),
             stall_strikes_max: 3,
+            source_give_up: Duration::from_secs(60),
+            probe_interval_max: Duration::from_secs(1),
             block_timeout_min: Duration::from_secs(2),
             not_have_retry: Duration::from_secs(2),
             table_bytes_max: 64 << 20,
@@ -190,6 +203,13 @@ struct Source {
     // Liveness and rate.
     last_data: Time,
     strikes: u32,
+    /// When data (or a paused server's keepalive) last came from the source.
+    heard: Time,
+    /// Greeted again after it stalled out as the fetch's last active source.
+    probing: bool,
+    /// The session it stalled on: closed once the new one is accepted (the link is back),
+    /// so its server stops sending what nobody reads.
+    stale_session: Option<u32>,
     payload_bytes: u64,
     blocks_verified: u64,
     rate_since: Time,
@@ -211,6 +231,48 @@ struct Source {
 }
 
 impl Source {
+    fn new(now: Time, addr: SocketAddr, session: u32, fetch_nonce: u64, background: bool, encrypt: bool) -> Self {
+        Self {
+            addr,
+            session,
+            phase: Phase::Connecting {
+                next_try: now,
+                tries: 0,
+            },
+            nonce: 0,
+            complete: false,
+            accepted: None,
+            lacks: None,
+            lacks_until: Time::ZERO,
+            outstanding: 0,
+            recv_pns: SpanSet::new(),
+            largest_pn: None,
+            largest_recv: Time::ZERO,
+            largest_send_ts: 0,
+            unacked: 0,
+            ack_at: None,
+            last_data: now,
+            strikes: 0,
+            heard: now,
+            probing: false,
+            stale_session: None,
+            payload_bytes: 0,
+            blocks_verified: 0,
+            rate_since: now,
+            rate_bytes: 0,
+            rate: 0,
+            want_request: Vec::new(),
+            want_cancel: Vec::new(),
+            want_table: false,
+            want_close: false,
+            background,
+            encrypt,
+            fetch_nonce,
+            data_key: None,
+            sealed_rejected: 0,
+        }
+    }
+
     fn window_blocks(&self, cfg: &FetchConfig, g: &Geometry) -> u64 {
         let bytes = if self.rate == 0 {
             cfg.window_bytes_initial
@@ -386,42 +448,7 @@ impl Fetch {
         }
         let session = self.rng.gen::<u32>() | 1;
         let fetch_nonce = self.rng.gen::<u64>();
-        let src = Source {
-            addr,
-            session,
-            phase: Phase::Connecting {
-                next_try: now,
-                tries: 0,
-            },
-            nonce: 0,
-            complete: false,
-            accepted: None,
-            lacks: None,
-            lacks_until: Time::ZERO,
-            outstanding: 0,
-            recv_pns: SpanSet::new(),
-            largest_pn: None,
-            largest_recv: Time::ZERO,
-            largest_send_ts: 0,
-            unacked: 0,
-            ack_at: None,
-            last_data: now,
-            strikes: 0,
-            payload_bytes: 0,
-            blocks_verified: 0,
-            rate_since: now,
-            rate_bytes: 0,
-            rate: 0,
-            want_request: Vec::new(),
-            want_cancel: Vec::new(),
-            want_table: false,
-            want_close: false,
-            background,
-            encrypt: self.cfg.encrypt,
-            fetch_nonce,
-            data_key: None,
-            sealed_rejected: 0,
-        };
+        let src = Source::new(now, addr, session, fetch_nonce, background, self.cfg.encrypt);
         match slot {
             Some(i) => self.sources[i] = src,
             None => self.sources.push(src),
@@ -506,6 +533,7 @@ impl Fetch {
                 let s = &mut self.sources[i];
                 if s.phase == Phase::Active {
                     s.last_data = now;
+                    s.heard = now;
                     s.strikes = 0;
                     s.ack_at = Some(now); // and we are alive too: keeps the server's session open
                 }
@@ -557,6 +585,7 @@ impl Fetch {
             ));
         }
         s.phase = Phase::Active;
+        s.probing = false;
         s.nonce = fixed.nonce.get();
         s.complete = fixed.flags & wire::ACCEPT_COMPLETE != 0;
         s.last_data = now;
@@ -627,6 +656,7 @@ impl Fetch {
                 s.ack_at = Some(now + delay);
             }
             s.last_data = now;
+            s.heard = now;
             s.strikes = 0;
             s.payload_bytes += payload.len() as u64;
             s.rate_bytes += payload.len() as u64;
@@ -809,6 +839,28 @@ impl Fetch {
         self.events.push_back(Event::SourceDropped { addr: s.addr, reason });
     }
 
+    /// Source `i`, the fetch's last active one, stalled out: greet it again on a new session
+    /// (its server may have dropped the old one; what the old one still sends is ignored) and
+    /// keep greeting with backoff until it answers or [`FetchConfig::source_give_up`] passed.
+    /// Its blocks go back to the free pool; what arrived of them stays pending.
+    fn greet_again(&mut self, now: Time, i: usize) {
+        self.unassign_all(i);
+        if self.table_fetch.as_ref().is_some_and(|(src, _, _)| *src == i) {
+            self.table_fetch = None; // asked again once a source accepts
+        }
+        let session = self.rng.gen::<u32>() | 1;
+        let fetch_nonce = self.rng.gen::<u64>();
+        let old = &self.sources[i];
+        let mut s = Source::new(now, old.addr, session, fetch_nonce, old.background, old.encrypt);
+        s.heard = old.heard;
+        s.probing = true;
+        s.stale_session = Some(old.session);
+        s.payload_bytes = old.payload_bytes;
+        s.blocks_verified = old.blocks_verified;
+        s.sealed_rejected = old.sealed_rejected;
+        self.sources[i] = s;
+    }
+
     /// Hand out free blocks to sources with room in their window.
     fn schedule(&mut self, now: Time) {
         if self.table.is_none() {
@@ -932,7 +984,10 @@ impl Fetch {
                 Phase::Connecting { next_try, tries } if next_try <= now => {
                     // Hello: a request without ranges. Sent again with backoff until accepted.
                     let n = request(buf, s, wire::STREAM_CONTENT, &[], self.cfg.window_bytes_initial);
-                    let backoff = self.cfg.connect_retry * 2u32.pow(tries.min(10));
+                    let mut backoff = self.cfg.connect_retry * 2u32.pow(tries.min(10));
+                    if s.probing {
+                        backoff = backoff.min(self.cfg.probe_interval_max);
+                    }
                     s.phase = Phase::Connecting {
                         next_try: now + backoff,
                         tries: tries + 1,
@@ -941,6 +996,10 @@ impl Fetch {
                 }
                 Phase::Active => {}
                 _ => continue,
+            }
+            if let Some(old) = s.stale_session.take() {
+                let n = wire::encode_close(&self.key, buf, old, 0);
+                return Some(Transmit::single(s.addr, n));
             }
             if s.ack_at.is_some_and(|t| t <= now) {
                 s.ack_at = None;
@@ -1012,7 +1071,12 @@ impl Fetch {
     pub fn handle_timeout(&mut self, now: Time) {
         for i in 0..self.sources.len() {
             if let Phase::Connecting { tries, next_try } = self.sources[i].phase {
-                if tries >= self.cfg.connect_tries_max && next_try <= now {
+                let s = &self.sources[i];
+                if s.probing {
+                    if now.since(s.heard) >= self.cfg.source_give_up {
+                        self.drop_source(i, DropReason::Stalled);
+                    }
+                } else if tries >= self.cfg.connect_tries_max && next_try <= now {
                     self.drop_source(i, DropReason::NoAnswer);
                 }
             }
@@ -1034,7 +1098,12 @@ impl Fetch {
             }
             let strikes = s.strikes + 1;
             if strikes >= self.cfg.stall_strikes_max {
-                self.drop_source(i, DropReason::Stalled);
+                let others = (0..self.sources.len()).any(|j| j != i && self.sources[j].phase == Phase::Active);
+                if others || now.since(s.heard) >= self.cfg.source_give_up {
+                    self.drop_source(i, DropReason::Stalled);
+                } else {
+                    self.greet_again(now, i);
+                }
                 continue;
             }
             self.sources[i].strikes = strikes;

@@ -114,6 +114,10 @@ enum Cmd {
         /// from the deployment key); a server that does not agree is dropped.
         #[arg(long)]
         encrypt: bool,
+        /// Keep greeting the last source that stopped sending (a WAN link flap) for this
+        /// long since it last sent anything, then drop it.
+        #[arg(long, default_value_t = FetchConfig::default().source_give_up.as_secs())]
+        source_give_up_secs: u64,
     },
 }
 
@@ -227,6 +231,7 @@ fn run() -> anyhow::Result<ExitCode> {
             quiet,
             background,
             encrypt,
+            source_give_up_secs,
         } => {
             let cfg = EndpointConfig {
                 driver: cli.driver,
@@ -243,6 +248,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 FetchConfig {
                     background: *background,
                     encrypt: *encrypt,
+                    source_give_up: Duration::from_secs(*source_give_up_secs),
                     ..FetchConfig::default()
                 },
             )?;
@@ -251,6 +257,10 @@ fn run() -> anyhow::Result<ExitCode> {
             let mut complete = false;
             // Encrypted datagrams whose AEAD tag failed, over every source.
             let mut sealed_rejected = 0u64;
+            // Blocks verified over every source (more than the block count: some came twice).
+            let mut blocks_verified = 0u64;
+            // Payload bytes received over every source (table and duplicates included).
+            let mut payload_bytes = 0u64;
             while !STOP.load(Ordering::Relaxed) {
                 ep.poll(Duration::from_millis(100))?;
                 for n in ep.take_news() {
@@ -258,6 +268,8 @@ fn run() -> anyhow::Result<ExitCode> {
                         FetchNews::Complete { sources, .. } => {
                             complete = true;
                             sealed_rejected = sources.iter().map(|s| s.sealed_rejected).sum();
+                            blocks_verified = sources.iter().map(|s| s.blocks_verified).sum();
+                            payload_bytes = sources.iter().map(|s| s.payload_bytes).sum();
                         }
                         FetchNews::SourceDropped { addr, reason, .. } => eprintln!("source {addr} dropped: {reason}"),
                     }
@@ -308,6 +320,8 @@ fn run() -> anyhow::Result<ExitCode> {
                     "goodput_gbps": size as f64 * 8.0 / secs / 1e9, "driver": ep.driver_name(),
                     "dropped_datagrams": ep.drops.total(), "encrypted": encrypt,
                     "sealed_rejected": sealed_rejected,
+                    "blocks": ep.store.table(id).map_or(0, |t| t.geometry().block_count()),
+                    "blocks_verified": blocks_verified, "payload_bytes_received": payload_bytes,
                 });
                 std::fs::write(j, serde_json::to_vec_pretty(&v)?)
                     .with_context(|| format!("writing {}", j.display()))?;
