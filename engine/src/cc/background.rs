@@ -36,7 +36,8 @@
 //!   `target/q` (at least halved is the floor of the cut, 0.95 the ceiling).
 //! - Queue above [`YIELD_FACTOR`] × target, or competing traffic on the local
 //!   interface: someone else is sending; the window drops to its minimum at
-//!   once (the yield), remembering the delivery rate it had.
+//!   once (the yield), remembering the delivery rate it had, and stays there
+//!   until the reclaim.
 //! - After a yield to competing traffic the monitor saw on this host, the
 //!   monitor also sees it stop: once it has, and the queue has stayed below
 //!   target for a round trip, the link is reclaimed as below.
@@ -429,7 +430,11 @@ impl Controller for Background {
                     self.low_since = None;
                 }
             }
-            if !ack.app_limited {
+            // While yielded the window stays at its minimum until the reclaim above: growing
+            // it back on an empty queue would bite into the foreground's share at every trough
+            // of its sawtooth, and leave the controller "yielded" at full rate, so that the
+            // next yield would neither refresh the hold-off nor remember the rate.
+            if !ack.app_limited && !self.yielded {
                 // Exponential growth up to the link's bandwidth-delay product plus the target
                 // queue (the delay signal lags a round trip, so growing past it blindly would
                 // overshoot by a whole window); beyond that, probe for more by one segment per
@@ -542,6 +547,32 @@ mod tests {
             "window {} after reclaim, BDP {bdp}",
             c.window()
         );
+    }
+
+    #[test]
+    fn background_stays_yielded_at_its_minimum_until_the_reclaim_and_yields_afresh_after_it() {
+        let min = BackgroundConfig::default().window_bytes_min;
+        let mut c = Background::new(BackgroundConfig::default());
+        feed(&mut c, 1, 300, |_| 20_000);
+        feed(&mut c, 300, 310, |_| 50_000);
+        assert!(c.is_yielding());
+        // The queue is empty again, but for less than the hold-off (100 ms): no growth at all.
+        feed(&mut c, 310, 390, |_| 20_000);
+        assert!(c.is_yielding());
+        assert_eq!(c.window(), min, "the window grew while yielded");
+        feed(&mut c, 390, 500, |_| 20_000);
+        assert!(!c.is_yielding(), "no reclaim after the hold-off");
+        assert!(c.window() > 10 * min);
+        // A second yield soon after the reclaim is a yield of its own: the window is at its
+        // minimum again and the hold-off doubles (the foreground had not left).
+        feed(&mut c, 500, 510, |_| 50_000);
+        assert!(c.is_yielding());
+        assert_eq!(c.window(), min);
+        feed(&mut c, 510, 680, |_| 20_000);
+        assert!(c.is_yielding(), "reclaimed before the doubled hold-off");
+        assert_eq!(c.window(), min);
+        feed(&mut c, 680, 800, |_| 20_000);
+        assert!(!c.is_yielding());
     }
 
     #[test]

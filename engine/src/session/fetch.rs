@@ -215,6 +215,12 @@ struct Source {
     rate_since: Time,
     rate_bytes: u64,
     rate: u64,
+    /// Highest recent rate, halving every [`RATE_PEAK_HALF_LIFE`]: a background source's
+    /// request window follows it, so a source that yielded for a while to foreground
+    /// traffic has enough requested when it takes the link back (with the window at
+    /// the yielded rate, it would send one window and then wait a round trip for
+    /// each further request while its measured rate climbed back).
+    rate_peak: u64,
     // Outgoing control.
     want_request: Vec<(u64, u32)>,
     want_cancel: Vec<(u64, u32)>,
@@ -261,6 +267,7 @@ impl Source {
             rate_since: now,
             rate_bytes: 0,
             rate: 0,
+            rate_peak: 0,
             want_request: Vec::new(),
             want_cancel: Vec::new(),
             want_table: false,
@@ -274,11 +281,17 @@ impl Source {
     }
 
     fn window_blocks(&self, cfg: &FetchConfig, g: &Geometry) -> u64 {
-        let bytes = if self.rate == 0 {
+        // Only background sources yield to other traffic and come back; a foreground source
+        // that slowed down keeps a window that fits its current rate.
+        let rate = if self.background {
+            self.rate.max(self.rate_peak)
+        } else {
+            self.rate
+        };
+        let bytes = if rate == 0 {
             cfg.window_bytes_initial
         } else {
-            ((self.rate as f64 * cfg.window_time.as_secs_f64()) as u64)
-                .clamp(cfg.window_bytes_min, cfg.window_bytes_max)
+            ((rate as f64 * cfg.window_time.as_secs_f64()) as u64).clamp(cfg.window_bytes_min, cfg.window_bytes_max)
         };
         (bytes / g.block_bytes()).max(1)
     }
@@ -311,6 +324,8 @@ struct Pending {
 pub const SOURCES_MAX: usize = 64;
 /// Most spare block buffers kept for reuse.
 const SPARE_BUFFERS_MAX: usize = 256;
+/// A source's peak rate, which its request window follows, halves in this long.
+pub const RATE_PEAK_HALF_LIFE: Duration = Duration::from_secs(10);
 
 /// A fetch of one content.
 pub struct Fetch {
@@ -664,6 +679,8 @@ impl Fetch {
             if dt >= Duration::from_millis(50) {
                 let sample = (s.rate_bytes as f64 / dt.as_secs_f64()) as u64;
                 s.rate = if s.rate == 0 { sample } else { (s.rate * 3 + sample) / 4 };
+                let decay = 0.5f64.powf(dt.as_secs_f64() / RATE_PEAK_HALF_LIFE.as_secs_f64());
+                s.rate_peak = ((s.rate_peak as f64 * decay) as u64).max(s.rate);
                 s.rate_since = now;
                 s.rate_bytes = 0;
             }
