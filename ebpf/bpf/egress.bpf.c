@@ -205,6 +205,11 @@ int lt_egress_classify(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		}
 	}
+	if (bytes <= packets * LT_SMALL_PACKET_BYTES) {
+		__sync_fetch_and_add(&r->small_bytes, bytes);
+		__sync_fetch_and_add(&r->small_packets, packets);
+		return TC_ACT_OK;
+	}
 	__sync_fetch_and_add(&r->other_bytes, bytes);
 	__sync_fetch_and_add(&r->other_packets, packets);
 	return TC_ACT_OK;

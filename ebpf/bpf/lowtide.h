@@ -11,6 +11,11 @@
 /* The own-port bitmap: 65536 bits in 64-bit words. */
 #define LT_OWN_PORT_WORDS 1024
 
+/* Other traffic whose wire packets are at most this long (Ethernet header
+ * included) is counted apart: TCP's pure ACKs of a download, DNS, keep-alives.
+ * A stream of them is not bulk traffic competing for the egress link. */
+#define LT_SMALL_PACKET_BYTES 128
+
 /* flags */
 /* The root qdisc keeps per-CPU statistics (lockless qdiscs such as
  * pfifo_fast): its backlog cannot be read from BPF, use rtnetlink. */
@@ -47,6 +52,10 @@ struct lt_egress {
 	__u64 other_packets;
 	/* LT_FLAG_* bits, set with atomic or. */
 	__u64 flags;
+	/* Other traffic of packets of at most LT_SMALL_PACKET_BYTES (not in
+	 * other_bytes/other_packets). Atomic adds. */
+	__u64 small_bytes;
+	__u64 small_packets;
 };
 
 #endif

@@ -54,7 +54,7 @@ pub use iface::netns_inode;
 #[cfg(feature = "bpf")]
 pub use monitor::{Monitor, MonitorStats, ProgramCost};
 pub use netlink::{NetlinkMonitor, QdiscStats};
-pub use sample::{EgressSample, SampleSource, TrafficSplit};
+pub use sample::{EgressSample, SampleSource, TrafficSplit, SMALL_PACKET_BYTES};
 #[cfg(feature = "bpf")]
 pub use watch::{MonitorMode, PathWatch};
 

@@ -30,10 +30,12 @@ pub(crate) struct EgressRecord {
     pub other_bytes: AtomicU64,
     pub other_packets: AtomicU64,
     pub flags: AtomicU64,
+    pub small_bytes: AtomicU64,
+    pub small_packets: AtomicU64,
 }
 
-/// Size of `struct lt_egress`: 15 `__u64` fields. Changing one side without
+/// Size of `struct lt_egress`: 17 `__u64` fields. Changing one side without
 /// the other breaks the build here.
-pub(crate) const EGRESS_RECORD_BYTES: usize = 15 * 8;
+pub(crate) const EGRESS_RECORD_BYTES: usize = 17 * 8;
 const _: () = assert!(std::mem::size_of::<EgressRecord>() == EGRESS_RECORD_BYTES);
 const _: () = assert!(std::mem::align_of::<EgressRecord>() == 8);

@@ -221,6 +221,8 @@ impl Monitor {
             own_packets: r.own_packets.load(Ordering::Relaxed),
             other_bytes: r.other_bytes.load(Ordering::Relaxed),
             other_packets: r.other_packets.load(Ordering::Relaxed),
+            small_bytes: r.small_bytes.load(Ordering::Relaxed),
+            small_packets: r.small_packets.load(Ordering::Relaxed),
         });
         // Per-CPU statistics (lockless roots such as pfifo_fast) and multiqueue
         // roots (mq: one child per tx queue, totals summed only at dump time)

@@ -11,16 +11,24 @@ pub enum SampleSource {
 }
 
 /// Bytes and packets handed to the interface for transmission, split into
-/// Lowtide's own traffic (UDP source port marked with `add_own_port`) and
-/// everything else. Counted before the qdisc, so packets the qdisc later drops
-/// are included. Cumulative since the monitor attached.
+/// Lowtide's own traffic (UDP source port marked with `add_own_port`), other
+/// traffic in small packets (at most [`SMALL_PACKET_BYTES`] each: TCP's pure
+/// ACKs of a download, DNS, keep-alives, which do not compete for the link) and
+/// the rest. Counted before the qdisc, so packets the qdisc later drops are
+/// included. Cumulative since the monitor attached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TrafficSplit {
     pub own_bytes: u64,
     pub own_packets: u64,
     pub other_bytes: u64,
     pub other_packets: u64,
+    pub small_bytes: u64,
+    pub small_packets: u64,
 }
+
+/// `LT_SMALL_PACKET_BYTES` in `bpf/lowtide.h`: other traffic in wire packets of at
+/// most this many bytes (Ethernet header included) is counted as `small_*`.
+pub const SMALL_PACKET_BYTES: u64 = 128;
 
 /// One reading of the egress path of an interface.
 ///

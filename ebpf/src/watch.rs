@@ -4,7 +4,11 @@
 //! watches the egress interface toward each peer (found by route lookup),
 //! marks Lowtide's own UDP ports, and turns the cumulative figures of each
 //! [`EgressSample`] into a [`PathSignal`] (backlog now, rate of other traffic
-//! over the last [`RATE_WINDOW`]) for `Endpoint::on_path_signal`.
+//! over the last [`RATE_WINDOW`]) for `Endpoint::on_path_signal`. Other
+//! traffic in small packets (at most [`crate::SMALL_PACKET_BYTES`]: the TCP
+//! ACKs of a download through the same interface, DNS, keep-alives) is not
+//! competition for the egress link and is left out of that rate; it counts in
+//! the interface's total rate.
 //!
 //! Which monitor is used follows [`MonitorMode`]: `auto` tries BPF and falls
 //! back to rtnetlink (backlog only, no other-traffic signal), logging which and
@@ -179,12 +183,26 @@ impl PathWatch {
         if !self.own_ports.contains(&port) {
             self.own_ports.push(port);
         }
+        let mut marked = Vec::new();
         for w in &mut self.watched {
             if let Source::Bpf(m) = &mut w.source {
                 m.add_own_port(port)?;
+                marked.push(w.ifname.as_str());
             }
         }
+        if !marked.is_empty() {
+            tracing::info!(
+                "egress monitor on {}: UDP port {port} marked as Lowtide's own (own UDP ports now {:?})",
+                marked.join(", "),
+                self.own_ports
+            );
+        }
         Ok(())
+    }
+
+    /// UDP source ports counted as Lowtide's own traffic.
+    pub fn own_ports(&self) -> &[u16] {
+        &self.own_ports
     }
 
     /// True when at least one interface is watched with BPF.
@@ -230,10 +248,17 @@ impl PathWatch {
                 for &p in &self.own_ports {
                     m.add_own_port(p)?;
                 }
-                tracing::info!(
-                    "egress monitor on {ifname}: eBPF (qdisc backlog and other traffic; own UDP ports {:?})",
-                    self.own_ports
-                );
+                if self.own_ports.is_empty() {
+                    tracing::info!(
+                        "egress monitor on {ifname}: eBPF (qdisc backlog and other traffic; no own UDP port yet, \
+                         marked once the socket is bound)"
+                    );
+                } else {
+                    tracing::info!(
+                        "egress monitor on {ifname}: eBPF (qdisc backlog and other traffic; own UDP ports {:?})",
+                        self.own_ports
+                    );
+                }
             }
             (Source::Netlink(_), Some(why)) => tracing::warn!(
                 "egress monitor on {ifname}: netlink fallback, queue backlog only, no other-traffic signal \
@@ -288,7 +313,9 @@ impl PathWatch {
                     w.last = PathSignal {
                         backlog_bytes: s.backlog_bytes,
                         other_bytes_per_s: s.traffic.map_or(0, |t| w.other.push(now, t.other_bytes)),
-                        egress_bytes_per_s: s.traffic.map_or(0, |t| w.all.push(now, t.other_bytes + t.own_bytes)),
+                        egress_bytes_per_s: s
+                            .traffic
+                            .map_or(0, |t| w.all.push(now, t.other_bytes + t.own_bytes + t.small_bytes)),
                     };
                 }
                 Err(e) => {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use lowtide_ebpf::{EgressMonitor, Monitor, MonitorError, NetlinkMonitor, SampleSource};
+use lowtide_ebpf::{EgressMonitor, Monitor, MonitorError, NetlinkMonitor, SampleSource, SMALL_PACKET_BYTES};
 
 /// Serialises the tests of this file: the detach check counts loaded programs.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -184,9 +184,13 @@ fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
 /// Sends `count` datagrams from `port` as fast as the socket takes them;
 /// returns how many the kernel accepted (never blocks).
 fn blast(port: u16, count: usize) -> usize {
+    blast_sized(port, count, PAYLOAD_BYTES)
+}
+
+fn blast_sized(port: u16, count: usize, payload_bytes: usize) -> usize {
     let socket = UdpSocket::bind(SocketAddr::from((ADDR_A, port))).expect("bind");
     socket.set_nonblocking(true).expect("nonblocking");
-    let payload = [0x5au8; PAYLOAD_BYTES];
+    let payload = vec![0x5au8; payload_bytes];
     (0..count)
         .filter(|_| socket.send_to(&payload, SocketAddr::from((ADDR_B, 9))).is_ok())
         .count()
@@ -294,14 +298,40 @@ fn monitor_matches_tc_and_splits_own_traffic() {
             t.other_packets
         );
         assert!(t.other_bytes >= other_sent as u64 * FRAME_BYTES);
+        // The kernel's own small packets (IGMP) are counted apart from other traffic.
+        assert!(t.small_packets <= KERNEL_NOISE_PACKETS_MAX, "{t:?}");
         // Everything handed to the device was sent, dropped or is queued.
         let accounted = json_u64(&tc, "packets") + tc_drops + tc_backlog_packets;
         assert_close(
             "handed vs sent+dropped+queued",
-            t.own_packets + t.other_packets,
+            t.own_packets + t.other_packets + t.small_packets,
             accounted,
             2,
         );
+
+        // Small packets of other traffic (a download's TCP ACKs, DNS) are not counted as
+        // other traffic, whose rate means "someone competes for the link": 40-byte
+        // payloads are 82-byte frames, 1000-byte payloads are not small.
+        let before = monitor.sample().traffic.unwrap();
+        let small = blast_sized(OTHER_PORT, 3, 40);
+        let at_limit = blast_sized(OTHER_PORT, 2, (SMALL_PACKET_BYTES - 42) as usize);
+        let large = blast_sized(OTHER_PORT, 1, (SMALL_PACKET_BYTES - 41) as usize);
+        let after = monitor.sample().traffic.unwrap();
+        assert!(small + at_limit + large > 0, "the socket took nothing");
+        // The kernel may add a small packet of its own (an IGMP report) meanwhile.
+        let small_sent = (small + at_limit) as u64;
+        let small_seen = after.small_packets - before.small_packets;
+        assert!(
+            (small_sent..=small_sent + KERNEL_NOISE_PACKETS_MAX).contains(&small_seen),
+            "{small_seen} small packets seen for {small_sent} sent"
+        );
+        let small_bytes = small as u64 * 82 + at_limit as u64 * SMALL_PACKET_BYTES;
+        let small_bytes_seen = after.small_bytes - before.small_bytes;
+        assert!(
+            (small_bytes..=small_bytes + KERNEL_NOISE_PACKETS_MAX * SMALL_PACKET_BYTES).contains(&small_bytes_seen),
+            "{small_bytes_seen} small bytes seen for {small_bytes} sent"
+        );
+        assert_eq!(after.other_packets, before.other_packets + large as u64);
 
         // Ports can be unmarked; traffic from them then counts as other.
         monitor.remove_own_port(OWN_PORT).unwrap();

@@ -96,7 +96,8 @@ const RATE_SAMPLES: usize = 16;
 pub struct PathSignal {
     /// Bytes queued on the local egress qdisc right now.
     pub backlog_bytes: u64,
-    /// Rate of traffic other than Lowtide's leaving the interface, bytes/s.
+    /// Rate of traffic other than Lowtide's leaving the interface, bytes/s (the eBPF
+    /// monitor leaves out other traffic in small packets, such as a download's TCP ACKs).
     pub other_bytes_per_s: u64,
     /// Rate of all traffic (ours and others') handed to the interface, bytes/s; 0 when
     /// unknown. While a queue stands, the qdisc drains at about this rate, so it turns the
