@@ -150,13 +150,7 @@ fn background_yields_to_foreground_and_reclaims_when_it_leaves() {
 /// The same at 50 Mbit/s over an 80 ms round trip (40 ms each way, 200 ms
 /// queue). The yield is timed from the foreground's first data at the
 /// bottleneck (its fetcher's handshake takes a round trip before that, which
-/// no sender can see): 210-220 ms, within 2 RTT + 100 ms.
-///
-/// NOT the issue's 500 ms reclaim: it takes 640-670 ms here (seed 211). During
-/// the foreground transfer its queue drains after a loss cut, the background
-/// reclaims into that trough, yields again within 2 s and so doubles its
-/// hold-off, which then delays the reclaim after the foreground leaves. The bound
-/// asserted is 1 s, so that a regression past it still fails.
+/// no sender can see): 190 ms, within 2 RTT + 100 ms; reclaim 440 ms.
 #[test]
 fn background_yields_and_reclaims_a_long_fat_link() {
     for seed in [211, 212] {
@@ -167,7 +161,7 @@ fn background_yields_and_reclaims_a_long_fat_link() {
             Duration::from_millis(40),
             Duration::from_millis(40),
             rate / 5,
-            Duration::from_secs(1),
+            Duration::from_millis(500),
         );
     }
 }
@@ -336,6 +330,13 @@ mod sender_bottleneck {
 
     /// Background delivery rate (bytes/s) per 1 ms tick.
     fn run(seed: u64, monitor: bool) -> Vec<f64> {
+        run_with(seed, monitor, true, 0)
+    }
+
+    /// `fg`: the foreground flow runs from 3 s to 6 s; `spike_ms`: every second from
+    /// 0.5 s, the one-way delay jumps by 60 ms for this long (a stalled hop, such as a
+    /// user-space delay line on a loaded machine: no queue at the bottleneck).
+    fn run_with(seed: u64, monitor: bool, with_fg: bool, spike_ms: u64) -> Vec<f64> {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
         let mut c = Background::new(BackgroundConfig::default());
         let clock_offset_us: i64 = rng.gen_range(-1_000_000_000..1_000_000_000);
@@ -343,7 +344,12 @@ mod sender_bottleneck {
         let mut srtt = BASE_RTT;
         for t in 1..END_MS {
             let now = Time(t * 1000);
-            let fg = (FG_START_MS..FG_END_MS).contains(&t);
+            let fg = with_fg && (FG_START_MS..FG_END_MS).contains(&t);
+            let spike_us: i64 = if t >= 500 && (t - 500) % 1000 < spike_ms {
+                60_000
+            } else {
+                0
+            };
             let bdp = LINK * BASE_RTT.as_secs_f64();
             // Queueing delay: what the background's excess window stands in the queue when
             // alone; what TCP small queues keep there while the foreground sends.
@@ -382,7 +388,7 @@ mod sender_bottleneck {
                     rtt: Some(rtt),
                     srtt,
                     min_rtt: BASE_RTT,
-                    one_way_delay_us: Some(clock_offset_us + 10_000 + (q_s * 1e6) as i64 + jitter_us),
+                    one_way_delay_us: Some(clock_offset_us + 10_000 + (q_s * 1e6) as i64 + jitter_us + spike_us),
                     in_flight: c.window(),
                     app_limited: false,
                 },
@@ -430,6 +436,20 @@ mod sender_bottleneck {
                 "seed {seed}: sender bottleneck with monitor: solo {solo:.3}, yield {yield_time:?}, \
                  share under foreground {during:.3}, reclaim {reclaim:?}"
             );
+        }
+    }
+
+    /// A delay spike that is not a queue (a stalled hop) looks like competing traffic
+    /// and makes the background yield; it must cost about the spike and a few round
+    /// trips, not a hold-off that doubles with every spike. 30 ms spikes every second
+    /// are 3 % of the time.
+    #[test]
+    fn background_recovers_from_delay_spikes_that_are_not_a_queue() {
+        for seed in [411, 412] {
+            let rates = run_with(seed, true, false, 30);
+            let util = share(&rates, 1_000, END_MS - 20);
+            eprintln!("seed {seed}: 30 ms delay spikes every second: utilisation {util:.3}");
+            assert!(util >= 0.90, "seed {seed}: utilisation {util:.3} with delay spikes");
         }
     }
 

@@ -36,8 +36,10 @@
 //!   `target/q` (at least halved is the floor of the cut, 0.95 the ceiling).
 //! - Queue above [`YIELD_FACTOR`] × target, or competing traffic on the local
 //!   interface: someone else is sending; the window drops to its minimum at
-//!   once (the yield), remembering the delivery rate it had, and stays there
-//!   until the reclaim.
+//!   once (the yield), remembering the delivery rate it had. It grows again
+//!   as below while the queue stays under target; back at half the link's
+//!   bandwidth-delay product, the yield is over (so a false yield to a delay
+//!   spike costs a few round trips, and the next yield starts afresh).
 //! - After a yield to competing traffic the monitor saw on this host, the
 //!   monitor also sees it stop: once it has, and the queue has stayed below
 //!   target for a round trip, the link is reclaimed as below.
@@ -431,11 +433,7 @@ impl Controller for Background {
                     self.low_since = None;
                 }
             }
-            // While yielded the window stays at its minimum until the reclaim above: growing
-            // it back on an empty queue would bite into the foreground's share at every trough
-            // of its sawtooth, and leave the controller "yielded" at full rate, so that the
-            // next yield would neither refresh the hold-off nor remember the rate.
-            if !ack.app_limited && !self.yielded {
+            if !ack.app_limited {
                 // Exponential growth up to the link's bandwidth-delay product plus the target
                 // queue (the delay signal lags a round trip, so growing past it blindly would
                 // overshoot by a whole window); beyond that, probe for more by one segment per
@@ -454,6 +452,21 @@ impl Controller for Background {
                     self.window = (self.window + (ack.acked_bytes as f64 * gain) as u64).min(cap.max(self.window));
                 } else {
                     self.window += (MSS_BYTES as f64 * ack.acked_bytes as f64 / self.window as f64 * gain) as u64;
+                }
+                // Yielded, the window still grows while the queue stays below target (a yield to
+                // a delay spike that was not competing traffic, such as a stalled hop, costs a
+                // few round trips, not a hold-off). Once it is back to half of what the link
+                // carried, the yield is over: counted as a reclaim, so that the next yield
+                // remembers the rate and sets its hold-off afresh.
+                if self.yielded && !self.yield_local && self.window >= self.bdp(self.remembered_rate) / 2 {
+                    tracing::debug!(
+                        now_us = now.as_micros(),
+                        window = self.window,
+                        "background: regrown after a yield"
+                    );
+                    self.yielded = false;
+                    self.low_since = None;
+                    self.last_reclaim = now;
                 }
             }
         }
@@ -551,29 +564,25 @@ mod tests {
     }
 
     #[test]
-    fn background_stays_yielded_at_its_minimum_until_the_reclaim_and_yields_afresh_after_it() {
+    fn background_yield_ends_when_the_window_has_regrown_and_the_next_yield_starts_afresh() {
         let min = BackgroundConfig::default().window_bytes_min;
         let mut c = Background::new(BackgroundConfig::default());
         feed(&mut c, 1, 300, |_| 20_000);
+        let bdp = c.bdp(c.delivery_rate());
         feed(&mut c, 300, 310, |_| 50_000);
         assert!(c.is_yielding());
-        // The queue is empty again, but for less than the hold-off (100 ms): no growth at all.
-        feed(&mut c, 310, 390, |_| 20_000);
-        assert!(c.is_yielding());
-        assert_eq!(c.window(), min, "the window grew while yielded");
-        feed(&mut c, 390, 500, |_| 20_000);
-        assert!(!c.is_yielding(), "no reclaim after the hold-off");
-        assert!(c.window() > 10 * min);
-        // A second yield soon after the reclaim is a yield of its own: the window is at its
-        // minimum again and the hold-off doubles (the foreground had not left).
-        feed(&mut c, 500, 510, |_| 50_000);
+        assert_eq!(c.window(), min);
+        // A 30 ms spike, then an empty queue: the window grows back; at half the BDP the
+        // yield is over (it used to stay "yielded" at full rate).
+        feed(&mut c, 310, 330, |_| 20_000);
+        assert!(c.window() > min, "no growth on an empty queue after the yield");
+        feed(&mut c, 330, 380, |_| 20_000);
+        assert!(c.window() >= bdp / 2, "window {} of BDP {bdp}", c.window());
+        assert!(!c.is_yielding(), "still yielding with the window regrown");
+        // The next yield is a yield of its own: back to the minimum.
+        feed(&mut c, 380, 390, |_| 50_000);
         assert!(c.is_yielding());
         assert_eq!(c.window(), min);
-        feed(&mut c, 510, 680, |_| 20_000);
-        assert!(c.is_yielding(), "reclaimed before the doubled hold-off");
-        assert_eq!(c.window(), min);
-        feed(&mut c, 680, 800, |_| 20_000);
-        assert!(!c.is_yielding());
     }
 
     #[test]
