@@ -26,6 +26,6 @@ cargo test --workspace --locked
 # Every fuzz target for a bounded time (LOWTIDE_FUZZ_SECONDS each, default 20; 0 skips).
 fuzz_seconds="${LOWTIDE_FUZZ_SECONDS:-20}"
 if [ "$fuzz_seconds" != 0 ]; then
-  echo "== fuzzing (scripts/fuzz.sh --seconds $fuzz_seconds)" >&2
-  scripts/fuzz.sh --seconds "$fuzz_seconds"
+  echo "== fuzzing (scripts/fuzz.sh --seconds $fuzz_seconds --quick-build)" >&2
+  scripts/fuzz.sh --seconds "$fuzz_seconds" --quick-build
 fi
