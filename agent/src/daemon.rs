@@ -1103,15 +1103,33 @@ async fn get(
         phase: "manifest".into(),
         ..Progress::default()
     });
-    let signed = sh.client.manifest(cred, &id).await?;
+    // Without the server, a peer on the local subnets that holds it may hand over the
+    // manifest the server signed (checked against the pinned key like the server's own).
+    let (signed, without_server) = match sh.client.manifest(cred, &id).await {
+        Ok(s) => (s, None),
+        Err(e) if server_unreachable(&e) => match manifest_from_peers(&sh, id).await {
+            Ok((s, peers)) => (s, Some(peers)),
+            Err(pe) => bail!("{e:#}; and no peer could stand in for it: {pe:#}"),
+        },
+        Err(e) => return Err(e),
+    };
+    let from = if without_server.is_some() {
+        "a peer (the server is unreachable)".to_string()
+    } else {
+        sh.client.base().to_string()
+    };
     let manifest = signed
         .verify(&sh.cred.server_public_key)
-        .with_context(|| format!("the manifest of {id} from {}", sh.client.base()))?;
+        .with_context(|| format!("the manifest of {id} from {from}"))?;
     if manifest.id != id {
         bail!(
-            "the server's signed manifest is for {} but {id} was asked for: refusing it",
+            "the signed manifest from {from} is for {} but {id} was asked for: refusing it",
             manifest.id
         );
+    }
+    // Kept for peers that ask while the server is unreachable.
+    if let Err(e) = crate::manifests::save(&crate::manifests::dir(&sh.cfg.state_dir), &id, &signed) {
+        tracing::warn!("keeping the manifest of {} for peers: {e:#}", id.short());
     }
     let before = sh.engine.call(|reply| Cmd::Held { id, reply }).await?;
     let already = before.as_ref().map_or(0, |h| h.held_bytes);
@@ -1133,7 +1151,10 @@ async fn get(
     if !cached {
         let last_drop = |s: &worker::Snapshot| s.dropped_peers.last().map_or(0, |d| d.seq);
         let drops_before = last_drop(&sh.engine.call(|reply| Cmd::Snapshot { reply }).await?);
-        let fetched = fetch(&sh, id, &manifest, already, &progress, &mut done).await;
+        let fetched = match without_server {
+            None => fetch(&sh, id, &manifest, already, &progress, &mut done).await,
+            Some(peers) => fetch_without_server(&sh, id, &manifest, already, peers, &progress, &mut done).await,
+        };
         // Peers the engine dropped from this download, and why: in the answer, whatever the outcome.
         if let Ok(snap) = sh.engine.call(|reply| Cmd::Snapshot { reply }).await {
             let dropped = snap
@@ -1748,6 +1769,150 @@ async fn fetch(
     st.unreported.lan_bytes += peer_bytes;
     st.totals.origin += origin_bytes;
     st.unreported.origin_bytes += origin_bytes;
+    Ok(())
+}
+
+/// Whether `e` says the server could not be reached at all (no HTTP answer came).
+fn server_unreachable(e: &anyhow::Error) -> bool {
+    server::api_status(e).is_none() && e.chain().any(|c| c.is::<reqwest::Error>())
+}
+
+/// The server is unreachable: ask the peers on the local subnets that hold `id` (discovery)
+/// for the signed manifest they kept, and take the first that verifies against the pinned
+/// server key and names `id`. Returns it and the holders' engine addresses.
+async fn manifest_from_peers(sh: &Shared, id: ContentId) -> anyhow::Result<(server::SignedManifest, Vec<SocketAddr>)> {
+    let found = sh.discovery.lookup(id).await;
+    if found.is_empty() {
+        bail!("no peer on the local subnets answered that it holds {id} (discovery)");
+    }
+    let holders: Vec<SocketAddr> = found.iter().map(|f| f.addr).collect();
+    let mut why = Vec::new();
+    for f in &found {
+        let got = async {
+            let b = sh.discovery.fetch_manifest(id, f.addr.ip()).await?;
+            let signed = crate::manifests::from_bytes(&b)?;
+            let m = signed.verify(&sh.cred.server_public_key)?;
+            if m.id != id {
+                bail!("it sent the manifest of {}", m.id);
+            }
+            Ok(signed)
+        }
+        .await;
+        match got {
+            Ok(signed) => {
+                tracing::info!(
+                    "{}: the server is unreachable; the signed manifest came from {}",
+                    id.short(),
+                    f.addr.ip()
+                );
+                return Ok((signed, holders));
+            }
+            Err(e) => why.push(format!("{}: {e:#}", f.addr.ip())),
+        }
+    }
+    bail!(
+        "no peer sent a manifest that verifies against the pinned server key ({})",
+        why.join("; ")
+    )
+}
+
+/// The server is unreachable: get `id` from the peers on the local subnets that hold it
+/// (`holders`, from discovery; looked for again now and then). The block table comes from
+/// the first peer that accepts, verified against the id before anything is stored. No
+/// origin without the server: when every peer is gone, what was verified is kept for the
+/// next `get`.
+async fn fetch_without_server(
+    sh: &Shared,
+    id: ContentId,
+    manifest: &server::Manifest,
+    already: u64,
+    holders: Vec<SocketAddr>,
+    progress: &mpsc::Sender<Progress>,
+    done: &mut GetDone,
+) -> anyhow::Result<()> {
+    let size = manifest.size;
+    let mut given: HashSet<SocketAddr> = holders.iter().copied().collect();
+    done.sources.push(format!(
+        "the server is unreachable: from peers on the local subnets (discovery): {}",
+        holders.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+    ));
+    let encrypt = sh.cfg.encrypt_p2p;
+    sh.engine
+        .call(|reply| Cmd::FetchFromPeers {
+            id,
+            peers: holders,
+            encrypt,
+            reply,
+        })
+        .await?;
+    let lookup_ticks = (sh.cfg.sources_refresh_secs * 1000 / TICK.as_millis() as u64).max(1);
+    let (mut since_lookup, mut gone) = (0u64, 0u64);
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        if let Some(h) = sh.engine.call(|reply| Cmd::Held { id, reply }).await? {
+            if h.size != size {
+                bail!(
+                    "the peers' block table of {id} describes {} bytes but the signed manifest says {size}: refusing it",
+                    h.size
+                );
+            }
+            if h.complete {
+                break;
+            }
+        }
+        let snap = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?;
+        let fv = snap.fetches.iter().find(|f| f.content == id);
+        let live = fv.map_or(0, |f| f.live_sources);
+        if live == 0 {
+            // Gone from the engine with every block (committing the last ones), or every peer dropped.
+            gone += 1;
+            if gone > FINISHING_TICKS_MAX {
+                bail!(
+                    "the server is unreachable and every peer that held {id} was dropped; what was \
+                     verified is kept and the next get resumes from it"
+                );
+            }
+        } else {
+            gone = 0;
+        }
+        let _ = progress.try_send(Progress {
+            content: Some(id),
+            size,
+            held_bytes: fv.map_or(already, |f| f.bytes_held.max(already)),
+            phase: "peers (the server is unreachable)".into(),
+            sources: live,
+            peer_rate_bytes_per_s: fv.map_or(0, |f| f.sources.iter().map(|s| s.rate_bytes_per_s).sum()),
+        });
+        since_lookup += 1;
+        if since_lookup >= lookup_ticks {
+            since_lookup = 0;
+            let more: Vec<SocketAddr> = sh
+                .discovery
+                .lookup(id)
+                .await
+                .into_iter()
+                .map(|f| f.addr)
+                .filter(|a| given.insert(*a))
+                .collect();
+            if !more.is_empty() {
+                done.sources.push(format!("more peers found meanwhile: {more:?}"));
+                sh.engine
+                    .call(|reply| Cmd::FetchFromPeers {
+                        id,
+                        peers: more,
+                        encrypt,
+                        reply,
+                    })
+                    .await?;
+            }
+        }
+    }
+    let peer_bytes = size.saturating_sub(already);
+    done.bytes_from_peers = peer_bytes;
+    let mut st = sh.state();
+    st.totals.peer += peer_bytes;
+    st.unreported.lan_bytes += peer_bytes;
     Ok(())
 }
 

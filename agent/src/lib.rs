@@ -17,6 +17,7 @@
 //! - [`tls`]: the server's TLS key, pinned at enrolment.
 //! - [`busy`]: whether the device may serve now (CPU, disk, battery, VPN site).
 //! - [`discovery`]: peers on the local subnets (broadcast, neighbour cache, subnet scan).
+//! - [`manifests`]: signed manifests kept for peers that ask while the server is unreachable.
 //! - `test_hooks`: fault injection for the integration tests, debug builds only.
 //! - [`monitor`]: the egress monitor, pause-when-busy, dropping BPF capabilities.
 
@@ -25,6 +26,7 @@ pub mod config;
 pub mod daemon;
 pub mod discovery;
 pub mod facts;
+pub mod manifests;
 pub mod metrics;
 pub mod monitor;
 pub mod origin;

@@ -123,6 +123,16 @@ pub enum Cmd {
         encrypt: bool,
         reply: Reply<()>,
     },
+    /// Fetch from same-site peers without the server's block table (the server is
+    /// unreachable): the table comes from the first peer that accepts, verified against the
+    /// content id before anything is stored; the store's own table is used if it has one.
+    /// Peers are added to the running fetch of the content, else a fetch is started.
+    FetchFromPeers {
+        id: ContentId,
+        peers: Vec<SocketAddr>,
+        encrypt: bool,
+        reply: Reply<()>,
+    },
     /// Begin a store entry (for content fetched from the origin only).
     Begin {
         table: BlockTable,
@@ -331,6 +341,34 @@ fn handle(ep: &mut Endpoint, notes: &Notes, mon: &mut EgressWatch, known: &mut S
                             known.background.clear();
                         }
                         known.background.insert((id, addr), background);
+                    }
+                }
+            }
+            let _ = reply.send(r);
+        }
+        Cmd::FetchFromPeers {
+            id,
+            peers,
+            encrypt,
+            reply,
+        } => {
+            let r = if ep.progress().iter().any(|p| p.content == id) {
+                Ok(())
+            } else {
+                known.dropped.remove(&id);
+                known.finals.remove(&id);
+                let cfg = FetchConfig {
+                    encrypt,
+                    ..FetchConfig::default()
+                };
+                ep.start_fetch(id, None, &[], cfg).map_err(|x| e(&x))
+            };
+            if r.is_ok() {
+                for addr in peers {
+                    if !known.banned(&id, &addr) && ep.add_source_with(&id, addr, false) {
+                        if let Some(d) = known.dropped.get_mut(&id) {
+                            d.remove(&addr);
+                        }
                     }
                 }
             }

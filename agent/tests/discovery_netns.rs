@@ -4,7 +4,8 @@
 //! thread moved into its namespace, with a stand-in engine that says what it
 //! holds. Broadcast finds the holder, the role of the site kind is obeyed
 //! (a VPN agent does not answer, a Wi-Fi agent finds it without broadcasting),
-//! and a peer that stops answering is dropped. Needs root and `ip`; skipped
+//! and a peer that stops answering is dropped; a signed manifest the holder
+//! kept comes across in chunks, byte-exact. Needs root and `ip`; skipped
 //! (with a message) otherwise.
 
 use std::net::{IpAddr, SocketAddr};
@@ -79,13 +80,16 @@ impl Drop for Lan {
 enum Ask {
     Lookup(ContentId, mpsc::Sender<Vec<lowtide_agent::discovery::Found>>),
     Peers(mpsc::Sender<Vec<IpAddr>>),
+    Manifest(ContentId, IpAddr, mpsc::Sender<Result<Vec<u8>, String>>),
     SiteKind(Option<&'static str>),
     Stop,
 }
 
 /// A discovery service on its own thread inside namespace `ns`, whose stand-in
-/// engine (port `engine_port`) holds all of `holds`, if anything.
-fn agent(ns: &str, engine_port: u16, holds: Option<ContentId>) -> mpsc::Sender<Ask> {
+/// engine (port `engine_port`) holds all of `holds`, if anything; it keeps signed manifests
+/// in `manifest_dir`.
+fn agent(ns: &str, engine_port: u16, holds: Option<ContentId>, manifest_dir: &std::path::Path) -> mpsc::Sender<Ask> {
+    let manifest_dir = manifest_dir.to_path_buf();
     let (tx, rx) = mpsc::channel::<Ask>();
     let ns = ns.to_string();
     std::thread::spawn(move || {
@@ -125,6 +129,7 @@ fn agent(ns: &str, engine_port: u16, holds: Option<ContentId>) -> mpsc::Sender<A
                 scan_per_sec: 0,
                 scan_prefix_min: 24,
                 lookup_ms: 500,
+                manifest_dir,
             };
             let keys = Keys::new(DeploymentKey::derive(b"ltdisc test"));
             let d = Discovery::start(settings, &keys, engine_port, Handle::new(etx));
@@ -153,6 +158,9 @@ fn agent(ns: &str, engine_port: u16, holds: Option<ContentId>) -> mpsc::Sender<A
                         let _ = back.send(ips);
                     }
                     Ask::SiteKind(k) => d.set_site_kind(k),
+                    Ask::Manifest(id, peer, back) => {
+                        let _ = back.send(d.fetch_manifest(id, peer).await.map_err(|e| e.to_string()));
+                    }
                     Ask::Stop => break,
                 }
             }
@@ -189,8 +197,9 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 fn discovery_finds_holders_on_a_real_lan_and_obeys_site_roles() {
     let Some(lan) = Lan::new() else { return };
     let id = ContentId::of(b"package on the LAN");
-    let holder = agent(&lan.a, 4600, Some(id));
-    let asker = agent(&lan.b, 4700, None);
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let holder = agent(&lan.a, 4600, Some(id), dirs.0.path());
+    let asker = agent(&lan.b, 4700, None, dirs.1.path());
 
     // Broadcast: the holder answers with its engine port, at its address on the shared subnet.
     let mut found = Vec::new();
@@ -210,6 +219,24 @@ fn discovery_finds_holders_on_a_real_lan_and_obeys_site_roles() {
     wait_until("the holder's peer table lists the asker", || {
         peers(&holder).contains(&lan.addr(2))
     });
+
+    // The signed manifest the holder kept (three chunks' worth) comes across byte-exact; one it
+    // does not keep gets no answer, and the asker says so.
+    let signed = lowtide_agent::server::SignedManifest {
+        manifest: format!("{{\"id\":\"{id}\",\"pad\":\"{}\"}}", "x".repeat(2500)),
+        signature: "5a".repeat(64),
+        public_key: String::new(),
+    };
+    lowtide_agent::manifests::save(dirs.0.path(), &id, &signed).unwrap();
+    let ask_manifest = |id| {
+        let (tx, rx) = mpsc::channel();
+        asker.send(Ask::Manifest(id, lan.addr(1), tx)).unwrap();
+        rx.recv_timeout(Duration::from_secs(30)).unwrap()
+    };
+    let got = ask_manifest(id).expect("the manifest from the holder");
+    assert_eq!(got, lowtide_agent::manifests::to_bytes(&signed).unwrap());
+    let e = ask_manifest(ContentId::of(b"nobody has this")).unwrap_err();
+    assert!(e.contains("did not send the manifest"), "{e}");
 
     // A Wi-Fi agent does not broadcast but still finds the holder (unicast to known peers).
     asker.send(Ask::SiteKind(Some("wifi"))).unwrap();

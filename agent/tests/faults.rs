@@ -238,7 +238,8 @@ fn agents_keep_going_when_the_server_dies_and_resync_when_it_returns() {
         bytes.len() as u64,
         "all of it from the peer: {r}"
     );
-    // c, with no manifest yet, gets a clear error and loses nothing.
+    // c, with no manifest yet, gets a clear error and loses nothing (these agents run without
+    // discovery, so no peer can stand in for the server; netns.rs has the case where one does).
     let e = c.fails(&[
         "get",
         &id.to_string(),

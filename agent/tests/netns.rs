@@ -1047,3 +1047,69 @@ fn netns_cli_get_and_status_as_a_user_would() {
     let peers = u.ok(&["peers"]);
     assert!(peers.contains(&lab.peer("p")), "{peers}");
 }
+
+#[test]
+#[expect(
+    clippy::disallowed_methods,
+    reason = "a fault test reports how long the gets took without the server (never asserted)"
+)]
+fn netns_a_fresh_agent_gets_from_a_peer_while_the_server_is_down() {
+    if !is_root() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let bytes = data(6 * MIB + 11, 62);
+    let id = lab.srv().publish(&bytes, "offline", "1");
+    let root = lab.root().to_path_buf();
+    let out = |n: &str| root.join(n);
+    // p gets it with the server up, and keeps the signed manifest for peers.
+    let p = lab.agent("p", Site::Hq);
+    p.get_json(&id, &out("p.bin"));
+    let kept = root.join("p/state/manifests").join(id.to_string());
+    let signed = std::fs::read(&kept).expect("p kept the signed manifest");
+    // Two fresh agents on p's subnet: enrolled, nothing held, no manifest.
+    let f = lab.agent("f", Site::Hq);
+    let g = lab.agent("g", Site::Hq);
+    for a in [&f, &g] {
+        wait_for("discovery role from a heartbeat answer", || {
+            a.status()["discovery"]["role"].is_object().then_some(())
+        });
+    }
+    lab.srv.as_mut().unwrap().crash();
+
+    // p's manifest changed on disk (the size in it): g refuses it (pinned key), stores nothing.
+    let mut forged = signed.clone();
+    let text = String::from_utf8(forged.split_off(64)).unwrap();
+    let size = bytes.len().to_string();
+    assert!(text.contains(&size), "{text}");
+    forged.extend_from_slice(text.replace(&size, &(bytes.len() + 1).to_string()).as_bytes());
+    std::fs::write(&kept, &forged).unwrap();
+    let e = g.fails(&["get", &id.to_string(), "--to", out("g.bin").to_str().unwrap()]);
+    assert!(e.contains("signature does not verify"), "{e}");
+    assert!(!out("g.bin").exists());
+    assert!(
+        !g.ok(&["cache", "ls"]).contains(&id.to_string()),
+        "nothing of it cached"
+    );
+
+    // As the server signed it: f gets it from p without the server, byte-exact.
+    std::fs::write(&kept, &signed).unwrap();
+    let t = std::time::Instant::now();
+    let r = f.get_json(&id, &out("f.bin"));
+    let f_secs = t.elapsed().as_secs_f64();
+    assert_eq!(std::fs::read(out("f.bin")).unwrap(), bytes, "byte-exact: {r}");
+    assert_eq!(r["bytes_from_peers"].as_u64(), Some(bytes.len() as u64), "{r}");
+    assert!(r["sources"].to_string().contains("the server is unreachable"), "{r}");
+    // f now keeps the manifest too, and serves the next agent like p did.
+    let e = g.fails(&["get", &ContentId::of(b"never published").to_string()]);
+    assert!(e.contains("no peer could stand in for it"), "{e}");
+    let t = std::time::Instant::now();
+    let rg = g.get_json(&id, &out("g.bin"));
+    assert_eq!(std::fs::read(out("g.bin")).unwrap(), bytes, "byte-exact: {rg}");
+    println!(
+        "server down: a manifest changed on the peer's disk was refused (nothing stored); f got {} bytes \
+         from its peer in {f_secs:.2} s, then g in {:.2} s, byte-exact, without the server",
+        bytes.len(),
+        t.elapsed().as_secs_f64()
+    );
+}

@@ -1,6 +1,7 @@
 //! Every discovery datagram goes through `discovery::wire::decode` and then
-//! the discovery core; neither may panic, whatever the bytes, and a packet
-//! that decodes encodes back to the same bytes.
+//! the discovery core; neither may panic, whatever the bytes, and a query
+//! (content or manifest) that decodes encodes back to the same bytes; no
+//! answer is larger than its query.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -35,6 +36,23 @@ fuzz_target!(|data: &[u8]| {
                         let r = core.reply(NOW, &msg, 500, false, true);
                         assert!(r.len() < buf.len(), "a reply is smaller than its query");
                     }
+                }
+                Ok(m) if m.kind == wire::KIND_MANIFEST_QUERY => {
+                    let content = m.content.expect("a manifest query names its content");
+                    let again =
+                        wire::encode_manifest_query(&key, m.sent_ms, m.sender, m.nonce, content, m.port, m.offset);
+                    assert_eq!(&again[..], &buf[..], "a manifest query decodes and encodes back to itself");
+                    if let Incoming::Query { msg, .. } = core.on_datagram(NOW, from, &buf) {
+                        // The input itself as the kept signed manifest.
+                        if let Some(r) = core.manifest_chunk(NOW, &msg, data) {
+                            assert!(r.len() < buf.len(), "a chunk is smaller than its query");
+                        }
+                    }
+                }
+                Ok(m) if m.kind == wire::KIND_MANIFEST_CHUNK => {
+                    assert_eq!(wire::chunk_data(&buf, &m).len(), m.len as usize);
+                    assert!(m.offset as u64 + m.len as u64 <= m.total as u64);
+                    let _ = core.on_datagram(NOW, from, &buf);
                 }
                 _ => {
                     let _ = core.on_datagram(NOW, from, &buf);

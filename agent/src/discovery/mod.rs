@@ -131,6 +131,16 @@ pub enum Incoming {
     Own,
 }
 
+/// A manifest query waiting for its chunk.
+struct PendingChunk {
+    content: ContentId,
+    offset: u32,
+    from: IpAddr,
+    expires_ms: u64,
+    /// The chunk, once it came: (total, bytes).
+    got: Option<(u32, Vec<u8>)>,
+}
+
 struct Pending {
     content: Option<ContentId>,
     how: How,
@@ -157,6 +167,7 @@ pub struct Core {
     peer_timeout_ms: u64,
     peers: HashMap<IpAddr, Peer>,
     pending: HashMap<u64, Pending>,
+    chunks: HashMap<u64, PendingChunk>,
     seen: HashMap<(u64, u64), u64>,
     buckets: HashMap<IpAddr, Bucket>,
     stats: Stats,
@@ -172,6 +183,7 @@ impl Core {
             peer_timeout_ms,
             peers: HashMap::new(),
             pending: HashMap::new(),
+            chunks: HashMap::new(),
             seen: HashMap::new(),
             buckets: HashMap::new(),
             stats: Stats::default(),
@@ -233,7 +245,8 @@ impl Core {
             return Incoming::Own;
         }
         match msg.kind {
-            wire::KIND_QUERY => self.on_query(now_ms, from, msg),
+            wire::KIND_QUERY | wire::KIND_MANIFEST_QUERY => self.on_query(now_ms, from, msg),
+            wire::KIND_MANIFEST_CHUNK => self.on_chunk(now_ms, from, msg, wire::chunk_data(buf, &msg)),
             _ => self.on_reply(now_ms, from, msg),
         }
     }
@@ -336,6 +349,70 @@ impl Core {
         Incoming::Reply
     }
 
+    /// A query to `to` for the signed manifest of `content` from byte `offset`, under a fresh
+    /// `nonce`; the chunk that answers it is kept for [`take_chunk`](Self::take_chunk).
+    pub fn manifest_query(
+        &mut self,
+        now_ms: u64,
+        nonce: u64,
+        content: ContentId,
+        offset: u32,
+        to: IpAddr,
+    ) -> [u8; wire::MANIFEST_QUERY_BYTES] {
+        if self.chunks.len() >= PENDING_MAX {
+            self.chunks.retain(|_, p| p.expires_ms > now_ms);
+            if self.chunks.len() >= PENDING_MAX {
+                if let Some(k) = self.chunks.iter().min_by_key(|(_, p)| p.expires_ms).map(|(k, _)| *k) {
+                    self.chunks.remove(&k);
+                }
+            }
+        }
+        self.chunks.insert(
+            nonce,
+            PendingChunk {
+                content,
+                offset,
+                from: to,
+                expires_ms: now_ms + PENDING_MS,
+                got: None,
+            },
+        );
+        self.stats.queries_sent += 1;
+        wire::encode_manifest_query(&self.key, now_ms, self.me, nonce, content, self.port, offset)
+    }
+
+    /// The answer to a manifest query [`on_datagram`](Self::on_datagram) handed out: the part
+    /// of `signed` (signature, then the signed JSON) it asks for; `None` past its end.
+    pub fn manifest_chunk(
+        &mut self,
+        now_ms: u64,
+        query: &Message,
+        signed: &[u8],
+    ) -> Option<[u8; wire::MANIFEST_CHUNK_BYTES]> {
+        let c = wire::encode_manifest_chunk(&self.key, now_ms, self.me, query, self.port, signed)?;
+        self.stats.queries_answered += 1;
+        Some(c)
+    }
+
+    fn on_chunk(&mut self, now_ms: u64, from: SocketAddr, msg: Message, data: &[u8]) -> Incoming {
+        let Some(p) = self.chunks.get_mut(&msg.nonce).filter(|p| p.expires_ms > now_ms) else {
+            return self.drop_count("unsolicited");
+        };
+        if Some(p.content) != msg.content || p.offset != msg.offset || p.from != from.ip() || p.got.is_some() {
+            return self.drop_count("unsolicited");
+        }
+        p.got = Some((msg.total, data.to_vec()));
+        self.stats.replies_taken += 1;
+        Incoming::Reply
+    }
+
+    /// The chunk that answered the manifest query sent under `nonce`, once it came
+    /// (then the query is forgotten): (total bytes of the signed manifest, this chunk's bytes).
+    pub fn take_chunk(&mut self, nonce: u64) -> Option<(u32, Vec<u8>)> {
+        let got = self.chunks.get(&nonce)?.got.is_some();
+        got.then(|| self.chunks.remove(&nonce).and_then(|p| p.got)).flatten()
+    }
+
     /// The replies to the content query sent under `nonce` (it stops waiting for more).
     pub fn take_found(&mut self, nonce: u64) -> Vec<Found> {
         self.pending.remove(&nonce).map(|p| p.found).unwrap_or_default()
@@ -349,6 +426,7 @@ impl Core {
             .retain(|_, p| now_ms.saturating_sub(p.last_seen_ms) <= timeout);
         self.stats.peers_dropped += (before - self.peers.len()) as u64;
         self.pending.retain(|_, p| p.expires_ms > now_ms);
+        self.chunks.retain(|_, p| p.expires_ms > now_ms);
         self.seen.retain(|_, exp| *exp > now_ms);
     }
 

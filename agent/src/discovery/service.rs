@@ -24,6 +24,11 @@ use crate::worker::{Cmd, Handle};
 pub const NEIGHBOURS_MAX: usize = 256;
 /// Most content queries being answered at once (each asks the engine what it holds).
 pub const ANSWERS_IN_FLIGHT_MAX: usize = 16;
+/// How long one manifest chunk is waited for, and how many times it is asked for.
+const CHUNK_WAIT: Duration = Duration::from_millis(500);
+const CHUNK_TRIES: usize = 3;
+/// How often a pending chunk is looked for.
+const CHUNK_POLL: Duration = Duration::from_millis(10);
 /// How often the round loop looks whether a round is due.
 const ROUND_CHECK: Duration = Duration::from_secs(1);
 
@@ -37,6 +42,8 @@ pub struct Settings {
     pub scan_per_sec: u32,
     pub scan_prefix_min: u8,
     pub lookup_ms: u64,
+    /// Signed manifests kept by `get` ([`crate::manifests`]), handed to peers that ask.
+    pub manifest_dir: std::path::PathBuf,
 }
 
 impl Settings {
@@ -49,6 +56,7 @@ impl Settings {
             scan_per_sec: c.discovery_scan_per_sec,
             scan_prefix_min: c.discovery_scan_prefix_min,
             lookup_ms: c.discovery_lookup_ms,
+            manifest_dir: crate::manifests::dir(&c.state_dir),
         }
     }
 }
@@ -216,6 +224,29 @@ impl Discovery {
             if !self.role().answer {
                 continue;
             }
+            if msg.kind == wire::KIND_MANIFEST_QUERY {
+                let Some(id) = msg.content else { continue };
+                let Ok(permit) = self.answering.clone().try_acquire_owned() else {
+                    continue;
+                };
+                let d = self.clone();
+                tokio::spawn(async move {
+                    let dir = d.settings.manifest_dir.clone();
+                    let signed = tokio::task::spawn_blocking(move || {
+                        crate::manifests::load_bytes(&dir, &id, wire::MANIFEST_BYTES_MAX)
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    // Not kept here: stay silent, as for content this agent does not hold.
+                    let chunk = signed.and_then(|s| lock(&d.core).manifest_chunk(now_ms(), &msg, &s));
+                    if let Some(c) = chunk {
+                        d.send(&c, from).await;
+                    }
+                    drop(permit);
+                });
+                continue;
+            }
             let Some(id) = msg.content else {
                 let r = lock(&self.core).reply(now_ms(), &msg, 0, false, self.serving.load(Ordering::Relaxed));
                 self.send(&r, from).await;
@@ -351,6 +382,55 @@ impl Discovery {
             .collect()
     }
 
+    /// The signed manifest of `id` as `peer` (on this agent's subnets) kept it: signature,
+    /// then the signed text ([`crate::manifests`]). Not checked here: the caller checks it
+    /// against the pinned server key before it trusts or stores anything.
+    pub async fn fetch_manifest(&self, id: ContentId, peer: IpAddr) -> anyhow::Result<Vec<u8>> {
+        if self.sock.is_none() {
+            anyhow::bail!(
+                "discovery is not running ({})",
+                self.error.as_deref().unwrap_or("no socket")
+            );
+        }
+        if !in_my_subnets(&my_subnets(), peer) {
+            anyhow::bail!("{peer} is not on this agent's subnets");
+        }
+        let to = SocketAddr::new(peer, self.settings.port);
+        let mut out: Vec<u8> = Vec::new();
+        let mut total: Option<u32> = None;
+        while total.is_none_or(|t| out.len() < t as usize) {
+            let offset = out.len() as u32;
+            let mut got = None;
+            'tries: for _ in 0..CHUNK_TRIES {
+                let nonce = rand::random::<u64>();
+                let pkt = lock(&self.core).manifest_query(now_ms(), nonce, id, offset, peer);
+                self.send(&pkt, to).await;
+                for _ in 0..(CHUNK_WAIT.as_millis() / CHUNK_POLL.as_millis()) {
+                    tokio::time::sleep(CHUNK_POLL).await;
+                    if let Some(c) = lock(&self.core).take_chunk(nonce) {
+                        got = Some(c);
+                        break 'tries;
+                    }
+                }
+            }
+            let Some((t, bytes)) = got else {
+                anyhow::bail!(
+                    "{peer} did not send the manifest of {} (from byte {offset})",
+                    id.short()
+                );
+            };
+            if total.is_some_and(|x| x != t) {
+                anyhow::bail!(
+                    "{peer} sent parts of two manifests of {} of different sizes",
+                    id.short()
+                );
+            }
+            total = Some(t);
+            out.extend_from_slice(&bytes);
+        }
+        Ok(out)
+    }
+
     /// The hook for `get`: add peers on the local subnets that hold `id` to
     /// `peers` (same-site, foreground), unless the server named them already.
     pub async fn add_peers(&self, id: ContentId, peers: &mut Vec<(SocketAddr, String)>) {
@@ -408,7 +488,10 @@ impl Discovery {
                 "last_seen_secs": now.saturating_sub(p.last_seen_ms) / 1000,
             })).collect::<Vec<_>>(),
             "stats": core.stats(),
-            "packet_bytes": {"query": wire::QUERY_BYTES, "reply": wire::REPLY_BYTES},
+            "packet_bytes": {
+                "query": wire::QUERY_BYTES, "reply": wire::REPLY_BYTES,
+                "manifest_query": wire::MANIFEST_QUERY_BYTES, "manifest_chunk": wire::MANIFEST_CHUNK_BYTES,
+            },
         })
     }
 }

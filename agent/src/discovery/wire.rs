@@ -1,17 +1,25 @@
 //! The discovery wire format, version 1.
 //!
 //! Discovery packets are UDP datagrams on the discovery port (4501 by
-//! default), separate from the engine's transfer packets. There are two
+//! default), separate from the engine's transfer packets. There are four
 //! kinds, each of one fixed length:
 //!
 //! | kind | bytes | sent to | meaning |
 //! |---|---|---|---|
 //! | `Query` 1 | [`QUERY_BYTES`] (128) | a subnet's broadcast address, or one address | "who holds `content`?" (all zeros: "is an agent there?") |
 //! | `Reply` 2 | [`REPLY_BYTES`] (88) | the query's source address | "I do, this much, fetch it from my engine port" |
+//! | `ManifestQuery` 3 | [`MANIFEST_QUERY_BYTES`] (1200) | one peer that holds `content` | "send me the server-signed manifest of `content`, from byte `offset`" |
+//! | `ManifestChunk` 4 | [`MANIFEST_CHUNK_BYTES`] (1184) | the query's source address | "here are `len` bytes of it from `offset`, of `total`" |
 //!
 //! A reply is always smaller than the query that caused it (queries are
 //! padded with zeros), so discovery cannot amplify traffic toward a spoofed
 //! source; replies are also rate-limited per source address.
+//!
+//! The manifest kinds let an agent start a download while the server is
+//! unreachable: the signed manifest comes from a peer and is checked against
+//! the server key pinned at enrolment before anything is stored (a peer can
+//! withhold it, never forge it). What they carry is the manifest as the server
+//! signed it: the 64-byte Ed25519 signature, then the signed JSON text.
 //!
 //! # Layout
 //!
@@ -32,6 +40,19 @@
 //! 72     40   query only: padding, zero
 //! end-16 16   tag
 //! ```
+//!
+//! The manifest kinds share the header (flags and held_permille zero, the
+//! content id not zero), then:
+//!
+//! ```text
+//! 72      4   offset: first byte of the signed manifest asked for / carried
+//! 76      4   chunk only: total bytes of the signed manifest (at most MANIFEST_BYTES_MAX)
+//! 80      2   chunk only: len, bytes carried (at most CHUNK_DATA_MAX; offset + len <= total)
+//! 82      2   chunk only: reserved, zero
+//! 84    len   chunk only: the bytes; zero after them
+//! ```
+//!
+//! (in a query, everything from 76 to the tag is padding, zero).
 //!
 //! Integers are little-endian. Fields are read with explicit bounds-checked
 //! slicing; [`decode`] never panics, whatever the input.
@@ -57,6 +78,8 @@ pub const MAGIC: [u8; 2] = *b"LD";
 pub const VERSION: u8 = 1;
 pub const KIND_QUERY: u8 = 1;
 pub const KIND_REPLY: u8 = 2;
+pub const KIND_MANIFEST_QUERY: u8 = 3;
+pub const KIND_MANIFEST_CHUNK: u8 = 4;
 /// Bytes of the fixed header shared by both kinds.
 pub const HEADER_BYTES: usize = 72;
 pub const TAG_BYTES: usize = 16;
@@ -64,8 +87,18 @@ pub const TAG_BYTES: usize = 16;
 pub const QUERY_BYTES: usize = 128;
 /// Length of every reply.
 pub const REPLY_BYTES: usize = HEADER_BYTES + TAG_BYTES;
+/// Length of every manifest query (padded, so no chunk is larger).
+pub const MANIFEST_QUERY_BYTES: usize = 1200;
+/// Length of every manifest chunk.
+pub const MANIFEST_CHUNK_BYTES: usize = 1184;
+/// Where a chunk's bytes start.
+const CHUNK_DATA_AT: usize = 84;
+/// Most bytes one chunk carries.
+pub const CHUNK_DATA_MAX: usize = MANIFEST_CHUNK_BYTES - TAG_BYTES - CHUNK_DATA_AT;
+/// Largest signed manifest sent or taken (signature and JSON text).
+pub const MANIFEST_BYTES_MAX: usize = 32 << 10;
 /// Largest packet [`decode`] looks at; anything longer is refused unread.
-pub const PACKET_BYTES_MAX: usize = QUERY_BYTES;
+pub const PACKET_BYTES_MAX: usize = MANIFEST_QUERY_BYTES;
 /// Packets whose time is further than this from ours are stale.
 pub const CLOCK_SKEW_MS_MAX: u64 = 30_000;
 
@@ -75,6 +108,10 @@ pub const FLAG_COMPLETE: u8 = 1;
 pub const FLAG_SERVING: u8 = 2;
 
 const _: () = assert!(REPLY_BYTES < QUERY_BYTES, "a reply must never be larger than the query");
+const _: () = assert!(
+    MANIFEST_CHUNK_BYTES < MANIFEST_QUERY_BYTES,
+    "a chunk must never be larger than the query"
+);
 
 /// The key discovery packets are tagged with, derived from the deployment key
 /// (so a discovery tag can never pass for a transfer packet's, or back).
@@ -112,6 +149,20 @@ pub struct Message {
     pub content: Option<ContentId>,
     pub port: u16,
     pub held_permille: u16,
+    /// Manifest kinds: the first byte asked for or carried (0 otherwise).
+    pub offset: u32,
+    /// Manifest chunk: bytes of the whole signed manifest (0 otherwise).
+    pub total: u32,
+    /// Manifest chunk: bytes carried, at [`chunk_data`] (0 otherwise).
+    pub len: u16,
+}
+
+/// The bytes a manifest chunk carries (`buf` is the datagram `m` was decoded from).
+pub fn chunk_data<'a>(buf: &'a [u8], m: &Message) -> &'a [u8] {
+    if m.kind != KIND_MANIFEST_CHUNK {
+        return &[];
+    }
+    buf.get(CHUNK_DATA_AT..CHUNK_DATA_AT + m.len as usize).unwrap_or(&[])
 }
 
 /// Why a packet was dropped. Every variant is something a sender got wrong
@@ -136,6 +187,8 @@ pub enum DecodeError {
     Reserved,
     #[error("held share {0} is more than 1000 per mille")]
     Held(u16),
+    #[error("a manifest packet without a content id, or a chunk whose offset, length and total disagree")]
+    Chunk,
     #[error("sent {skew_ms} ms away from this agent's clock (more than {CLOCK_SKEW_MS_MAX})")]
     Stale { skew_ms: u64 },
 }
@@ -148,7 +201,7 @@ impl DecodeError {
             Self::Version(_) => "version",
             Self::Kind(_) => "malformed",
             Self::Tag => "tag",
-            Self::Reserved | Self::Held(_) => "malformed",
+            Self::Reserved | Self::Held(_) | Self::Chunk => "malformed",
             Self::Stale { .. } => "stale",
         }
     }
@@ -188,6 +241,9 @@ pub fn encode_query(
         content,
         port,
         held_permille: 0,
+        offset: 0,
+        total: 0,
+        len: 0,
     };
     write_header(&mut b, &m);
     let tag = key.tag(&b[..QUERY_BYTES - TAG_BYTES]);
@@ -215,6 +271,9 @@ pub fn encode_reply(
         content: query.content,
         port,
         held_permille: held_permille.min(1000),
+        offset: 0,
+        total: 0,
+        len: 0,
     };
     write_header(&mut b, &m);
     let tag = key.tag(&b[..HEADER_BYTES]);
@@ -222,11 +281,81 @@ pub fn encode_reply(
     b
 }
 
+/// A query for the signed manifest of `content` from byte `offset`.
+pub fn encode_manifest_query(
+    key: &DiscoveryKey,
+    sent_ms: u64,
+    sender: u64,
+    nonce: u64,
+    content: ContentId,
+    port: u16,
+    offset: u32,
+) -> [u8; MANIFEST_QUERY_BYTES] {
+    let mut b = [0u8; MANIFEST_QUERY_BYTES];
+    let m = Message {
+        kind: KIND_MANIFEST_QUERY,
+        flags: 0,
+        sent_ms,
+        sender,
+        nonce,
+        content: Some(content),
+        port,
+        held_permille: 0,
+        offset,
+        total: 0,
+        len: 0,
+    };
+    write_header(&mut b, &m);
+    b[72..76].copy_from_slice(&offset.to_le_bytes());
+    let tag = key.tag(&b[..MANIFEST_QUERY_BYTES - TAG_BYTES]);
+    b[MANIFEST_QUERY_BYTES - TAG_BYTES..].copy_from_slice(&tag);
+    b
+}
+
+/// The chunk of `signed` (the whole signed manifest) that `query` asks for; `None` when
+/// the query's offset is past its end or it is larger than [`MANIFEST_BYTES_MAX`].
+pub fn encode_manifest_chunk(
+    key: &DiscoveryKey,
+    sent_ms: u64,
+    sender: u64,
+    query: &Message,
+    port: u16,
+    signed: &[u8],
+) -> Option<[u8; MANIFEST_CHUNK_BYTES]> {
+    let at = query.offset as usize;
+    if signed.is_empty() || signed.len() > MANIFEST_BYTES_MAX || at >= signed.len() {
+        return None;
+    }
+    let part = &signed[at..signed.len().min(at + CHUNK_DATA_MAX)];
+    let mut b = [0u8; MANIFEST_CHUNK_BYTES];
+    let m = Message {
+        kind: KIND_MANIFEST_CHUNK,
+        flags: 0,
+        sent_ms,
+        sender,
+        nonce: query.nonce,
+        content: query.content,
+        port,
+        held_permille: 0,
+        offset: query.offset,
+        total: signed.len() as u32,
+        len: part.len() as u16,
+    };
+    write_header(&mut b, &m);
+    b[72..76].copy_from_slice(&m.offset.to_le_bytes());
+    b[76..80].copy_from_slice(&m.total.to_le_bytes());
+    b[80..82].copy_from_slice(&m.len.to_le_bytes());
+    b[CHUNK_DATA_AT..CHUNK_DATA_AT + part.len()].copy_from_slice(part);
+    let tag = key.tag(&b[..MANIFEST_CHUNK_BYTES - TAG_BYTES]);
+    b[MANIFEST_CHUNK_BYTES - TAG_BYTES..].copy_from_slice(&tag);
+    Some(b)
+}
+
 /// Recompute the tag of a packet of a valid length in place, as a sender
 /// holding the key would after editing it (tests and fuzzing reach the
 /// checks past the tag with it). False when `buf` has no valid length.
 pub fn retag(key: &DiscoveryKey, buf: &mut [u8]) -> bool {
-    if buf.len() != QUERY_BYTES && buf.len() != REPLY_BYTES {
+    if ![QUERY_BYTES, REPLY_BYTES, MANIFEST_QUERY_BYTES, MANIFEST_CHUNK_BYTES].contains(&buf.len()) {
         return false;
     }
     let n = buf.len() - TAG_BYTES;
@@ -241,6 +370,14 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
         x.copy_from_slice(s);
     }
     u64::from_le_bytes(x)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    if let Some(s) = b.get(at..at + 4) {
+        x.copy_from_slice(s);
+    }
+    u32::from_le_bytes(x)
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -274,6 +411,8 @@ pub fn decode(key: &DiscoveryKey, buf: &[u8], now_ms: u64) -> Result<Message, De
     let want = match kind {
         KIND_QUERY => QUERY_BYTES,
         KIND_REPLY => REPLY_BYTES,
+        KIND_MANIFEST_QUERY => MANIFEST_QUERY_BYTES,
+        KIND_MANIFEST_CHUNK => MANIFEST_CHUNK_BYTES,
         k => return Err(DecodeError::Kind(k)),
     };
     if len != want {
@@ -287,13 +426,37 @@ pub fn decode(key: &DiscoveryKey, buf: &[u8], now_ms: u64) -> Result<Message, De
         return Err(DecodeError::Tag);
     }
     let zero = |r: std::ops::Range<usize>| covered.get(r).is_some_and(|s| s.iter().all(|&b| b == 0));
-    if !(zero(5..8) && zero(68..72) && zero(HEADER_BYTES..covered.len())) {
+    let (offset, total, chunk_len) = match kind {
+        KIND_MANIFEST_QUERY => (u32_at(buf, 72), 0, 0),
+        KIND_MANIFEST_CHUNK => (u32_at(buf, 72), u32_at(buf, 76), u16_at(buf, 80)),
+        _ => (0, 0, 0),
+    };
+    // Where the padding starts: after the kind's fields (a chunk's bytes included).
+    let padding = match kind {
+        KIND_MANIFEST_QUERY => 76,
+        KIND_MANIFEST_CHUNK if (chunk_len as usize) <= CHUNK_DATA_MAX => CHUNK_DATA_AT + chunk_len as usize,
+        KIND_MANIFEST_CHUNK => return Err(DecodeError::Chunk),
+        _ => HEADER_BYTES,
+    };
+    let chunk_reserved_zero = kind != KIND_MANIFEST_CHUNK || zero(82..84);
+    if !(zero(5..8) && zero(68..72) && chunk_reserved_zero && zero(padding..covered.len())) {
         return Err(DecodeError::Reserved);
     }
     let flags = buf[4];
     let held_permille = u16_at(buf, 66);
-    if kind == KIND_QUERY && (flags != 0 || held_permille != 0) {
+    if kind != KIND_REPLY && (flags != 0 || held_permille != 0) {
         return Err(DecodeError::Reserved);
+    }
+    let manifest_kind = kind == KIND_MANIFEST_QUERY || kind == KIND_MANIFEST_CHUNK;
+    if manifest_kind && buf[32..64].iter().all(|&b| b == 0) {
+        return Err(DecodeError::Chunk);
+    }
+    if kind == KIND_MANIFEST_CHUNK
+        && (total as usize > MANIFEST_BYTES_MAX
+            || chunk_len == 0
+            || u64::from(offset) + u64::from(chunk_len) > u64::from(total))
+    {
+        return Err(DecodeError::Chunk);
     }
     if held_permille > 1000 {
         return Err(DecodeError::Held(held_permille));
@@ -314,6 +477,9 @@ pub fn decode(key: &DiscoveryKey, buf: &[u8], now_ms: u64) -> Result<Message, De
         content: (content != [0u8; 32]).then_some(ContentId(content)),
         port: u16_at(buf, 64),
         held_permille,
+        offset,
+        total,
+        len: chunk_len,
     })
 }
 
@@ -363,8 +529,8 @@ mod tests {
             );
         }
         let mut big = q.to_vec();
-        big.extend_from_slice(&[0; 600]);
-        assert_eq!(decode(&k, &big, NOW), Err(DecodeError::Oversized { len: 728 }));
+        big.extend_from_slice(&[0; 1100]);
+        assert_eq!(decode(&k, &big, NOW), Err(DecodeError::Oversized { len: 1228 }));
         // Wrong magic, version, kind (each re-tagged, so the field itself is what fails).
         let mut b = q;
         b[0] = b'X';
@@ -405,6 +571,53 @@ mod tests {
         r[66..68].copy_from_slice(&1001u16.to_le_bytes());
         assert!(retag(&k, &mut r));
         assert_eq!(decode(&k, &r, NOW), Err(DecodeError::Held(1001)));
+    }
+
+    #[test]
+    fn discovery_wire_carries_a_signed_manifest_in_chunks_never_larger_than_the_query() {
+        let k = key("s");
+        let id = ContentId::of(b"pkg");
+        let signed: Vec<u8> = (0..2500u32).map(|i| (i * 7) as u8).collect();
+        let mut got = Vec::new();
+        while got.len() < signed.len() {
+            let q = encode_manifest_query(&k, NOW, 7, 5 + got.len() as u64, id, 4500, got.len() as u32);
+            let m = decode(&k, &q, NOW).unwrap();
+            assert_eq!(
+                (m.kind, m.content, m.offset),
+                (KIND_MANIFEST_QUERY, Some(id), got.len() as u32)
+            );
+            let c = encode_manifest_chunk(&k, NOW, 8, &m, 4600, &signed).unwrap();
+            assert!(c.len() < q.len(), "no amplification");
+            let cm = decode(&k, &c, NOW).unwrap();
+            assert_eq!((cm.kind, cm.nonce, cm.total), (KIND_MANIFEST_CHUNK, m.nonce, 2500));
+            assert_eq!(cm.offset as usize, got.len());
+            got.extend_from_slice(chunk_data(&c, &cm));
+        }
+        assert_eq!(got, signed);
+        // Past the end: nothing to send.
+        let q = encode_manifest_query(&k, NOW, 7, 1, id, 4500, 2500);
+        assert!(encode_manifest_chunk(&k, NOW, 8, &decode(&k, &q, NOW).unwrap(), 1, &signed).is_none());
+        // A chunk whose length runs past its total, or over the most a chunk carries, or
+        // with bytes after its length: refused even when correctly tagged.
+        let q = encode_manifest_query(&k, NOW, 7, 1, id, 4500, 0);
+        let c = encode_manifest_chunk(&k, NOW, 8, &decode(&k, &q, NOW).unwrap(), 1, &signed).unwrap();
+        let mut b = c;
+        b[76..80].copy_from_slice(&100u32.to_le_bytes());
+        assert!(retag(&k, &mut b));
+        assert_eq!(decode(&k, &b, NOW), Err(DecodeError::Chunk));
+        let mut b = c;
+        b[80..82].copy_from_slice(&(CHUNK_DATA_MAX as u16 + 1).to_le_bytes());
+        assert!(retag(&k, &mut b));
+        assert_eq!(decode(&k, &b, NOW), Err(DecodeError::Chunk));
+        let mut b = c;
+        b[80..82].copy_from_slice(&10u16.to_le_bytes());
+        assert!(retag(&k, &mut b));
+        assert_eq!(decode(&k, &b, NOW), Err(DecodeError::Reserved));
+        // A manifest query without a content id.
+        let mut b = q;
+        b[32..64].fill(0);
+        assert!(retag(&k, &mut b));
+        assert_eq!(decode(&k, &b, NOW), Err(DecodeError::Chunk));
     }
 
     #[test]
