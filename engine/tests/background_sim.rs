@@ -330,18 +330,18 @@ mod sender_bottleneck {
 
     /// Background delivery rate (bytes/s) per 1 ms tick.
     fn run(seed: u64, monitor: bool) -> Vec<f64> {
-        run_with(seed, monitor, true, 0)
+        run_with(seed, monitor, true, 0, BASE_RTT)
     }
 
     /// `fg`: the foreground flow runs from 3 s to 6 s; `spike_ms`: every second from
     /// 0.5 s, the one-way delay jumps by 60 ms for this long (a stalled hop, such as a
     /// user-space delay line on a loaded machine: no queue at the bottleneck).
-    fn run_with(seed: u64, monitor: bool, with_fg: bool, spike_ms: u64) -> Vec<f64> {
+    fn run_with(seed: u64, monitor: bool, with_fg: bool, spike_ms: u64, base_rtt: Duration) -> Vec<f64> {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
         let mut c = Background::new(BackgroundConfig::default());
         let clock_offset_us: i64 = rng.gen_range(-1_000_000_000..1_000_000_000);
         let mut rates = Vec::new();
-        let mut srtt = BASE_RTT;
+        let mut srtt = base_rtt;
         for t in 1..END_MS {
             let now = Time(t * 1000);
             let fg = with_fg && (FG_START_MS..FG_END_MS).contains(&t);
@@ -350,7 +350,7 @@ mod sender_bottleneck {
             } else {
                 0
             };
-            let bdp = LINK * BASE_RTT.as_secs_f64();
+            let bdp = LINK * base_rtt.as_secs_f64();
             // Queueing delay: what the background's excess window stands in the queue when
             // alone; what TCP small queues keep there while the foreground sends.
             let q_s = if fg {
@@ -358,7 +358,7 @@ mod sender_bottleneck {
             } else {
                 ((c.window() as f64 - bdp).max(0.0)) / LINK
             };
-            let rtt = BASE_RTT + Duration::from_secs_f64(q_s);
+            let rtt = base_rtt + Duration::from_secs_f64(q_s);
             srtt = (srtt * 7 + rtt) / 8;
             // Two flows sharing the qdisc split it at best evenly (the bench saw the
             // foreground at 42-48 % of its solo throughput while the background kept sending).
@@ -387,8 +387,10 @@ mod sender_bottleneck {
                     acked_bytes: acked,
                     rtt: Some(rtt),
                     srtt,
-                    min_rtt: BASE_RTT,
-                    one_way_delay_us: Some(clock_offset_us + 10_000 + (q_s * 1e6) as i64 + jitter_us + spike_us),
+                    min_rtt: base_rtt,
+                    one_way_delay_us: Some(
+                        clock_offset_us + base_rtt.as_micros() as i64 / 2 + (q_s * 1e6) as i64 + jitter_us + spike_us,
+                    ),
                     in_flight: c.window(),
                     app_limited: false,
                 },
@@ -446,7 +448,9 @@ mod sender_bottleneck {
     #[test]
     fn background_recovers_from_delay_spikes_that_are_not_a_queue() {
         for seed in [411, 412] {
-            let rates = run_with(seed, true, false, 30);
+            // At 80 ms the same spikes cost 37 % (utilisation 0.63): regrowing from the
+            // minimum window takes 7-8 round trips each time. Not solved yet.
+            let rates = run_with(seed, true, false, 30, BASE_RTT);
             let util = share(&rates, 1_000, END_MS - 20);
             eprintln!("seed {seed}: 30 ms delay spikes every second: utilisation {util:.3}");
             assert!(util >= 0.90, "seed {seed}: utilisation {util:.3} with delay spikes");
