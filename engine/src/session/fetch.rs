@@ -325,7 +325,7 @@ pub const SOURCES_MAX: usize = 64;
 /// Most spare block buffers kept for reuse.
 const SPARE_BUFFERS_MAX: usize = 256;
 /// A source's peak rate, which its request window follows, halves in this long.
-pub const RATE_PEAK_HALF_LIFE: Duration = Duration::from_secs(10);
+pub const RATE_PEAK_HALF_LIFE: Duration = Duration::from_secs(60);
 
 /// A fetch of one content.
 pub struct Fetch {
