@@ -810,6 +810,30 @@ impl Fetch {
         }
     }
 
+    /// Ask source `i` to forget block `b` (a Cancel goes out before any new request to it):
+    /// a block taken away from a source that stalled or was late is requested again, often
+    /// from the same source, and the server would otherwise send it twice.
+    fn push_cancel(&mut self, i: usize, b: u64) {
+        let c = &mut self.sources[i].want_cancel;
+        match c.last_mut() {
+            Some((s, n)) if *s + *n as u64 == b && *n < u32::MAX => *n += 1,
+            _ => c.push((b, 1)),
+        }
+    }
+
+    /// Cancel at source `i` every block it was asked for and has not delivered.
+    fn cancel_all(&mut self, i: usize) {
+        let mine: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| f.sources.contains(&i))
+            .map(|(b, _)| *b)
+            .collect();
+        for b in mine {
+            self.push_cancel(i, b);
+        }
+    }
+
     /// Take every block away from source `i`.
     fn unassign_all(&mut self, i: usize) {
         let mine: Vec<u64> = self
@@ -1125,6 +1149,7 @@ impl Fetch {
             }
             self.sources[i].strikes = strikes;
             self.sources[i].last_data = now;
+            self.cancel_all(i);
             self.unassign_all(i);
             if self.table_fetch.as_ref().is_some_and(|(src, _, _)| *src == i) {
                 self.sources[i].want_table = true; // the table request or its data was lost: ask again
@@ -1147,6 +1172,7 @@ impl Fetch {
             .map(|(b, s, _)| (b, s))
             .collect();
         for (b, s) in late {
+            self.push_cancel(s, b);
             self.unassign(b, s);
         }
     }
@@ -1262,5 +1288,69 @@ mod tests {
         let st = f.sources();
         assert_eq!(st[0].sealed_rejected, 2, "{st:?}");
         assert_eq!(st[0].payload_bytes, 0, "nothing refused was taken: {st:?}");
+    }
+
+    /// Issue 6: a source that stalls gets its blocks requested again, and the server must not
+    /// send them twice: the blocks taken away are cancelled at that source before the new request.
+    #[test]
+    fn fetch_cancels_blocks_taken_from_a_stalled_source_before_asking_again() {
+        let key = DeploymentKey::derive(b"t");
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        let table = BlockTable::from_bytes(&data, 0); // 1 KiB blocks
+        let count = table.geometry().block_count();
+        let mut f = Fetch::new(
+            key.clone(),
+            table.root(),
+            FetchConfig::default(),
+            Some((table, BlockSet::new(count))),
+            1,
+        );
+        let src: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        f.add_source(Time(0), src);
+        let mut buf = vec![0u8; 2048];
+        let t = f.poll_transmit(Time(0), &mut buf).unwrap();
+        let session = match decode(&key, &buf[..t.len]).unwrap() {
+            Packet::Request { session, .. } => session,
+            p => panic!("{p:?}"),
+        };
+        let a = wire::AcceptFixed {
+            content: f.content().0,
+            nonce: 99.into(),
+            size: (data.len() as u64).into(),
+            block_chunks_log: 0,
+            flags: wire::ACCEPT_COMPLETE,
+            payload_max: 1400.into(),
+            reserved: [0; 4],
+        };
+        let n = wire::encode_accept(&key, &mut buf, session, &a);
+        f.handle(Time(1), src, &decode(&key, &buf[..n].to_vec()).unwrap());
+        // Every control datagram now: (kind, blocks named).
+        let drain = |f: &mut Fetch, now: Time| {
+            let mut buf = vec![0u8; 2048];
+            let mut out = Vec::new();
+            while let Some(t) = f.poll_transmit(now, &mut buf) {
+                match decode(&key, &buf[..t.len]).unwrap() {
+                    Packet::Request { ranges, .. } => {
+                        out.push(("request", ranges.iter().map(|r| r.count.get() as u64).sum::<u64>()))
+                    }
+                    Packet::Cancel { ranges, .. } => {
+                        out.push(("cancel", ranges.iter().map(|r| r.count.get() as u64).sum::<u64>()))
+                    }
+                    _ => {}
+                }
+            }
+            out
+        };
+        let first = drain(&mut f, Time(2));
+        assert_eq!(first, vec![("request", count)], "the whole content asked for at once");
+        // Nothing arrives for longer than the stall timeout.
+        let later = Time(2) + f.cfg.stall_timeout + Duration::from_millis(200);
+        f.handle_timeout(later);
+        let again = drain(&mut f, later);
+        assert_eq!(
+            again,
+            vec![("cancel", count), ("request", count)],
+            "the stalled blocks are cancelled before they are asked for again"
+        );
     }
 }
