@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use lowtide_engine::content::ContentId;
+use lowtide_engine::content::{BlockTable, ContentId};
 use lowtide_engine::endpoint::{Endpoint, EndpointConfig};
 use lowtide_engine::store::Store;
 use lowtide_engine::wire::DeploymentKey;
@@ -1146,6 +1146,7 @@ async fn get(
         path: PathBuf::new(),
         site: None,
         you_are_rvp: false,
+        received: Vec::new(),
     };
     let cached = before.as_ref().is_some_and(|h| h.complete);
     if !cached {
@@ -1374,20 +1375,30 @@ struct Watch {
     /// Blocks verified per source address: (as last seen in the engine's figures, total).
     /// Counted here because the engine reuses a dropped source's slot for the next one.
     verified: HashMap<SocketAddr, (u64, u64)>,
+    /// Payload bytes received per source address, counted the same way.
+    payload: HashMap<SocketAddr, (u64, u64)>,
     /// Ticks since the engine's fetch finished while the store does not show it complete yet.
     finishing: u64,
+    /// Loop ticks since the download started.
+    ticks: u64,
+    /// Dropped sources to give the engine again at this tick: the upstream (an RVP the server
+    /// still names is not gone) and peers that refused for now (busy).
+    retry_at: HashMap<SocketAddr, u64>,
+    /// The last engine drop (its sequence number) looked at.
+    drops_seen: u64,
 }
 
 impl Watch {
     /// Take the engine's per-source figures into the per-address totals.
     fn count(&mut self, views: &[crate::worker::SourceView]) {
+        // A source given again starts from zero.
+        fn add((last, total): &mut (u64, u64), now: u64) {
+            *total += now.saturating_sub(if now < *last { 0 } else { *last });
+            *last = now;
+        }
         for v in views {
-            let (last, total) = self.verified.entry(v.addr).or_default();
-            // A source given again starts from zero.
-            *total += v
-                .blocks_verified
-                .saturating_sub(if v.blocks_verified < *last { 0 } else { *last });
-            *last = v.blocks_verified;
+            add(self.verified.entry(v.addr).or_default(), v.blocks_verified);
+            add(self.payload.entry(v.addr).or_default(), v.payload_bytes);
         }
     }
 
@@ -1425,9 +1436,10 @@ async fn apply(
     let mut new = false;
     for n in choose(plan, &missing, defer_done) {
         let in_use = views.iter().any(|v| v.addr == n.addr && !v.dropped);
+        let retry_due = w.retry_at.get(&n.addr).is_some_and(|t| w.ticks >= *t);
         let again = match w.given.get(&n.addr) {
             None => true,
-            Some(h) => !in_use && (n.held_bytes > *h || (Some(n.addr) == upstream && !n.complete)),
+            Some(h) => !in_use && (n.held_bytes > *h || (Some(n.addr) == upstream && !n.complete) || retry_due),
         };
         if in_use || !again {
             continue;
@@ -1442,6 +1454,7 @@ async fn apply(
             done.sources.push(format!("{how} {}", n.why));
         }
         w.given.insert(n.addr, n.held_bytes);
+        w.retry_at.remove(&n.addr);
         if n.background {
             w.background.insert(n.addr);
             w.wan.insert(n.addr);
@@ -1463,6 +1476,110 @@ async fn apply(
     Ok(new)
 }
 
+/// Longest a download waits for its block table from its site's RVP and peers before it asks
+/// the server (in the head office, across the WAN for a branch).
+const TABLE_FROM_PEERS_WAIT: Duration = Duration::from_secs(10);
+
+/// The content's block table: from the store when held; else from this agent's upstream (its
+/// site's RVP, or the parent site's RVP over the background protocol) and the same-site peers
+/// that hold some of it (the table is verified against the content id, so any peer may serve
+/// it, and it does not cross the WAN once per agent behind the link: a Wi-Fi site's RVP takes
+/// it from its wired parent site); else, or when none sends it within
+/// [`TABLE_FROM_PEERS_WAIT`], from the server (the top site's RVP).
+async fn table_for(sh: &Shared, id: ContentId, plan: &Plan) -> anyhow::Result<BlockTable> {
+    if let Some(t) = sh.engine.call(|reply| Cmd::Table { id, reply }).await? {
+        return Ok(t);
+    }
+    let peers: Vec<(SocketAddr, bool)> = plan
+        .peers
+        .iter()
+        .filter(|p| p.held_bytes > 0)
+        .chain(plan.upstream.iter())
+        .map(|n| (n.addr, n.background))
+        .collect();
+    if !peers.is_empty() {
+        let polls = (TABLE_FROM_PEERS_WAIT.as_millis() / TICK.as_millis()) as u64;
+        for i in 0..polls {
+            // Peers that refused or do not hold it yet (an RVP that is just starting) are asked again.
+            if i % RETRY_TICKS == 0 {
+                sh.engine.send(Cmd::FetchTable {
+                    id,
+                    peers: peers.clone(),
+                    encrypt: sh.cfg.encrypt_p2p,
+                });
+            }
+            tokio::time::sleep(TICK).await;
+            if let Some(t) = sh.engine.call(|reply| Cmd::Table { id, reply }).await? {
+                tracing::debug!("{}: block table from site peers {peers:?}", id.short());
+                return Ok(t);
+            }
+        }
+        tracing::info!(
+            "{}: no site peer sent the block table in {} s; asking the server",
+            id.short(),
+            TABLE_FROM_PEERS_WAIT.as_secs()
+        );
+    }
+    sh.client.table(&sh.cred.credential, &id).await
+}
+
+/// Loop ticks before a dropped upstream, or a peer that refused for now, is asked again.
+const RETRY_TICKS: u64 = 4;
+
+/// The upstream (site RVP, or parent site's RVP) as a download sees it.
+#[derive(Debug, Clone, Copy)]
+struct UpstreamState {
+    /// Reached over the background protocol (the parent site's RVP).
+    background: bool,
+    /// The server says it holds the whole content.
+    complete: bool,
+    /// The engine dropped it (no answer, stalled, refused...).
+    dropped: bool,
+}
+
+/// What a download knows when it decides whether to fetch the rest from the origin.
+#[derive(Debug, Clone, Copy)]
+struct Standing {
+    /// The upstream the server names (`None`: nobody upstream, the top site's RVP).
+    upstream: Option<UpstreamState>,
+    you_are_rvp: bool,
+    /// Any source was given to the engine.
+    given_any: bool,
+    /// Sources the engine still uses.
+    live: usize,
+    /// Dropped sources waiting to be asked again (the upstream, peers that refused).
+    retries_pending: usize,
+    /// Ticks since this agent's copy last grew, and since the upstream last grew or changed.
+    idle_ticks: u64,
+    up_idle_ticks: u64,
+}
+
+/// Why to go to the origin now, or `None` to keep waiting for peers.
+///
+/// The origin is across every WAN link above this agent, so while an upstream RVP the server
+/// names holds or gets the content, a download waits for it (`rvp_ticks` without progress
+/// from anybody, the upstream included) rather than give up after `stall_ticks`; a refusal or a
+/// drop of that upstream is "ask again later", not "gone" (the server names another RVP when
+/// it stops heartbeating). Peers that hold it whole on the LAN get `stall_ticks`.
+fn origin_reason(s: &Standing, stall_ticks: u64, rvp_ticks: u64) -> Option<String> {
+    if s.upstream.is_none() && !s.given_any {
+        return Some("nobody upstream of this agent and no peer holds it".to_string());
+    }
+    let up_alive = s
+        .upstream
+        .is_some_and(|u| !u.complete || !s.you_are_rvp || (u.background && !u.dropped));
+    if s.live == 0 && !up_alive && s.retries_pending == 0 {
+        return Some("every peer was dropped".to_string());
+    }
+    let budget = if up_alive || s.retries_pending > 0 && s.upstream.is_some() {
+        rvp_ticks
+    } else {
+        stall_ticks
+    };
+    (s.idle_ticks >= budget && s.up_idle_ticks >= budget)
+        .then(|| format!("no progress for {} s", budget * TICK.as_millis() as u64 / 1000))
+}
+
 async fn fetch(
     sh: &Shared,
     id: ContentId,
@@ -1472,7 +1589,9 @@ async fn fetch(
     done: &mut GetDone,
 ) -> anyhow::Result<()> {
     let cred = &sh.cred.credential;
-    let table = sh.client.table(cred, &id).await?;
+    let size = manifest.size;
+    let mut plan = plan_from(sh, id, size, &sh.client.sources(cred, &id).await?);
+    let table = table_for(sh, id, &plan).await?;
     if table.geometry().size != manifest.size {
         bail!(
             "the block table of {id} describes {} bytes but the signed manifest says {}: refusing it",
@@ -1480,11 +1599,9 @@ async fn fetch(
             manifest.size
         );
     }
-    let size = manifest.size;
     // The store entry first: peers of the site may ask this agent for what it gets while it gets it.
     let t = table.clone();
     sh.engine.call(|reply| Cmd::Begin { table: t, reply }).await?;
-    let mut plan = plan_from(sh, id, size, &sh.client.sources(cred, &id).await?);
     done.site = plan.site.clone();
     done.you_are_rvp = plan.you_are_rvp;
     // Holders found on the local subnets join the same-site peers (foreground) for the whole
@@ -1532,11 +1649,19 @@ async fn fetch(
         background: HashSet::new(),
         wan: HashSet::new(),
         verified: HashMap::new(),
+        payload: HashMap::new(),
         finishing: 0,
+        ticks: 0,
+        retry_at: HashMap::new(),
+        drops_seen: 0,
     };
     w.upstream(&plan);
     let mut since_refresh = 0u64;
-    let store_errors_before = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?.store_errors;
+    let (store_errors_before, drops_before) = {
+        let snap = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?;
+        (snap.store_errors, snap.dropped_peers.last().map_or(0, |d| d.seq))
+    };
+    w.drops_seen = drops_before;
     let mut site_seen = sh.state().site.clone();
     let mut origin_bytes = 0u64;
     let mut tick = tokio::time::interval(TICK);
@@ -1585,7 +1710,20 @@ async fn fetch(
             w.idle += 1;
         }
         w.up_idle += 1;
+        w.ticks += 1;
         let up = plan.upstream.as_ref();
+        // Drops since the last look: a refusal (busy) is "ask again later", and so is any drop
+        // of the upstream the server still names (it holds or is getting the content).
+        for d in snap
+            .dropped_peers
+            .iter()
+            .filter(|d| d.seq > w.drops_seen && d.content == id)
+        {
+            if d.refused || up.is_some_and(|u| u.addr == d.addr) {
+                w.retry_at.entry(d.addr).or_insert(w.ticks + RETRY_TICKS);
+            }
+        }
+        w.drops_seen = snap.dropped_peers.last().map_or(w.drops_seen, |d| d.seq);
         // The upstream is still getting it: wait for it (it re-serves what it verified).
         let up_getting = up.is_some_and(|u| !u.complete);
         let up_dropped =
@@ -1597,6 +1735,10 @@ async fn fetch(
                 if u.background { "parent site" } else { "site" },
                 held_percent(u.held_bytes, size)
             ),
+            Some(u) if rate == 0 && w.retry_at.contains_key(&u.addr) => format!(
+                "waiting for the {} RVP (busy)",
+                if u.background { "parent site" } else { "site" },
+            ),
             _ => "peers".to_string(),
         };
         let _ = progress.try_send(Progress {
@@ -1607,28 +1749,34 @@ async fn fetch(
             sources: live,
             peer_rate_bytes_per_s: rate,
         });
-        // How long to go without progress before the origin: long while an upstream RVP is
-        // alive and getting it (or is reached over the WAN, where the background protocol
-        // yields to other traffic), short for peers that hold it whole on the LAN.
-        let budget = if up.is_some() && (up_getting || (up.is_some_and(|u| u.background) && !up_dropped)) {
-            rvp_ticks
-        } else {
-            stall_ticks
-        };
-        let why = if up.is_none() && w.given.is_empty() {
-            Some("nobody upstream of this agent and no peer holds it".to_string())
-        } else if live == 0 && !up_getting {
-            Some("every peer was dropped".to_string())
-        } else if w.idle >= budget && w.up_idle >= budget {
-            Some(format!("no progress for {} s", budget * TICK.as_millis() as u64 / 1000))
-        } else {
-            None
-        };
+        let why = origin_reason(
+            &Standing {
+                upstream: up.map(|u| UpstreamState {
+                    background: u.background,
+                    complete: u.complete,
+                    dropped: up_dropped,
+                }),
+                you_are_rvp: plan.you_are_rvp,
+                given_any: !w.given.is_empty(),
+                live,
+                retries_pending: w.retry_at.len(),
+                idle_ticks: w.idle,
+                up_idle_ticks: w.up_idle,
+            },
+            stall_ticks,
+            rvp_ticks,
+        );
         // Ask the server again now and then (every second while waiting), and before giving
         // up: another RVP may have been elected, or agents got it meanwhile. At once when this
         // agent moved to another site: the new site's peers (and RVP) serve it.
         since_refresh += 1;
-        let cadence = if rate == 0 || live == 0 {
+        // Every second while nothing comes, except from a same-site upstream that is in use and
+        // made this agent's copy grow lately: it re-serves what it gets, so asking the server
+        // (across the WAN for a branch) every second would tell nothing new.
+        let up_in_use = up.is_some_and(|u| {
+            !u.background && fv.is_some_and(|f| f.sources.iter().any(|s| s.addr == u.addr && !s.dropped))
+        });
+        let cadence = if (rate == 0 || live == 0) && !(up_in_use && w.idle < stall_ticks) {
             wait_refresh_ticks
         } else {
             refresh_ticks
@@ -1759,6 +1907,17 @@ async fn fetch(
         (engine_bytes as u128 * bg_blocks as u128 / (bg_blocks + fg_blocks) as u128) as u64
     };
     let peer_bytes = engine_bytes - parent_bytes;
+    done.received = w
+        .payload
+        .iter()
+        .map(|(addr, (_, payload_bytes))| crate::proto::Received {
+            addr: *addr,
+            background: w.wan.contains(addr),
+            payload_bytes: *payload_bytes,
+            blocks_verified: w.verified.get(addr).map_or(0, |v| v.1),
+        })
+        .collect();
+    done.received.sort_by_key(|r| r.addr);
     done.bytes_from_peers = peer_bytes;
     done.bytes_from_parent = parent_bytes;
     done.bytes_from_origin = origin_bytes;
@@ -1955,5 +2114,70 @@ mod tests {
         assert_eq!(items[1].ranges, vec![(0, 16384), (65536, 81920)]);
         assert!(!items[1].complete);
         assert_eq!(items[2].ranges.len(), INVENTORY_RANGES_MAX);
+    }
+
+    /// Issue 6 bug (200 MB demo): a Wi-Fi agent whose site RVP held the whole package but refused
+    /// it for a moment (busy) took "every peer was dropped" for "gone" and fetched 168 MB from the
+    /// origin across its parent site's WAN link. A refusal, or any drop of an upstream RVP the
+    /// server still names, is "ask again later": the origin only after `rvp_ticks` without progress.
+    #[test]
+    fn origin_waits_for_a_site_rvp_that_refused_or_dropped() {
+        let (stall, rvp) = (20, 240);
+        let refused = Standing {
+            upstream: Some(UpstreamState {
+                background: false,
+                complete: true,
+                dropped: true,
+            }),
+            you_are_rvp: false,
+            given_any: true,
+            live: 0,
+            retries_pending: 1,
+            idle_ticks: stall + 1,
+            up_idle_ticks: stall + 1,
+        };
+        assert_eq!(origin_reason(&refused, stall, rvp), None);
+        // Also once the retry went out and the site RVP is asked again (no retry pending).
+        let asked_again = Standing {
+            retries_pending: 0,
+            ..refused
+        };
+        assert_eq!(origin_reason(&asked_again, stall, rvp), None);
+        // A parent site's RVP that refused a child site's RVP: the same.
+        let child_rvp = Standing {
+            upstream: Some(UpstreamState {
+                background: true,
+                complete: true,
+                dropped: true,
+            }),
+            you_are_rvp: true,
+            ..refused
+        };
+        assert_eq!(origin_reason(&child_rvp, stall, rvp), None);
+        // Without progress from anybody for `rvp_ticks` (a dead RVP the server has not replaced).
+        let dead = Standing {
+            idle_ticks: rvp,
+            up_idle_ticks: rvp,
+            ..refused
+        };
+        assert!(origin_reason(&dead, stall, rvp).is_some_and(|w| w.contains("no progress")));
+        // Same-site peers only (no upstream named), all gone: the origin at once.
+        let peers_gone = Standing {
+            upstream: None,
+            retries_pending: 0,
+            idle_ticks: 1,
+            up_idle_ticks: 1,
+            ..refused
+        };
+        assert_eq!(
+            origin_reason(&peers_gone, stall, rvp).as_deref(),
+            Some("every peer was dropped")
+        );
+        // The top site's RVP: nobody upstream and no peer.
+        let top = Standing {
+            given_any: false,
+            ..peers_gone
+        };
+        assert!(origin_reason(&top, stall, rvp).is_some_and(|w| w.contains("nobody upstream")));
     }
 }

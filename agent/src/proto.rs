@@ -143,6 +143,20 @@ pub struct GetDone {
     /// This agent's site, and whether the server made it the site's RVP for this content.
     pub site: Option<String>,
     pub you_are_rvp: bool,
+    /// Per source the engine fetched from: payload bytes received (duplicates and
+    /// retransmissions included) and blocks verified from it.
+    #[serde(default)]
+    pub received: Vec<Received>,
+}
+
+/// What one source sent this agent during a `get`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Received {
+    pub addr: std::net::SocketAddr,
+    /// Asked for the background protocol (across a WAN link).
+    pub background: bool,
+    pub payload_bytes: u64,
+    pub blocks_verified: u64,
 }
 
 #[cfg(test)]

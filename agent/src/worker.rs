@@ -15,6 +15,7 @@ use lowtide_engine::content::{BlockTable, ContentId};
 use lowtide_engine::endpoint::{Endpoint, FetchNews};
 use lowtide_engine::session::fetch::{DropReason, FetchConfig};
 use lowtide_engine::store::StoreError;
+use lowtide_engine::wire::RejectReason;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
@@ -72,6 +73,9 @@ pub struct Dropped {
     pub content: ContentId,
     pub addr: SocketAddr,
     pub reason: String,
+    /// The peer refused for now (serving as many peers as it may, or the device is busy):
+    /// ask it again later, it is not gone.
+    pub refused: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -132,6 +136,21 @@ pub enum Cmd {
         peers: Vec<SocketAddr>,
         encrypt: bool,
         reply: Reply<()>,
+    },
+    /// Get the block table from peers (it is verified against the content id, so any peer
+    /// that holds it may serve it): a fetch without a table is started with these peers,
+    /// or they are added to the running one. Once the table verifies, the
+    /// store entry is begun and the fetch goes on for blocks; [`Cmd::Table`] shows it.
+    FetchTable {
+        id: ContentId,
+        /// Each `(address, background)`.
+        peers: Vec<(SocketAddr, bool)>,
+        encrypt: bool,
+    },
+    /// The content's verified block table, when the store holds it.
+    Table {
+        id: ContentId,
+        reply: Reply<Option<BlockTable>>,
     },
     /// Begin a store entry (for content fetched from the origin only).
     Begin {
@@ -317,7 +336,12 @@ fn handle(ep: &mut Endpoint, notes: &Notes, mon: &mut EgressWatch, known: &mut S
             reply,
         } => {
             let id = table.root();
-            let r = if ep.progress().iter().any(|p| p.content == id) {
+            let running = ep.progress().into_iter().find(|p| p.content == id);
+            // A fetch still waiting for its table from peers is started again with this one.
+            if running.as_ref().is_some_and(|p| p.size.is_none()) {
+                ep.cancel_fetch(&id);
+            }
+            let r = if running.is_some_and(|p| p.size.is_some()) {
                 Ok(())
             } else {
                 known.dropped.remove(&id);
@@ -373,6 +397,31 @@ fn handle(ep: &mut Endpoint, notes: &Notes, mon: &mut EgressWatch, known: &mut S
                 }
             }
             let _ = reply.send(r);
+        }
+        Cmd::FetchTable { id, peers, encrypt } => {
+            if !ep.progress().iter().any(|p| p.content == id) {
+                known.dropped.remove(&id);
+                known.finals.remove(&id);
+                let cfg = FetchConfig {
+                    encrypt,
+                    ..FetchConfig::default()
+                };
+                if let Err(x) = ep.start_fetch(id, None, &[], cfg) {
+                    tracing::warn!("fetching the table of {} from peers: {x}", id.short());
+                    return true;
+                }
+            }
+            for (addr, background) in peers {
+                if !known.banned(&id, &addr) && ep.add_source_with(&id, addr, background) {
+                    if let Some(d) = known.dropped.get_mut(&id) {
+                        d.remove(&addr);
+                    }
+                    known.background.insert((id, addr), background);
+                }
+            }
+        }
+        Cmd::Table { id, reply } => {
+            let _ = reply.send(Ok(ep.store.table(&id).cloned()));
         }
         Cmd::Begin { table, reply } => {
             let r = table
@@ -533,6 +582,10 @@ pub fn run(mut ep: Endpoint, mut mon: EgressWatch, rx: mpsc::Receiver<Cmd>) {
                         content,
                         addr,
                         reason: reason.to_string(),
+                        refused: matches!(
+                            reason,
+                            DropReason::Rejected(RejectReason::Busy | RejectReason::DeviceBusy)
+                        ),
                     });
                     known.on_drop(content, addr, &reason);
                 }
