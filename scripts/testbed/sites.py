@@ -59,6 +59,8 @@ POLL_S = 0.25
 BIG_FRAME = 1000
 # Lowtide's header in front of the content in each data datagram (engine/src/wire.rs DATA_HEADER_BYTES).
 DATA_HEADER_BYTES = 48
+# The WAN links' /30 router addresses (10.69.<link>.1 at hq, .2 at the site).
+WAN_NET = "10.69."
 
 
 def log(msg):
@@ -247,8 +249,8 @@ class Testbed:
                       "netns", self.ns(d)])
             self.run(["ip", "-n", self.ns(f"r-{s.router}"), "link", "add", "wan", "type", "veth", "peer", "name",
                       "dly-b", "netns", self.ns(d)])
-            self.run(["ip", "-n", self.ns("r-hq"), "addr", "add", f"10.69.{i}.1/30", "dev", f"w-{s.id}"])
-            self.run(["ip", "-n", self.ns(f"r-{s.router}"), "addr", "add", f"10.69.{i}.2/30", "dev", "wan"])
+            self.run(["ip", "-n", self.ns("r-hq"), "addr", "add", f"{WAN_NET}{i}.1/30", "dev", f"w-{s.id}"])
+            self.run(["ip", "-n", self.ns(f"r-{s.router}"), "addr", "add", f"{WAN_NET}{i}.2/30", "dev", "wan"])
             for short, dev in (("r-hq", f"w-{s.id}"), (d, "dly-a"), (d, "dly-b"), (f"r-{s.router}", "wan")):
                 self.no_offloads(short, dev)
                 self.run(["ip", "-n", self.ns(short), "link", "set", dev, "up"])
@@ -505,6 +507,10 @@ class Testbed:
             if iface and ifname != iface:
                 continue
             for fl in data["flows"]:
+                # The latency probe's datagrams between the two WAN routers are the harness's own
+                # measurement, not traffic of the method under test.
+                if counter == "wan" and fl["src"].startswith(WAN_NET) and fl["dst"].startswith(WAN_NET):
+                    continue
                 if pred is None or pred(fl):
                     n += fl[field]
         return n
@@ -649,8 +655,30 @@ class Testbed:
             result["failover"] = failover
         if method == "lowtide":
             result["server_traffic"] = self.admin("GET", "/v1/admin/traffic", check=False)
+            result["served"] = self.served_by_agent()
             self.stop_agents()
         return result, (t0, t1)
+
+    def served_by_agent(self):
+        """Per agent, what its engine served (self-reported, for finding where extra bytes on a
+        link come from): payload sent, of it sent again, sessions, requests refused, and the
+        peers its fetches dropped. The full `status` is kept in the work directory."""
+        out = {}
+        for ag in self.agents:
+            if not ag.proc or ag.proc.poll() is not None:
+                continue
+            st = self.agent_json(ag, "status", check=False)
+            if not isinstance(st, dict):
+                continue
+            with open(os.path.join(ag.dir, "status-end.json"), "w") as f:
+                json.dump(st, f, indent=1)
+            served = st.get("served") or {}
+            out[ag.name] = dict(
+                payload_bytes=served.get("payload_bytes"), resent_bytes=served.get("resent_bytes"),
+                sessions_opened=served.get("sessions_opened"),
+                requests_refused=(st.get("serving") or {}).get("requests_refused"),
+                dropped_peers=[f"{d.get('addr')}: {d.get('reason')}" for d in st.get("dropped_peers") or []])
+        return out
 
     def site(self, sid):
         return next(s for s in self.sites if s.id == sid)
@@ -805,7 +833,7 @@ class Testbed:
                                bytes_from_origin=done.get("bytes_from_origin"),
                                bytes_already_held=done.get("bytes_already_held"),
                                you_are_rvp=done.get("you_are_rvp"), sources=done.get("sources"),
-                               site_reported=done.get("site"))
+                               site_reported=done.get("site"), received=done.get("received"))
                     path = done.get("path")
                 except (OSError, ValueError) as e:
                     rec["ok"] = False
