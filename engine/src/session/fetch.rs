@@ -1323,7 +1323,7 @@ mod tests {
             reserved: [0; 4],
         };
         let n = wire::encode_accept(&key, &mut buf, session, &a);
-        f.handle(Time(1), src, &decode(&key, &buf[..n].to_vec()).unwrap());
+        f.handle(Time(1), src, &decode(&key, &buf[..n]).unwrap());
         // Every control datagram now: (kind, blocks named).
         let drain = |f: &mut Fetch, now: Time| {
             let mut buf = vec![0u8; 2048];
