@@ -5,22 +5,30 @@
 //! by packet taps (`lowtide-wanprobe count`), not reported by the agents.
 //!
 //! What else crosses a branch WAN link besides the package: each agent's
-//! heartbeats (every 2 s here), inventory reports, source look-ups, its
-//! manifest and its block table (0.2 % of the package per agent) from the
-//! server in the head office, and the packet headers Lowtide puts in each
-//! datagram (48 bytes per 1424 of content). The latency probe is off here.
-//! All of it counts; nothing is subtracted.
+//! heartbeats (every 2 s here), inventory reports, source look-ups and
+//! manifest from the server in the head office, the block table once per link
+//! (the RVP's; the other agents take it from their site's RVP), the
+//! acknowledgements, and the packet headers Lowtide puts in each datagram
+//! (48 bytes per 1424 of content). The latency probe is off here. All of it
+//! counts; nothing is subtracted.
 //!
-//! Two bounds per link. Issue 6's target is ≤ 1.05 × the package on each
-//! branch link; it is NOT met today (1.07–1.20 × measured: the 3.4 % header,
-//! acks, heartbeats, block tables, and 3–9 % duplicate data datagrams on a
-//! loaded machine), so the test prints each link against it as a figure and
-//! asserts only what WAN-once means: less than a second copy
-//! (`ONE_COPY_RATIO_MAX`). When every agent of a branch fetched across the WAN
-//! itself, a branch link carried 4–7 ×; a second copy would be ≥ 2 ×.
-//! The RVP failover is judged on content bytes after the kill (UDP payload
-//! toward the site less the 48-byte data header of each datagram), so that the
-//! overhead, already bounded for the whole link, is not read as re-crossing.
+//! Bounds per link. Issue 6's target is ≤ 1.05 × the package on each branch
+//! link. On the link whose RVP is not killed (b2) it is met, narrowly
+//! (1.047–1.049 × at load average ~12: the 3.4 % data header, acks ~1 %,
+//! heartbeats every 2 s and inventory ~0.4 %, which grow with the run's
+//! duration on a loaded machine), so the test prints each link against it
+//! and asserts what does not depend on the machine's load:
+//! - WAN-once: less than a second copy (`ONE_COPY_RATIO_MAX`). When every
+//!   agent of a branch fetched across the WAN itself, a branch link carried
+//!   4–7 ×; a second copy would be ≥ 2 ×.
+//! - No duplicate data on the link whose RVP is not killed: the content that
+//!   crossed (UDP payload toward the site less the 48-byte data header of each
+//!   datagram) is ≤ `CONTENT_RATIO_MAX` × the package. Before the fetcher
+//!   cancelled the blocks it took away from a stalled source, 3–9 % of the
+//!   package crossed twice (1.045–1.088 ×); now 1.000–1.002 ×.
+//! The killed branch (b1) carries what was in flight to the killed RVP again
+//! (its request window, ~1–3 % of a 32 MB package), so it is judged on the
+//! failover bound below.
 //! Every failed property is listed at once, with the whole report.
 
 use std::process::{Command, Stdio};
@@ -34,6 +42,8 @@ const SIZE_MB: u64 = 32;
 const ONCE_RATIO_MAX: f64 = 1.05;
 /// Asserted on each branch link: the package crossed once, not twice (see the module docs).
 const ONE_COPY_RATIO_MAX: f64 = 1.5;
+/// Asserted on the branch link whose RVP is not killed: content that crossed, over the package.
+const CONTENT_RATIO_MAX: f64 = 1.01;
 /// Asserted after the RVP failover: content that crosses after the kill, over what the site
 /// lacked. Every range the killed RVP had (30 % of the package) crossing again would be ≥ 1.43.
 const FAILOVER_RATIO_MAX: f64 = 1.2;
@@ -144,6 +154,12 @@ fn multisite_package_crosses_each_wan_link_once() {
             carried <= one_copy,
             format!("{figures}: more than one copy (bound {ONE_COPY_RATIO_MAX} x)"),
         );
+        if case["failover"]["site"].as_str() != Some(site.as_str()) {
+            check(
+                u(&link["content_down_bytes"]) as f64 <= CONTENT_RATIO_MAX * size as f64,
+                format!("{figures}: content crossed more than once (bound {CONTENT_RATIO_MAX} x)"),
+            );
+        }
     }
 
     // The origin served the package at most once.
