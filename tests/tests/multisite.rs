@@ -26,9 +26,11 @@
 //!   datagram) is ≤ `CONTENT_RATIO_MAX` × the package. Before the fetcher
 //!   cancelled the blocks it took away from a stalled source, 3–9 % of the
 //!   package crossed twice (1.045–1.088 ×); now 1.000–1.002 ×.
+//!
 //! The killed branch (b1) carries what was in flight to the killed RVP again
 //! (its request window, ~1–3 % of a 32 MB package), so it is judged on the
 //! failover bound below.
+//!
 //! Every failed property is listed at once, with the whole report.
 
 use std::process::{Command, Stdio};
