@@ -237,6 +237,7 @@ pub const ASSIGNMENTS_RECHECK_MS: u64 = 2_000;
 async fn assignments(State(app): State<Arc<App>>, h: HeaderMap, b: Result<Bytes, BytesRejection>) -> ApiResult {
     let a = agent(&app, &h).await?;
     let req: AssignmentsRequest = json_body(b, app.cfg.body_bytes_max)?;
+    app.store.rvp_polled(&a.id, app.now()).await?;
     let wait = std::time::Duration::from_millis(req.wait_ms.min(ASSIGNMENTS_WAIT_MS_MAX));
     let deadline = tokio::time::Instant::now() + wait;
     loop {

@@ -68,6 +68,16 @@ const SQLITE_INIT: &str = include_str!("../migrations/sqlite/0001_init.sql");
 const POSTGRES_INIT: &str = include_str!("../migrations/postgres/0001_init.sql");
 const SQLITE_WANTED: &str = include_str!("../migrations/sqlite/0002_wanted.sql");
 const POSTGRES_WANTED: &str = include_str!("../migrations/postgres/0002_wanted.sql");
+const SQLITE_RVP_POLLED: &str = include_str!("../migrations/sqlite/0003_rvp_polled.sql");
+const POSTGRES_RVP_POLLED: &str = include_str!("../migrations/postgres/0003_rvp_polled.sql");
+/// A recorded RVP that has not asked for its assignments (`POST /v1/assignments`, which
+/// every agent long-polls about every 20 s) for this long is taken as gone, and the site
+/// gets a new RVP unless it holds the content whole: far sooner than `inactive_after_secs`
+/// (300 s by default), and before the site's waiting agents give up on it (the agent's
+/// `rvp_wait_secs`, 60 s) and cross the WAN to the origin.
+pub const RVP_POLL_GRACE_MS: i64 = 45_000;
+/// An RVP's last poll is written at most this often.
+pub const RVP_POLL_REWRITE_MS: i64 = 10_000;
 /// Most wanted contents looked at per site for one assignments answer.
 pub const ASSIGNMENTS_MAX: i64 = 64;
 /// A (site, content) recorded as wanted is not written again for this long (saves a write per
@@ -102,6 +112,14 @@ pub struct Store {
     /// Woken when a site comes to want a content or an RVP is elected: long-polling
     /// assignment requests of this process look again (other processes find out by their recheck).
     assignments_changed: Arc<tokio::sync::Notify>,
+}
+
+/// A site's recorded RVP for one content, and whether it still counts: it polls for its
+/// assignments, or it holds the content whole (then it no longer fetches for the site).
+#[derive(Debug, Clone, Default)]
+struct Recorded {
+    agent_id: Option<String>,
+    polling: bool,
 }
 
 /// One heartbeat waiting for the writer.
@@ -779,6 +797,10 @@ impl Store {
             Backend::Sqlite => SQLITE_WANTED,
             Backend::Postgres => POSTGRES_WANTED,
         };
+        let rvp_polled = match backend {
+            Backend::Sqlite => SQLITE_RVP_POLLED,
+            Backend::Postgres => POSTGRES_RVP_POLLED,
+        };
         let migrator = Migrator::with_migrations(vec![
             Migration::new(
                 1,
@@ -792,6 +814,13 @@ impl Store {
                 "wanted".into(),
                 MigrationType::Simple,
                 sqlx::SqlSafeStr::into_sql_str(wanted),
+                false,
+            ),
+            Migration::new(
+                3,
+                "rvp polled".into(),
+                MigrationType::Simple,
+                sqlx::SqlSafeStr::into_sql_str(rvp_polled),
                 false,
             ),
         ]);
@@ -1708,29 +1737,39 @@ impl Store {
     // ---- sources and elections ----
 
     /// The recorded RVP of `site` for `content` while it is still an active member of the site.
-    async fn recorded_rvp(&self, site: &str, content: &ContentId, active_since_ms: i64) -> Result<Option<Candidate>> {
+    async fn recorded_rvp(
+        &self,
+        site: &str,
+        content: &ContentId,
+        active_since_ms: i64,
+        now_ms: i64,
+    ) -> Result<Option<Candidate>> {
         let row = sqlx::query(
             "SELECT a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, a.uptime_secs, \
              a.disk_usable_bytes, h.bytes, h.ranges FROM rvp r JOIN agents a ON a.id = r.agent_id \
              LEFT JOIN holdings h ON h.agent_id = a.id AND h.content_id = r.content_id \
-             WHERE r.site_id = $1 AND r.content_id = $2 AND a.site_id = $1 AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3",
+             WHERE r.site_id = $1 AND r.content_id = $2 AND a.site_id = $1 AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3 \
+             AND (COALESCE(r.polled_ms, r.elected_ms) >= $4 OR h.bytes >= (SELECT c.size FROM content c WHERE c.id = $2))",
         )
         .bind(site)
         .bind(content.to_string())
         .bind(active_since_ms)
+        .bind(now_ms - RVP_POLL_GRACE_MS)
         .fetch_optional(&self.read)
         .await?;
         row.as_ref().map(candidate).transpose()
     }
 
     /// In one query: the active holders of `content` in `site` (sorted), the recorded RVP of
-    /// `site` and the recorded RVP of `upper`, each while it is still active in its site.
+    /// `site` and the recorded RVP of `upper`, each while it is still active in its site and
+    /// polls for its assignments.
     async fn snapshot(
         &self,
         site: Option<&str>,
         upper: Option<&str>,
         content: &ContentId,
         active_since_ms: i64,
+        now_ms: i64,
     ) -> Result<(Vec<Candidate>, Option<Candidate>, Option<Candidate>)> {
         let rows = sqlx::query(
             "SELECT * FROM (SELECT a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, \
@@ -1745,13 +1784,15 @@ impl Store {
              FROM rvp r JOIN agents a ON a.id = r.agent_id \
              LEFT JOIN holdings h ON h.agent_id = a.id AND h.content_id = r.content_id \
              WHERE r.content_id = $1 AND (r.site_id = $2 OR r.site_id = $4) AND a.site_id = r.site_id \
-             AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3",
+             AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3 \
+             AND (COALESCE(r.polled_ms, r.elected_ms) >= $6 OR h.bytes >= (SELECT c.size FROM content c WHERE c.id = $1))",
         )
         .bind(content.to_string())
         .bind(site)
         .bind(active_since_ms)
         .bind(upper)
         .bind(SITE_CANDIDATES_MAX)
+        .bind(now_ms - RVP_POLL_GRACE_MS)
         .fetch_all(&self.read)
         .await?;
         let (mut holders, mut own, mut up) = (Vec::new(), None, None);
@@ -1775,7 +1816,7 @@ impl Store {
         active_since_ms: i64,
         now_ms: i64,
     ) -> Result<Option<Candidate>> {
-        if let Some(c) = self.recorded_rvp(site, content, active_since_ms).await? {
+        if let Some(c) = self.recorded_rvp(site, content, active_since_ms, now_ms).await? {
             return Ok(Some(c));
         }
         self.elect_rvp(site, content, active_since_ms, now_ms).await
@@ -1789,23 +1830,29 @@ impl Store {
         active_since_ms: i64,
         now_ms: i64,
     ) -> Result<Option<Candidate>> {
-        let (sorted, current) = self.candidates(site, content, active_since_ms).await?;
+        let (sorted, current) = self.candidates(site, content, active_since_ms, now_ms).await?;
         let rvp = self.rvp(site, content, &sorted, current, now_ms).await?;
         Ok(rvp.and_then(|id| sorted.into_iter().find(|c| c.agent_id == id)))
     }
 
     /// Active agents of `site` with what each holds of `content`, sorted for that content.
-    /// Also returns the recorded RVP of the site for the content, if any (read in the same query).
+    /// Also returns the recorded RVP of the site for the content, if any (read in the same query),
+    /// and whether it still counts; one that stopped polling for its assignments before it held
+    /// the content whole is left out of the candidates (it is gone, even while its last
+    /// heartbeat keeps it active).
     async fn candidates(
         &self,
         site: &str,
         content: &ContentId,
         active_since_ms: i64,
-    ) -> Result<(Vec<Candidate>, Option<String>)> {
+        now_ms: i64,
+    ) -> Result<(Vec<Candidate>, Recorded)> {
         let rows = sqlx::query(
             "SELECT a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, a.uptime_secs, \
              a.disk_usable_bytes, h.bytes, h.ranges, \
-             (SELECT r.agent_id FROM rvp r WHERE r.site_id = $2 AND r.content_id = $1) AS rvp \
+             (SELECT r.agent_id FROM rvp r WHERE r.site_id = $2 AND r.content_id = $1) AS rvp, \
+             (SELECT COALESCE(r.polled_ms, r.elected_ms) FROM rvp r WHERE r.site_id = $2 AND r.content_id = $1) AS polled, \
+             (SELECT c.size FROM content c WHERE c.id = $1) AS size \
              FROM agents a LEFT JOIN holdings h ON h.agent_id = a.id AND h.content_id = $1 \
              WHERE a.site_id = $2 AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3 LIMIT $4",
         )
@@ -1817,9 +1864,25 @@ impl Store {
         .await?;
         let mut out = rows.iter().map(candidate).collect::<Result<Vec<_>>>()?;
         let current = match rows.first() {
-            Some(r) => r.try_get::<Option<String>, _>(11)?,
-            None => None,
+            Some(r) => {
+                let agent_id = r.try_get::<Option<String>, _>(11)?;
+                let size = r.try_get::<Option<i64>, _>(13)?.map(to_u64);
+                let whole = out
+                    .iter()
+                    .find(|c| Some(&c.agent_id) == agent_id.as_ref())
+                    .is_some_and(|c| size.is_some_and(|n| c.held_bytes >= n));
+                Recorded {
+                    agent_id,
+                    polling: whole
+                        || r.try_get::<Option<i64>, _>(12)?
+                            .is_none_or(|t| t >= now_ms - RVP_POLL_GRACE_MS),
+                }
+            }
+            None => Recorded::default(),
         };
+        if !current.polling {
+            out.retain(|c| Some(&c.agent_id) != current.agent_id.as_ref());
+        }
         ranking::sort_candidates(&mut out);
         Ok((out, current))
     }
@@ -1831,19 +1894,21 @@ impl Store {
         site: &str,
         content: &ContentId,
         sorted: &[Candidate],
-        current: Option<String>,
+        recorded: Recorded,
         now_ms: i64,
     ) -> Result<Option<String>> {
+        let current = recorded.agent_id.clone().filter(|_| recorded.polling);
         let Some(choice) = ranking::elect(sorted, current.as_deref()) else {
             return Ok(None);
         };
         if current.as_deref() == Some(choice.agent_id.as_str()) {
             return Ok(current);
         }
+        let current = recorded.agent_id;
         let n = sqlx::query(
             "INSERT INTO rvp (site_id, content_id, agent_id, elected_ms) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (site_id, content_id) DO UPDATE SET agent_id = excluded.agent_id, elected_ms = excluded.elected_ms \
-             WHERE rvp.agent_id = $5",
+             ON CONFLICT (site_id, content_id) DO UPDATE SET agent_id = excluded.agent_id, elected_ms = excluded.elected_ms, \
+             polled_ms = NULL WHERE rvp.agent_id = $5",
         )
         .bind(site)
         .bind(content.to_string())
@@ -1893,7 +1958,7 @@ impl Store {
                 bench: vec![],
             });
         }
-        let (sorted, current) = self.candidates(site, content, active_since_ms).await?;
+        let (sorted, current) = self.candidates(site, content, active_since_ms, now_ms).await?;
         let rvp = self.rvp(site, content, &sorted, current, now_ms).await?;
         let (serving, bench) = ranking::serving_and_bench(&sorted, rvp.as_deref(), cap);
         Ok(Election {
@@ -1940,6 +2005,27 @@ impl Store {
     }
 
     /// Woken when a site comes to want a content or an RVP is elected (in this process).
+    /// `agent` asked for its assignments: where it is a recorded RVP, it is alive (see
+    /// [`RVP_POLL_GRACE_MS`]). Read first, so that the agents that are nobody's RVP (most)
+    /// cost no write.
+    pub async fn rvp_polled(&self, agent: &str, now_ms: i64) -> Result<()> {
+        let stale = now_ms - RVP_POLL_REWRITE_MS;
+        let due = sqlx::query("SELECT 1 FROM rvp WHERE agent_id = $1 AND COALESCE(polled_ms, elected_ms) < $2 LIMIT 1")
+            .bind(agent)
+            .bind(stale)
+            .fetch_optional(&self.read)
+            .await?;
+        if due.is_some() {
+            sqlx::query("UPDATE rvp SET polled_ms = $1 WHERE agent_id = $2 AND COALESCE(polled_ms, elected_ms) < $3")
+                .bind(now_ms)
+                .bind(agent)
+                .bind(stale)
+                .execute(&self.write)
+                .await?;
+        }
+        Ok(())
+    }
+
     pub fn assignments_changed(&self) -> &tokio::sync::Notify {
         &self.assignments_changed
     }
@@ -2049,6 +2135,7 @@ impl Store {
                 up.map(|p| p.id.as_str()),
                 content,
                 active_since_ms,
+                now_ms,
             )
             .await?;
         if let Some(s) = own {

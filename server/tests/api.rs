@@ -705,6 +705,102 @@ async fn sites_want_content_and_their_rvps_are_assigned_it(db: Db) {
     h.finish().await;
 }
 
+async fn an_rvp_that_stops_polling_for_assignments_is_replaced(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let f = fleet(&h).await;
+    let cred = |n: usize| f.creds[n].1.clone();
+    let poll = |n: usize| {
+        let c = cred(n);
+        let h = &h;
+        async move {
+            let r = h
+                .send(
+                    "POST",
+                    "/v1/assignments",
+                    Some(&c),
+                    &json!({"wait_ms": 0, "running": []}),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json()["assignments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["content"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    // Everyone heartbeats: nobody goes inactive in this test (300 s).
+    let heartbeat_all = || async {
+        for (i, addr) in [
+            (0, "10.0.0.1"),
+            (1, "10.20.0.10"),
+            (2, "10.20.0.11"),
+            (3, "10.20.0.12"),
+            (4, "10.20.0.13"),
+        ] {
+            assert_eq!(h.heartbeat(&cred(i), facts(addr, 100)).await.status, 200);
+        }
+    };
+    let new = h.publish_bytes("new", &data(40_000, 3)).await;
+    h.get(&format!("/v1/content/{new}/sources"), Some(&cred(4))).await;
+    let path = format!("/v1/admin/sites/branch/content/{new}/election");
+    let rvp = || async {
+        h.get(&path, Some(ADMIN)).await.json()["rvp"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(rvp().await, f.creds[3].0, "b2 (most free disk) is elected");
+    assert_eq!(poll(3).await, vec![new.clone()]);
+    // It keeps polling: it stays the RVP however long it takes.
+    let step = lowtide_server::store::RVP_POLL_GRACE_MS - 5_000;
+    for _ in 0..3 {
+        h.clock.advance_ms(step);
+        heartbeat_all().await;
+        assert_eq!(poll(3).await, vec![new.clone()]);
+        assert_eq!(rvp().await, f.creds[3].0);
+    }
+    // It stops polling (the process is gone; its last heartbeat still counts as active):
+    // after the grace another agent of the site is elected and assigned the content.
+    h.clock.advance_ms(step);
+    assert_eq!(rvp().await, f.creds[3].0, "not yet: within the grace");
+    h.clock.advance_ms(10_000);
+    let next = rvp().await;
+    assert_ne!(next, f.creds[3].0, "re-elected once the RVP stopped polling");
+    let n = f.creds.iter().position(|c| c.0 == next).unwrap();
+    assert_eq!(poll(n).await, vec![new.clone()], "the new RVP is told to fetch it");
+    let v = h
+        .get(&format!("/v1/content/{new}/sources"), Some(&cred(4)))
+        .await
+        .json();
+    assert!(
+        !kinds(&v).iter().any(|(k, _, w)| k == "site_rvp" && w == &f.creds[3].0),
+        "the old RVP is not named as the site's RVP: {v:#}"
+    );
+    // The old one comes back: it is not the RVP any more and is assigned nothing.
+    assert!(poll(3).await.is_empty());
+    // An RVP that holds the content whole keeps the role without polling (nothing to fetch).
+    let e0 = h
+        .get(
+            &format!("/v1/admin/sites/branch/content/{}/election", f.cid),
+            Some(ADMIN),
+        )
+        .await
+        .json();
+    h.clock.advance_ms(4 * step);
+    heartbeat_all().await;
+    let e1 = h
+        .get(
+            &format!("/v1/admin/sites/branch/content/{}/election", f.cid),
+            Some(ADMIN),
+        )
+        .await
+        .json();
+    assert_eq!(e0["rvp"], e1["rvp"], "{e0:#} vs {e1:#}");
+    h.finish().await;
+}
+
 async fn serving_cap_puts_the_rest_on_the_bench(db: Db) {
     let Some(h) = H::start_with(db, |c| c.peers_active_max = 2).await else {
         return;
@@ -1113,6 +1209,7 @@ both!(
     vpn_sites_never_serve,
     rvp_is_re_elected_when_it_goes_inactive,
     sites_want_content_and_their_rvps_are_assigned_it,
+    an_rvp_that_stops_polling_for_assignments_is_replaced,
     serving_cap_puts_the_rest_on_the_bench,
     inventory_and_traffic,
     metrics_openapi_and_every_route,
