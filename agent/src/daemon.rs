@@ -1662,6 +1662,9 @@ async fn fetch(
         (snap.store_errors, snap.dropped_peers.last().map_or(0, |d| d.seq))
     };
     w.drops_seen = drops_before;
+    // Answers in a row while nothing arrives: the polling backs off (1, 2, 4, 8 s, then
+    // every sources_refresh_secs), so a site waiting for its RVP does not ask every second.
+    let mut wait_streak = 0u32;
     let mut site_seen = sh.state().site.clone();
     let mut origin_bytes = 0u64;
     let mut tick = tokio::time::interval(TICK);
@@ -1766,18 +1769,21 @@ async fn fetch(
             stall_ticks,
             rvp_ticks,
         );
-        // Ask the server again now and then (every second while waiting), and before giving
-        // up: another RVP may have been elected, or agents got it meanwhile. At once when this
-        // agent moved to another site: the new site's peers (and RVP) serve it.
+        // Ask the server again now and then, and before giving up: another RVP may have been
+        // elected, or agents got it meanwhile. At once when this agent moved to another site:
+        // the new site's peers (and RVP) serve it.
         since_refresh += 1;
-        // Every second while nothing comes, except from a same-site upstream that is in use and
-        // made this agent's copy grow lately: it re-serves what it gets, so asking the server
-        // (across the WAN for a branch) every second would tell nothing new.
+        // While nothing comes, from every second, backing off to sources_refresh_secs (1, 2, 4,
+        // 8 s...) while no answer shows progress; except from a same-site upstream that is in
+        // use and made this agent's copy grow lately: it re-serves what it gets, so asking the
+        // server (across the WAN for a branch) would tell nothing new.
         let up_in_use = up.is_some_and(|u| {
             !u.background && fv.is_some_and(|f| f.sources.iter().any(|s| s.addr == u.addr && !s.dropped))
         });
         let cadence = if (rate == 0 || live == 0) && !(up_in_use && w.idle < stall_ticks) {
             wait_refresh_ticks
+                .saturating_mul(1 << wait_streak.min(16))
+                .min(refresh_ticks)
         } else {
             refresh_ticks
         };
@@ -1796,6 +1802,11 @@ async fn fetch(
                     plan.peers
                         .extend(discovered.iter().filter(|d| !named.contains(&d.addr)).cloned());
                     w.upstream(&plan);
+                    if w.idle == 0 || w.up_idle == 0 {
+                        wait_streak = 0;
+                    } else {
+                        wait_streak = wait_streak.saturating_add(1);
+                    }
                     if plan.you_are_rvp && !done.you_are_rvp {
                         tracing::info!("{}: this agent is now its site's RVP for it", id.short());
                         done.sources.push("elected the site's RVP meanwhile".into());
