@@ -51,7 +51,12 @@ pub trait Transport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Fallback {
-    /// What agent/src/daemon.rs does: fetch the rest from the origin (across every WAN link above).
+    /// What agent/src/daemon.rs does: while its upstream (the site's RVP; for an RVP, the
+    /// parent site's) is alive in the server's answer and still getting the package, wait
+    /// up to `rvp_wait_s` without progress, asking the server every `wait_refresh_s`; with
+    /// no upstream getting it, `peer_stall_s`; then fetch the rest from the origin.
+    Upstream,
+    /// The agent before it waited for its RVP: the origin after `peer_stall_s` without progress.
     Origin,
     /// Keep asking the server until it names a live source.
     Wait,
@@ -66,6 +71,15 @@ pub struct Policy {
     pub sources_refresh_s: f64,
     pub inventory_s: f64,
     pub peer_stall_s: f64,
+    /// [`Fallback::Upstream`]: how long to wait for an upstream RVP that makes no progress.
+    pub rvp_wait_s: f64,
+    /// [`Fallback::Upstream`]: how often to ask the server while nothing arrives at first
+    /// (doubling up to `sources_refresh_s` while it goes on).
+    pub wait_refresh_s: f64,
+    /// The server replaces a recorded RVP that stopped polling for its assignments this long
+    /// ago (and does not hold the package whole): `RVP_POLL_GRACE_MS`. `None`: only once its
+    /// heartbeats stop making it active (`inactive_after_s`), as before.
+    pub rvp_poll_grace_s: Option<f64>,
     pub wait_poll_s: f64,
     pub peers_active_max: usize,
     pub fallback: Fallback,
@@ -80,9 +94,12 @@ impl Default for Policy {
             sources_refresh_s: 10.0,
             inventory_s: 2.0,
             peer_stall_s: 5.0,
+            rvp_wait_s: 60.0,
+            wait_refresh_s: 1.0,
+            rvp_poll_grace_s: Some(lowtide_server::store::RVP_POLL_GRACE_MS as f64 / 1000.0),
             wait_poll_s: 10.0,
             peers_active_max: 8,
-            fallback: Fallback::Origin,
+            fallback: Fallback::Upstream,
         }
     }
 }
@@ -120,6 +137,17 @@ struct AgentState {
     last_progress: f64,
     next_ask: f64,
     next_stall_ask: f64,
+    /// What the agent last heard from the server about its upstream (site RVP, or parent RVP).
+    upstream: Option<usize>,
+    /// Whether the agent has had one answer from the server for this package.
+    asked: bool,
+    /// The upstream and its held bytes in the server's last answer, and when that last grew.
+    up_seen: Option<(usize, u64)>,
+    up_progress: f64,
+    /// Answers in a row with nothing arriving (the waiting agent's polling backs off).
+    wait_streak: u32,
+    /// When it last went away.
+    left_at: f64,
 }
 
 /// Counts of what happened.
@@ -131,6 +159,13 @@ pub struct Churn {
     pub rvp_leaves: u64,
     pub rvp_changes: u64,
     pub origin_fallbacks: u64,
+    /// Of those, agents whose upstream RVP had left (still named by the server: it counts
+    /// an agent active until `inactive_after_s` after its last heartbeat).
+    pub origin_fallbacks_upstream_gone: u64,
+    /// Of those, agents with nobody upstream and no peer holding the package.
+    pub origin_fallbacks_nobody_upstream: u64,
+    /// Of those, agents whose sources were all dropped and whose upstream was not getting it.
+    pub origin_fallbacks_sources_dropped: u64,
 }
 
 /// The outcome of one distribution.
@@ -229,6 +264,17 @@ impl<'a> Control<'a> {
             .collect();
         ranking::sort_candidates(&mut cands);
         let index = |id: &str| -> usize { id[6..].parse().expect("agent-NNNNN") };
+        // A recorded RVP that stopped polling for its assignments before it held the package
+        // whole is replaced (and not elected again while it is away).
+        if let (Some(r), Some(grace)) = (self.rvp[s], self.policy.rvp_poll_grace_s) {
+            let st = &self.st[r];
+            if !st.up && st.done_at.is_none() && self.now - st.left_at >= grace {
+                let id = &self.topo.agents[r].id;
+                cands.retain(|c| &c.agent_id != id);
+                self.rvp[s] = None;
+                self.churn.rvp_changes += 1;
+            }
+        }
         let current = self.rvp[s].map(|a| self.topo.agents[a].id.clone());
         let rvp = ranking::elect(&cands, current.as_deref()).map(|c| index(&c.agent_id));
         if rvp != self.rvp[s] {
@@ -250,11 +296,13 @@ impl<'a> Control<'a> {
         self.count(1);
         let s = self.topo.agents[a].site;
         let (rvp, serving) = self.site_answer(s);
+        self.st[a].upstream = rvp.filter(|&r| r != a);
         if rvp == Some(a) {
             match self.topo.sites[s].parent {
                 None => (vec![Src::Origin], false),
                 Some(p) => {
                     let (prvp, _) = self.site_answer(p);
+                    self.st[a].upstream = prvp;
                     let srcs = prvp
                         .filter(|&r| self.st[r].reported > 0)
                         .map(Src::Agent)
@@ -331,10 +379,14 @@ impl<'a> Control<'a> {
                 st.fetching = false;
                 st.on_origin = false;
                 st.tried.clear();
+                st.asked = false;
+                st.upstream = None;
+                st.up_seen = None;
                 st.next_heartbeat = t;
                 net.set_up(a, true);
             } else {
                 self.st[a].up = false;
+                self.st[a].left_at = t;
                 net.set_up(a, false);
                 self.churn.leaves += 1;
                 if self.rvp[ag.site] == Some(a) {
@@ -384,8 +436,13 @@ impl<'a> Control<'a> {
             self.st[a].next_ask = t;
             self.st[a].last_held = held;
             self.st[a].last_progress = t;
+            self.st[a].up_progress = t;
         }
         if self.st[a].on_origin {
+            return;
+        }
+        if p.fallback == Fallback::Upstream {
+            self.upstream_tick(net, a, t, held, p);
             return;
         }
         if !self.st[a].fetching {
@@ -425,6 +482,84 @@ impl<'a> Control<'a> {
                 // Waiting: a fetch with no live source starts over on the next answer.
                 self.st[a].tried.clear();
             }
+        }
+    }
+
+    /// The agent's loop as agent/src/daemon.rs runs it ([`Fallback::Upstream`]).
+    fn upstream_tick(&mut self, net: &mut dyn Transport, a: usize, t: f64, held: u64, p: &Policy) {
+        let progressed = held > self.st[a].last_held;
+        if progressed {
+            self.st[a].last_held = held;
+            self.st[a].last_progress = t;
+        }
+        let live = if self.st[a].fetching { net.live_sources(a) } else { 0 };
+        // The upstream as the server last named it is "getting" the package while the server
+        // has not seen it complete (its inventory) and still counts it active.
+        let active_since = t - p.inactive_after_s;
+        let upstream = self.st[a].upstream;
+        let up_getting = upstream.is_some_and(|u| self.st[u].done_at.is_none() && self.st[u].last_seen >= active_since);
+        let budget = if up_getting || (upstream.is_some() && live > 0) {
+            p.rvp_wait_s
+        } else {
+            p.peer_stall_s
+        };
+        let idle_s = t - self.st[a].last_progress;
+        let up_idle_s = t - self.st[a].up_progress;
+        let dropped = self.st[a].fetching && live == 0 && !up_getting;
+        // Nobody upstream of this agent and no peer holds it; every peer was dropped; or no
+        // progress from it nor from its upstream for the budget.
+        let nobody = upstream.is_none() && !self.st[a].fetching && self.st[a].asked;
+        let give_up = nobody || dropped || (idle_s >= budget && up_idle_s >= budget);
+        // Ask every `wait_refresh_s` while nothing arrives, every `sources_refresh_s` while
+        // it does, and once more before giving up.
+        let cadence = if !progressed || live == 0 {
+            (p.wait_refresh_s * f64::from(1u32 << self.st[a].wait_streak.min(16))).min(p.sources_refresh_s)
+        } else {
+            p.sources_refresh_s
+        };
+        if t >= self.st[a].next_ask || give_up {
+            let (srcs, bg) = self.ask(a);
+            self.st[a].asked = true;
+            self.st[a].next_ask = t + cadence;
+            // The upstream's progress as the server reports it (its inventory).
+            let seen = self.st[a].upstream.map(|u| (u, self.st[u].reported));
+            let up_progressed = match (self.st[a].up_seen, seen) {
+                (Some((u0, h0)), Some((u1, h1))) => u0 != u1 || h1 > h0,
+                (None, Some(_)) => true,
+                _ => false,
+            };
+            if up_progressed {
+                self.st[a].up_progress = t;
+            }
+            if progressed || up_progressed {
+                self.st[a].wait_streak = 0;
+            } else {
+                self.st[a].wait_streak += 1;
+            }
+            self.st[a].up_seen = seen;
+            let new: Vec<Src> = srcs.into_iter().filter(|s| !self.st[a].tried.contains(s)).collect();
+            if !new.is_empty() {
+                net.add_sources(a, &new, bg);
+                let st = &mut self.st[a];
+                st.tried.extend(new);
+                st.fetching = true;
+                st.last_progress = t;
+                return;
+            }
+            if !give_up || up_progressed {
+                return;
+            }
+        }
+        if give_up {
+            self.churn.origin_fallbacks += 1;
+            match self.st[a].upstream {
+                None => self.churn.origin_fallbacks_nobody_upstream += 1,
+                Some(u) if !self.st[u].up => self.churn.origin_fallbacks_upstream_gone += 1,
+                Some(_) if dropped => self.churn.origin_fallbacks_sources_dropped += 1,
+                Some(_) => {}
+            }
+            self.st[a].on_origin = true;
+            net.add_sources(a, &[Src::Origin], false);
         }
     }
 }

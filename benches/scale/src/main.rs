@@ -39,9 +39,20 @@ struct Args {
     /// Fraction of agents that start only after publication.
     #[arg(long, default_value_t = 0.02)]
     late: f64,
-    /// When peers make no progress and the server names no new one: `origin` (what the agent does) or `wait`.
-    #[arg(long, default_value = "origin")]
+    /// When peers make no progress and the server names no new one: `upstream` (what the
+    /// agent does: wait for a live upstream RVP up to --rvp-wait-s, then the origin), `origin`
+    /// (the origin after 5 s, the agent before it waited for its RVP) or `wait` (never the origin).
+    #[arg(long, default_value = "upstream")]
     fallback: String,
+    /// `--fallback upstream`: how long a waiting agent gives an upstream RVP that makes no
+    /// progress (the agent's `rvp_wait_secs`).
+    #[arg(long, default_value_t = 60.0)]
+    rvp_wait_s: f64,
+    /// The server replaces a recorded RVP that stopped polling for its assignments this long
+    /// ago (server/src/store.rs RVP_POLL_GRACE_MS); 0: only when its heartbeats stop (the server
+    /// before migration 0003).
+    #[arg(long, default_value_t = lowtide_server::store::RVP_POLL_GRACE_MS as f64 / 1000.0)]
+    rvp_poll_grace_s: f64,
     /// Length of each packet-level calibration transfer, in seconds at the link's rate.
     #[arg(long, default_value_t = 6.0)]
     calibration_seconds: f64,
@@ -73,9 +84,10 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let wall = Instant::now();
     let fallback = match args.fallback.as_str() {
+        "upstream" => Fallback::Upstream,
         "origin" => Fallback::Origin,
         "wait" => Fallback::Wait,
-        other => anyhow::bail!("--fallback {other:?}: use `origin` (what the agent does) or `wait`"),
+        other => anyhow::bail!("--fallback {other:?}: use `upstream` (what the agent does), `origin` or `wait`"),
     };
     anyhow::ensure!((0.0..1.0).contains(&args.loss), "--loss must be in [0, 1)");
     let spec = Spec {
@@ -178,6 +190,8 @@ fn main() -> anyhow::Result<()> {
 
     let policy = Policy {
         fallback,
+        rvp_wait_s: args.rvp_wait_s,
+        rvp_poll_grace_s: (args.rvp_poll_grace_s > 0.0).then_some(args.rvp_poll_grace_s),
         ..Policy::default()
     };
     let t = Instant::now();
@@ -209,13 +223,16 @@ fn main() -> anyhow::Result<()> {
         f.origin_bytes_ratio
     );
     println!(
-        "  churn: {} leaves ({} of them RVPs), {} rejoins, {} late joins, {} RVP changes, {} origin fallbacks",
+        "  churn: {} leaves ({} of them RVPs), {} rejoins, {} late joins, {} RVP changes, {} origin fallbacks ({} with their upstream RVP gone, {} with nobody upstream, {} with every source dropped)",
         f.churn.leaves,
         f.churn.rvp_leaves,
         f.churn.rejoins,
         f.churn.late_joins,
         f.churn.rvp_changes,
-        f.churn.origin_fallbacks
+        f.churn.origin_fallbacks,
+        f.churn.origin_fallbacks_upstream_gone,
+        f.churn.origin_fallbacks_nobody_upstream,
+        f.churn.origin_fallbacks_sources_dropped
     );
     println!(
         "  server: {} calls ({} heartbeat, {} sources, {} inventory, {} manifest, {} table); mean {:.0}/s, peak {}/s (heartbeats alone {:.0}/s)",

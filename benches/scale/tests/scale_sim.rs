@@ -108,13 +108,43 @@ fn model_with_churn_is_reproducible_and_elects_new_rvps() {
     assert!(a.wan.max_payload_ratio < 1.5, "{:?}", a.wan);
     assert!(a.server.peak_per_s as f64 >= a.server.mean_per_s);
 
-    // The agent as written goes to the origin when its peers stall: more WAN bytes, not fewer.
-    let o = run::model(&topo, calib, size, &Policy::default(), seed, 4.0 * 3600.0);
+    // The agent before it waited for its RVP went to the origin after 5 s without progress:
+    // more WAN bytes, not fewer.
+    let old = Policy {
+        fallback: Fallback::Origin,
+        ..Policy::default()
+    };
+    let o = run::model(&topo, calib, size, &old, seed, 4.0 * 3600.0);
     assert_eq!(o.agents_done, a.agents_done);
     assert!(
         o.wan.max_payload_ratio >= a.wan.max_payload_ratio - 1e-9,
         "{:?} vs {:?}",
         o.wan,
         a.wan
+    );
+    // The agent as written waits for its upstream RVP. The server replaces an RVP that stopped
+    // polling for its assignments (45 s) long before its heartbeats lapse (300 s): fewer of the
+    // waiting agents give up on a gone RVP and cross the WAN to the origin.
+    let agent = run::model(&topo, calib, size, &Policy::default(), seed, 4.0 * 3600.0);
+    let lapse = Policy {
+        rvp_poll_grace_s: None,
+        ..Policy::default()
+    };
+    let l = run::model(&topo, calib, size, &lapse, seed, 4.0 * 3600.0);
+    eprintln!(
+        "agent: {:?} {:?}\nheartbeats only: {:?} {:?}",
+        agent.churn, agent.wan, l.churn, l.wan
+    );
+    assert!(
+        agent.churn.origin_fallbacks_upstream_gone < l.churn.origin_fallbacks_upstream_gone,
+        "{:?} vs {:?}",
+        agent.churn,
+        l.churn
+    );
+    assert!(
+        agent.wan.max_payload_ratio < l.wan.max_payload_ratio,
+        "{:?} vs {:?}",
+        agent.wan,
+        l.wan
     );
 }
