@@ -74,7 +74,7 @@ const POSTGRES_RVP_POLLED: &str = include_str!("../migrations/postgres/0003_rvp_
 /// every agent long-polls about every 20 s) for this long is taken as gone, and the site
 /// gets a new RVP unless it holds the content whole: far sooner than `inactive_after_secs`
 /// (300 s by default), and before the site's waiting agents give up on it (the agent's
-/// `rvp_wait_secs`, 60 s) and cross the WAN to the origin.
+/// `rvp_wait_secs`) and cross the WAN to the origin.
 pub const RVP_POLL_GRACE_MS: i64 = 45_000;
 /// An RVP's last poll is written at most this often.
 pub const RVP_POLL_REWRITE_MS: i64 = 10_000;

@@ -94,7 +94,7 @@ impl Default for Policy {
             sources_refresh_s: 10.0,
             inventory_s: 2.0,
             peer_stall_s: 5.0,
-            rvp_wait_s: 60.0,
+            rvp_wait_s: 600.0,
             wait_refresh_s: 1.0,
             rvp_poll_grace_s: Some(lowtide_server::store::RVP_POLL_GRACE_MS as f64 / 1000.0),
             wait_poll_s: 10.0,

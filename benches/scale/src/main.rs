@@ -46,7 +46,7 @@ struct Args {
     fallback: String,
     /// `--fallback upstream`: how long a waiting agent gives an upstream RVP that makes no
     /// progress (the agent's `rvp_wait_secs`).
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = 600.0)]
     rvp_wait_s: f64,
     /// The server replaces a recorded RVP that stopped polling for its assignments this long
     /// ago (server/src/store.rs RVP_POLL_GRACE_MS); 0: only when its heartbeats stop (the server
