@@ -329,7 +329,19 @@ pub struct RecvBatch {
 unsafe impl Send for RecvBatch {}
 
 /// Most `recvmmsg` rounds in one drain before returning to the loop.
-const RECV_ROUNDS_MAX: usize = 8;
+pub(crate) const RECV_ROUNDS_MAX: usize = 8;
+
+/// What one [`RecvBatch::drain`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Datagrams handed on (GRO super-datagrams count per segment).
+    pub delivered: usize,
+    /// The socket was found empty (`EAGAIN`). False when the drain stopped at
+    /// [`RECV_ROUNDS_MAX`] full rounds: datagrams may still be queued, and an
+    /// edge-triggered waiter (io_uring's multishot poll) will not be told about
+    /// them again.
+    pub emptied: bool,
+}
 
 impl RecvBatch {
     pub fn new(slots: usize) -> Self {
@@ -341,10 +353,12 @@ impl RecvBatch {
     }
 
     /// Receive until the socket is empty (or [`RECV_ROUNDS_MAX`] full rounds), handing each
-    /// datagram (GRO super-datagrams split) to `f`. Returns the number delivered.
-    pub fn drain(&mut self, fd: RawFd, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+    /// datagram (GRO super-datagrams split) to `f`. Says how many were delivered and whether
+    /// the socket was emptied.
+    pub fn drain(&mut self, fd: RawFd, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<Drained> {
         let n = self.slots.len();
         let mut delivered = 0;
+        let mut emptied = false;
         for _ in 0..RECV_ROUNDS_MAX {
             for (slot, m) in self.slots.iter_mut().zip(self.mmsg.iter_mut()) {
                 slot.prepare_recv();
@@ -364,7 +378,11 @@ impl RecvBatch {
             if r < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => break,
+                    io::ErrorKind::WouldBlock => {
+                        emptied = true;
+                        break;
+                    }
+                    io::ErrorKind::Interrupted => break,
                     // ICMP feedback for an earlier send: not this receive's business.
                     _ if e.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
                     _ => return Err(e),
@@ -380,10 +398,14 @@ impl RecvBatch {
                 }
             }
             if (r as usize) < n {
+                // recvmmsg stopped at EAGAIN. (An error after some datagrams would also cut the
+                // batch short, but an unconnected UDP socket without IP_RECVERR gets no ICMP
+                // errors, and the kernel drops bad checksums and reads on.)
+                emptied = true;
                 break;
             }
         }
-        Ok(delivered)
+        Ok(Drained { delivered, emptied })
     }
 }
 
