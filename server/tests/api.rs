@@ -589,6 +589,25 @@ async fn rvp_is_re_elected_when_it_goes_inactive(db: Db) {
     h.finish().await;
 }
 
+/// `POST /v1/assignments` without waiting: the contents the agent is told to fetch for its site.
+async fn assignments_now(h: &H, cred: &str, running: Vec<String>) -> Vec<String> {
+    let r = h
+        .send(
+            "POST",
+            "/v1/assignments",
+            Some(cred),
+            &json!({"wait_ms": 0, "running": running}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["content"].as_str().unwrap().to_string())
+        .collect()
+}
+
 async fn sites_want_content_and_their_rvps_are_assigned_it(db: Db) {
     let Some(h) = H::start(db).await else { return };
     let f = fleet(&h).await;
@@ -597,23 +616,7 @@ async fn sites_want_content_and_their_rvps_are_assigned_it(db: Db) {
     let assigned = |n: usize, running: Vec<String>| {
         let c = cred(n);
         let h = &h;
-        async move {
-            let r = h
-                .send(
-                    "POST",
-                    "/v1/assignments",
-                    Some(&c),
-                    &json!({"wait_ms": 0, "running": running}),
-                )
-                .await;
-            assert_eq!(r.status, 200, "{}", r.text());
-            r.json()["assignments"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|a| a["content"].as_str().unwrap().to_string())
-                .collect::<Vec<_>>()
-        }
+        async move { assignments_now(h, &c, running).await }
     };
     // The fleet's package: branch's RVP b0 and hq's RVP h0 hold it whole: nothing to fetch.
     h.get(&format!("/v1/content/{}/sources", f.cid), Some(&cred(4))).await;
@@ -712,23 +715,7 @@ async fn an_rvp_that_stops_polling_for_assignments_is_replaced(db: Db) {
     let poll = |n: usize| {
         let c = cred(n);
         let h = &h;
-        async move {
-            let r = h
-                .send(
-                    "POST",
-                    "/v1/assignments",
-                    Some(&c),
-                    &json!({"wait_ms": 0, "running": []}),
-                )
-                .await;
-            assert_eq!(r.status, 200, "{}", r.text());
-            r.json()["assignments"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|a| a["content"].as_str().unwrap().to_string())
-                .collect::<Vec<_>>()
-        }
+        async move { assignments_now(h, &c, Vec::new()).await }
     };
     // Everyone heartbeats: nobody goes inactive in this test (300 s).
     let heartbeat_all = || async {

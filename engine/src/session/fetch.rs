@@ -821,28 +821,25 @@ impl Fetch {
         }
     }
 
-    /// Cancel at source `i` every block it was asked for and has not delivered.
-    fn cancel_all(&mut self, i: usize) {
-        let mine: Vec<u64> = self
-            .inflight
+    /// The blocks source `i` was asked for and has not delivered.
+    fn inflight_at(&self, i: usize) -> Vec<u64> {
+        self.inflight
             .iter()
             .filter(|(_, f)| f.sources.contains(&i))
             .map(|(b, _)| *b)
-            .collect();
-        for b in mine {
+            .collect()
+    }
+
+    /// Cancel at source `i` every block it was asked for and has not delivered.
+    fn cancel_all(&mut self, i: usize) {
+        for b in self.inflight_at(i) {
             self.push_cancel(i, b);
         }
     }
 
     /// Take every block away from source `i`.
     fn unassign_all(&mut self, i: usize) {
-        let mine: Vec<u64> = self
-            .inflight
-            .iter()
-            .filter(|(_, f)| f.sources.contains(&i))
-            .map(|(b, _)| *b)
-            .collect();
-        for b in mine {
+        for b in self.inflight_at(i) {
             self.unassign(b, i);
         }
     }
