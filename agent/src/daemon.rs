@@ -1386,6 +1386,9 @@ struct Watch {
     retry_at: HashMap<SocketAddr, u64>,
     /// The last engine drop (its sequence number) looked at.
     drops_seen: u64,
+    /// Sources that sent data that does not verify: never used again, so an upstream among
+    /// them is not waited for.
+    banned: HashSet<SocketAddr>,
 }
 
 impl Watch {
@@ -1486,17 +1489,19 @@ const TABLE_FROM_PEERS_WAIT: Duration = Duration::from_secs(10);
 /// it, and it does not cross the WAN once per agent behind the link: a Wi-Fi site's RVP takes
 /// it from its wired parent site); else, or when none sends it within
 /// [`TABLE_FROM_PEERS_WAIT`], from the server (the top site's RVP).
-async fn table_for(sh: &Shared, id: ContentId, plan: &Plan) -> anyhow::Result<BlockTable> {
+/// Also returns the peers it gave the engine's fetch (which goes on with the blocks).
+async fn table_for(sh: &Shared, id: ContentId, plan: &Plan) -> anyhow::Result<(BlockTable, Vec<Named>)> {
     if let Some(t) = sh.engine.call(|reply| Cmd::Table { id, reply }).await? {
-        return Ok(t);
+        return Ok((t, Vec::new()));
     }
-    let peers: Vec<(SocketAddr, bool)> = plan
+    let named: Vec<Named> = plan
         .peers
         .iter()
         .filter(|p| p.held_bytes > 0)
         .chain(plan.upstream.iter())
-        .map(|n| (n.addr, n.background))
+        .cloned()
         .collect();
+    let peers: Vec<(SocketAddr, bool)> = named.iter().map(|n| (n.addr, n.background)).collect();
     if !peers.is_empty() {
         let polls = (TABLE_FROM_PEERS_WAIT.as_millis() / TICK.as_millis()) as u64;
         for i in 0..polls {
@@ -1511,7 +1516,7 @@ async fn table_for(sh: &Shared, id: ContentId, plan: &Plan) -> anyhow::Result<Bl
             tokio::time::sleep(TICK).await;
             if let Some(t) = sh.engine.call(|reply| Cmd::Table { id, reply }).await? {
                 tracing::debug!("{}: block table from site peers {peers:?}", id.short());
-                return Ok(t);
+                return Ok((t, named));
             }
         }
         tracing::info!(
@@ -1520,7 +1525,7 @@ async fn table_for(sh: &Shared, id: ContentId, plan: &Plan) -> anyhow::Result<Bl
             TABLE_FROM_PEERS_WAIT.as_secs()
         );
     }
-    sh.client.table(&sh.cred.credential, &id).await
+    Ok((sh.client.table(&sh.cred.credential, &id).await?, named))
 }
 
 /// Loop ticks before a dropped upstream, or a peer that refused for now, is asked again.
@@ -1591,7 +1596,7 @@ async fn fetch(
     let cred = &sh.cred.credential;
     let size = manifest.size;
     let mut plan = plan_from(sh, id, size, &sh.client.sources(cred, &id).await?);
-    let table = table_for(sh, id, &plan).await?;
+    let (table, table_peers) = table_for(sh, id, &plan).await?;
     if table.geometry().size != manifest.size {
         bail!(
             "the block table of {id} describes {} bytes but the signed manifest says {}: refusing it",
@@ -1654,7 +1659,27 @@ async fn fetch(
         ticks: 0,
         retry_at: HashMap::new(),
         drops_seen: 0,
+        banned: HashSet::new(),
     };
+    // The block table's fetch gave the engine these as sources, and it goes on with the blocks
+    // from them: count them as given, with their protocol (a fast LAN may finish before the
+    // first look at the engine's sources).
+    for n in table_peers {
+        if w.given.contains_key(&n.addr) {
+            continue;
+        }
+        let how = if n.background {
+            "background from"
+        } else {
+            "foreground from"
+        };
+        done.sources.push(format!("{how} {}", n.why));
+        if n.background {
+            w.background.insert(n.addr);
+            w.wan.insert(n.addr);
+        }
+        w.given.insert(n.addr, n.held_bytes);
+    }
     w.upstream(&plan);
     let mut since_refresh = 0u64;
     let (store_errors_before, drops_before) = {
@@ -1722,7 +1747,9 @@ async fn fetch(
             .iter()
             .filter(|d| d.seq > w.drops_seen && d.content == id)
         {
-            if d.refused || up.is_some_and(|u| u.addr == d.addr) {
+            if d.banned {
+                w.banned.insert(d.addr);
+            } else if d.refused || up.is_some_and(|u| u.addr == d.addr) {
                 w.retry_at.entry(d.addr).or_insert(w.ticks + RETRY_TICKS);
             }
         }
@@ -1752,9 +1779,10 @@ async fn fetch(
             sources: live,
             peer_rate_bytes_per_s: rate,
         });
+        // An upstream that sent bad data is never used again: not one to wait for.
         let why = origin_reason(
             &Standing {
-                upstream: up.map(|u| UpstreamState {
+                upstream: up.filter(|u| !w.banned.contains(&u.addr)).map(|u| UpstreamState {
                     background: u.background,
                     complete: u.complete,
                     dropped: up_dropped,

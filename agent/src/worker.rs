@@ -76,6 +76,9 @@ pub struct Dropped {
     /// The peer refused for now (serving as many peers as it may, or the device is busy):
     /// ask it again later, it is not gone.
     pub refused: bool,
+    /// The peer sent data that does not verify (a bad block or table): never used again
+    /// for this content.
+    pub banned: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -271,11 +274,16 @@ fn source_view(s: &lowtide_engine::session::fetch::SourceStats, dropped: bool) -
 const BANNED_CONTENTS_MAX: usize = 1024;
 
 impl Sources {
-    fn on_drop(&mut self, content: ContentId, addr: SocketAddr, reason: &DropReason) {
-        if matches!(
+    /// A source dropped for this is never used again for the content.
+    fn bans(reason: &DropReason) -> bool {
+        matches!(
             reason,
             DropReason::BadBlock(_) | DropReason::BadTable(_) | DropReason::WrongGeometry
-        ) {
+        )
+    }
+
+    fn on_drop(&mut self, content: ContentId, addr: SocketAddr, reason: &DropReason) {
+        if Self::bans(reason) {
             if self.banned.len() >= BANNED_CONTENTS_MAX && !self.banned.contains_key(&content) {
                 self.banned.clear();
             }
@@ -586,6 +594,7 @@ pub fn run(mut ep: Endpoint, mut mon: EgressWatch, rx: mpsc::Receiver<Cmd>) {
                             reason,
                             DropReason::Rejected(RejectReason::Busy | RejectReason::DeviceBusy)
                         ),
+                        banned: Sources::bans(&reason),
                     });
                     known.on_drop(content, addr, &reason);
                 }
