@@ -1742,14 +1742,20 @@ async fn fetch(
         let up = plan.upstream.as_ref();
         // Drops since the last look: a refusal (busy) is "ask again later", and so is any drop
         // of the upstream the server still names (it holds or is getting the content).
+        // Bans count whenever they happened (the block table's fetch may have dropped a peer that
+        // sent a bad block before this loop first looked): the engine never uses that peer again.
+        w.banned.extend(
+            snap.dropped_peers
+                .iter()
+                .filter(|d| d.content == id && d.banned)
+                .map(|d| d.addr),
+        );
         for d in snap
             .dropped_peers
             .iter()
-            .filter(|d| d.seq > w.drops_seen && d.content == id)
+            .filter(|d| d.seq > w.drops_seen && d.content == id && !d.banned)
         {
-            if d.banned {
-                w.banned.insert(d.addr);
-            } else if d.refused || up.is_some_and(|u| u.addr == d.addr) {
+            if d.refused || up.is_some_and(|u| u.addr == d.addr) {
                 w.retry_at.entry(d.addr).or_insert(w.ticks + RETRY_TICKS);
             }
         }
