@@ -20,12 +20,20 @@
 # Usage: scripts/bench-wan.sh [--quick] [--rates 10,50] [--rtts 20,80]
 #          [--bottlenecks router,sender] [--tools lowtide,tcp-cubic]
 #          [--queue-ms 200] [--json PATH] [--out DIR] [--allow-foreground]
-#          [--warm S] [--solo S] [--fg S] [--rec S]
+#          [--warm S] [--solo S] [--fg S] [--rec S] [--rt-prio 50]
 #   --quick             10 Mbit/s and 50 Mbit/s at 20 ms, router bottleneck only
 #   --allow-foreground  run the Lowtide transfer as a plain (foreground) fetch
 #                       when lowtide-xfer has no --background (harness checks only)
 #   --lowtide-foreground  always run it as a plain fetch (to compare with the
 #                       foreground controller; the rows are then not the background protocol)
+#   --rt-prio N         SCHED_FIFO priorities: the testbed's hosts are processes
+#                       on one shared machine, and on a busy one a normal-priority
+#                       process wakes milliseconds late, which the probe and the
+#                       controllers see as queueing delay. By default the delay
+#                       line runs at N+10, the probe, echo and tap at N+5, the
+#                       transfers (lowtide-xfer, iperf3) at N, as if each host
+#                       had a CPU of its own; 0 = normal scheduling for all.
+#                       The idle probe's p95/p99 (idle95/99) show the floor left.
 # Needs root, iperf3, python3 and gnuplot (installed with apt-get if missing).
 # Binaries come from ${CARGO_TARGET_DIR:-target}/release (built if missing;
 # LOWTIDE_XFER, LOWTIDE_WANPROBE, LOWTIDE_DELAYLINE override them).
@@ -39,7 +47,7 @@ PORT_ECHO=9000
 PORT_BG_TCP=5201
 PORT_FG_SND=5202
 PORT_FG_SND2=5203
-BASE_S=3
+BASE_S=5
 
 log() { echo "bench-wan: $*" >&2; }
 die() { echo "bench-wan: $*" >&2; exit 1; }
@@ -74,25 +82,31 @@ run_case() {
     wait "$1" 2>/dev/null || true
   }
   trap cleanup EXIT
+  # SCHED_FIFO prefixes (empty with --rt-prio 0): probes above transfers.
+  local rt_probe=() rt_ep=()
+  if [ "$RT_PRIO" -gt 0 ]; then
+    rt_probe=(chrt -f $((RT_PRIO + 5)))
+    rt_ep=(chrt -f "$RT_PRIO")
+  fi
   trap 'exit 143' TERM
   trap 'exit 130' INT
   # Background processes are started with `ip netns exec` directly (it execs the
   # command), so that $! is the process itself and a signal reaches it.
 
-  ip netns exec "$LT_NS_RCV" "$WANPROBE" tap --iface eth0 --out "$dir/tap.csv" 2>>"$dir/wanprobe.log" &
+  ip netns exec "$LT_NS_RCV" "${rt_probe[@]}" "$WANPROBE" tap --iface eth0 --out "$dir/tap.csv" 2>>"$dir/wanprobe.log" &
   local tap_pid=$!
   pids+=($!)
-  ip netns exec "$LT_NS_SND" "$WANPROBE" echo --listen "$LT_ADDR_SND:$PORT_ECHO" 2>>"$dir/wanprobe.log" &
+  ip netns exec "$LT_NS_SND" "${rt_probe[@]}" "$WANPROBE" echo --listen "$LT_ADDR_SND:$PORT_ECHO" 2>>"$dir/wanprobe.log" &
   pids+=($!)
   local port
   for port in $PORT_BG_TCP $PORT_FG_SND $PORT_FG_SND2; do
-    ip netns exec "$LT_NS_RCV" iperf3 -s -p "$port" >/dev/null 2>&1 &
+    ip netns exec "$LT_NS_RCV" "${rt_ep[@]}" iperf3 -s -p "$port" >/dev/null 2>&1 &
     pids+=($!)
   done
   local id=""
   if [[ ",$TOOLS," == *,lowtide,* ]]; then
     rm -rf "$SHM/srv-store"
-    ip netns exec "$LT_NS_SND" env LOWTIDE_KEY=bench "$XFER" --store "$SHM/srv-store" serve --listen "$LT_ADDR_SND:$PORT_LOWTIDE" \
+    ip netns exec "$LT_NS_SND" "${rt_ep[@]}" env LOWTIDE_KEY=bench "$XFER" --store "$SHM/srv-store" serve --listen "$LT_ADDR_SND:$PORT_LOWTIDE" \
       --add "$SHM/data.bin" >"$dir/serve.out" 2>"$dir/serve.log" &
     pids+=($!)
     local i=0
@@ -108,7 +122,7 @@ run_case() {
   sleep 0.5
 
   # 1. idle base RTT
-  ip netns exec "$LT_NS_RCV" "$WANPROBE" probe --to "$LT_ADDR_SND:$PORT_ECHO" --out "$dir/probe-base.csv" 2>>"$dir/wanprobe.log" &
+  ip netns exec "$LT_NS_RCV" "${rt_probe[@]}" "$WANPROBE" probe --to "$LT_ADDR_SND:$PORT_ECHO" --out "$dir/probe-base.csv" 2>>"$dir/wanprobe.log" &
   local probe_pid=$!
   pids+=($!)
   sleep "$BASE_S"
@@ -118,7 +132,7 @@ run_case() {
   fg_flow() { # HOST PORT SECONDS LOG
     local ns=$LT_NS_SND
     [ "$1" = snd2 ] && ns=$LT_NS_SND2
-    ip netns exec "$ns" iperf3 -c "$LT_ADDR_RCV" -p "$2" -C cubic -t "$3" >"$4" 2>&1 ||
+    ip netns exec "$ns" "${rt_ep[@]}" iperf3 -c "$LT_ADDR_RCV" -p "$2" -C cubic -t "$3" >"$4" 2>&1 ||
       log "iperf3 from $1 failed: $(tail -2 "$4")"
   }
   local hosts=(snd)
@@ -137,7 +151,7 @@ run_case() {
   total=$((WARM_S + SOLO_S + ${#hosts[@]} * (FG_S + REC_S) + 5))
   for tool in ${TOOLS//,/ }; do
     log "  $tool"
-    ip netns exec "$LT_NS_RCV" "$WANPROBE" probe --to "$LT_ADDR_SND:$PORT_ECHO" --out "$dir/probe-$tool.csv" 2>>"$dir/wanprobe.log" &
+    ip netns exec "$LT_NS_RCV" "${rt_probe[@]}" "$WANPROBE" probe --to "$LT_ADDR_SND:$PORT_ECHO" --out "$dir/probe-$tool.csv" 2>>"$dir/wanprobe.log" &
     probe_pid=$!
     pids+=($!)
     sleep 0.5
@@ -145,11 +159,11 @@ run_case() {
     case "$tool" in
       lowtide)
         rm -rf "$SHM/fetch-store"
-        ip netns exec "$LT_NS_RCV" env LOWTIDE_KEY=bench "$XFER" --store "$SHM/fetch-store" fetch "$id" --from "$LT_ADDR_SND:$PORT_LOWTIDE" \
+        ip netns exec "$LT_NS_RCV" "${rt_ep[@]}" env LOWTIDE_KEY=bench "$XFER" --store "$SHM/fetch-store" fetch "$id" --from "$LT_ADDR_SND:$PORT_LOWTIDE" \
           $BG_FLAG -q --json "$dir/fetch.json" >"$dir/fetch.log" 2>&1 &
         bg_pid=$! ;;
       tcp-cubic)
-        ip netns exec "$LT_NS_SND" iperf3 -c "$LT_ADDR_RCV" -p "$PORT_BG_TCP" -C cubic -t "$total" >"$dir/iperf-bg.log" 2>&1 &
+        ip netns exec "$LT_NS_SND" "${rt_ep[@]}" iperf3 -c "$LT_ADDR_RCV" -p "$PORT_BG_TCP" -C cubic -t "$total" >"$dir/iperf-bg.log" 2>&1 &
         bg_pid=$! ;;
       *) die "unknown tool $tool" ;;
     esac
@@ -194,6 +208,7 @@ out=""
 allow_fg=0
 lowtide_fg=0
 WARM_S=4 SOLO_S=8 FG_S=8 REC_S=4
+RT_PRIO=50
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) rates=10,50; rtts=20; bottlenecks=router; shift ;;
@@ -210,11 +225,13 @@ while [ $# -gt 0 ]; do
     --solo) SOLO_S=$2; shift 2 ;;
     --fg) FG_S=$2; shift 2 ;;
     --rec) REC_S=$2; shift 2 ;;
+    --rt-prio) RT_PRIO=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (--help)" ;;
   esac
 done
 [ "$(id -u)" = 0 ] || die "needs root (network namespaces)"
+[[ "$RT_PRIO" =~ ^[0-9]+$ ]] && [ "$RT_PRIO" -le 89 ] || die "--rt-prio 0..89"
 command -v iperf3 >/dev/null || die "needs iperf3 (scripts/setup.sh)"
 command -v python3 >/dev/null || die "needs python3"
 if ! command -v gnuplot >/dev/null; then
@@ -270,7 +287,8 @@ fi
   echo "commit: $(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)"
   echo "uncommitted in engine/: $(git -C "$REPO" status --short engine 2>/dev/null | tr '\n' ' ')"
   echo "lowtide-xfer: ${XFER:-not used} ${BG_FLAG:-(foreground fetch)}"
-  echo "args: rates=$rates rtts=$rtts bottlenecks=$bottlenecks tools=$tools queue_ms=$queue_ms"
+  echo "args: rates=$rates rtts=$rtts bottlenecks=$bottlenecks tools=$tools queue_ms=$queue_ms rt_prio=$RT_PRIO"
+  echo "load: $(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$out/provenance.txt"
 n=0
 log "output in $out"
@@ -292,6 +310,7 @@ WARM_S=$WARM_S
 SOLO_S=$SOLO_S
 FG_S=$FG_S
 REC_S=$REC_S
+RT_PRIO=$RT_PRIO
 BG_FLAG=$BG_FLAG
 WANPROBE=$WANPROBE
 XFER=$XFER
@@ -299,7 +318,7 @@ SHM=$SHM
 META
       log "case $n: ${r} Mbit/s, RTT ${rtt} ms, bottleneck on $b, queue ${queue_ms} ms"
       "$REPO/scripts/testbed/wan.sh" run --name "bw$$" --rate "${r}mbit" --rtt-ms "$rtt" --queue-ms "$queue_ms" \
-        --bottleneck "$b" --senders 2 -- bash -c 'env | grep "^LT_" | sort >"$1/testbed.env"; exec "$2" __case "$1"' \
+        --bottleneck "$b" --senders 2 --rt-prio $((RT_PRIO > 0 ? RT_PRIO + 10 : 0)) -- bash -c 'env | grep "^LT_" | sort >"$1/testbed.env"; exec "$2" __case "$1"' \
         _ "$dir" "$SELF" 2> >(grep -v '^wan.sh: delayline' >&2) || log "case $n failed (see $dir)"
       grep -h 'QUEUE_LIMIT_BYTES' "$dir/testbed.env" 2>/dev/null | sed 's/^LT_//' >>"$dir/meta.env" || true
     done

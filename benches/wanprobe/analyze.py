@@ -162,6 +162,10 @@ def analyse_case(case_dir):
         "queue_limit_bytes": int(meta.get("QUEUE_LIMIT_BYTES", "0") or 0),
         "base_rtt_ms": None if base_us is None else base_us / 1000,
         "base_rtt_min_ms": None if not base else min(base) / 1000,
+        # The testbed's own floor: idle probe RTT - its median, as for added delay.
+        "idle_jitter_ms": {
+            p: None if base_us is None else (pct(base, n) - base_us) / 1000 for p, n in (("p95", 95), ("p99", 99))
+        },
         "fg_solo_mbit": {},
         "tools": {},
     }
@@ -296,7 +300,7 @@ def main():
                 print(f"analyze: {d}: incomplete ({e!r})", file=sys.stderr)
     out_cases = []
     hdr = (
-        f"{'tool':<10} {'rate':>4} {'rtt':>3} {'bneck':<6} {'base':>6} {'util':>6} {'tc':>6} "
+        f"{'tool':<10} {'rate':>4} {'rtt':>3} {'bneck':<6} {'base':>6} {'idle95/99':>9} {'util':>6} {'tc':>6} "
         f"{'d50':>6} {'d95':>6} {'d99':>6} {'lost':>4} | {'fg%':>5} {'bg%':>5} {'yield':>6} {'reclm':>6} "
         f"| {'fg2%':>5} {'bg%':>5} {'yield2':>6} {'reclm2':>6}"
     )
@@ -315,6 +319,7 @@ def main():
                 "bottleneck": res["bottleneck"],
                 "solo_utilisation": round(r["solo_utilisation"], 4),
                 "added_delay_ms": {k: None if v is None else round(v, 3) for k, v in r["added_delay_ms"].items()},
+                "idle_jitter_ms": {k: None if v is None else round(v, 3) for k, v in res["idle_jitter_ms"].items()},
                 "foreground_yield": None if not shares or None in shares else round(min(shares), 4),
                 "yield_ms": None if not yields or None in yields else round(max(yields), 1),
                 "reclaim_ms": None if not reclaims or None in reclaims else round(max(reclaims), 1),
@@ -322,7 +327,9 @@ def main():
             a = r["added_delay_ms"]
             row = (
                 f"{tool:<10} {res['rate_mbit']:>4} {res['rtt_ms']:>3} {res['bottleneck']:<6} "
-                f"{fmt(res['base_rtt_ms'], '{:.2f}', '-'):>6} {r['solo_utilisation'] * 100:>5.1f}% "
+                f"{fmt(res['base_rtt_ms'], '{:.2f}', '-'):>6} "
+                f"{fmt(res['idle_jitter_ms']['p95'], '{:.1f}', '-') + '/' + fmt(res['idle_jitter_ms']['p99'], '{:.1f}', '-'):>9} "
+                f"{r['solo_utilisation'] * 100:>5.1f}% "
                 f"{fmt(r.get('link_utilisation_tc'), '{:.1%}', '-'):>6} "
                 f"{fmt(a['p50'], '{:.2f}', '-'):>6} {fmt(a['p95'], '{:.2f}', '-'):>6} {fmt(a['p99'], '{:.2f}', '-'):>6} "
                 f"{r['probes_lost_solo']:>4}"
@@ -353,7 +360,8 @@ def main():
     print(
         "\nutil = background wire bytes (IP length + 14 B Ethernet, at the receiver) / bottleneck rate, solo window;"
         "\ntc = all bytes the bottleneck TBF sent in that window (tc -s qdisc) / rate;"
-        "\nbase = idle probe RTT median (ms); d50/d95/d99 = probe RTT - base (ms) in the solo window; lost = probes lost there;"
+        "\nbase = idle probe RTT median (ms); idle95/99 = p95/p99 of idle probe RTT - base (ms): the testbed's own floor;"
+        "\nd50/d95/d99 = probe RTT - base (ms) in the solo window; lost = probes lost there;"
         "\nfg% = foreground TCP CUBIC throughput / its solo throughput (same host | second host behind the router);"
         "\nbg% = background wire rate / bottleneck rate while the foreground ran;"
         f"\nyield = ms from the foreground's first bulk frame until the background's 50 ms rate < {YIELD_FRACTION:.0%} of the link;"

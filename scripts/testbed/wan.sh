@@ -15,11 +15,15 @@
 #
 # Usage:
 #   wan.sh up   [--name NAME] [--rate 20mbit] [--rtt-ms 40] [--queue-ms 200 | --limit BYTES]
-#               [--burst BYTES] [--bottleneck router|sender] [--senders 1|2]
+#               [--burst BYTES] [--bottleneck router|sender] [--senders 1|2] [--rt-prio 60]
 #   wan.sh run  [same options] -- COMMAND [ARGS...]   # up, run COMMAND with LT_* set, always down
 #               (COMMAND runs with stdin from /dev/null; INT/TERM are passed on to it)
 #   wan.sh down --name NAME
 #   wan.sh status --name NAME
+#
+# --rt-prio N runs the delay line at SCHED_FIFO priority N (default 60; 0 =
+# normal scheduling): on a busy host a normal-priority delay line wakes late
+# and adds milliseconds of jitter that look like queueing delay.
 #
 # `up` prints shell assignments (LT_NS_SND=..., LT_ADDR_RCV=...) also kept in
 # /run/lowtide-testbed/NAME/env; run commands in the namespaces with
@@ -44,6 +48,7 @@ limit=""
 burst=""
 bottleneck=router
 senders=1
+rt_prio=60
 
 parse_opts() {
   while [ $# -gt 0 ]; do
@@ -56,6 +61,7 @@ parse_opts() {
       --burst) burst=$2; shift 2 ;;
       --bottleneck) bottleneck=$2; shift 2 ;;
       --senders) senders=$2; shift 2 ;;
+      --rt-prio) rt_prio=$2; shift 2 ;;
       --) shift; rest=("$@"); return 0 ;;
       *) die "unknown option $1 (see the header of $0)" ;;
     esac
@@ -175,7 +181,10 @@ up() {
   ip netns exec "$tbf_ns" tc qdisc replace dev "$tbf_dev" root tbf rate "$rate" burst "$burst" limit "$limit"
 
   # the delay line
-  ip netns exec "$NS_DLY" "$bin" --if-a dly-a --if-b dly-b --delay-us "$delay_us" \
+  local rt=()
+  [[ "$rt_prio" =~ ^[0-9]+$ ]] && [ "$rt_prio" -le 99 ] || die "--rt-prio 0..99"
+  [ "$rt_prio" -gt 0 ] && rt=(chrt -f "$rt_prio")
+  ip netns exec "$NS_DLY" "${rt[@]}" "$bin" --if-a dly-a --if-b dly-b --delay-us "$delay_us" \
     >"$state/delayline.log" 2>&1 &
   echo $! >"$state/delayline.pid"
   local i=0

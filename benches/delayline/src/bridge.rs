@@ -8,6 +8,12 @@
 //! as `scripts/testbed/wan.sh` does): a GSO super-frame larger than the MTU
 //! cannot be written back out, and a frame with a partial checksum would
 //! arrive corrupt. Oversized frames are counted and dropped.
+//!
+//! A frame's hold starts at the kernel's receive timestamp (`SO_TIMESTAMPNS`),
+//! not when this thread got round to reading it: on a busy host the thread
+//! may wake late, and that lateness must not add to the delay. Run it at a
+//! real-time priority (`chrt -f`, as `wan.sh` does) so the send side wakes on
+//! time too.
 
 use std::ffi::CString;
 use std::io;
@@ -30,6 +36,9 @@ const RCVBUF_BYTES: libc::c_int = 4 * 1024 * 1024;
 const TIMER_SLACK_NS: libc::c_ulong = 1_000;
 /// linux/if_packet.h, newer than some libc releases.
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+/// A kernel receive timestamp older than this is not believed (a clock step);
+/// the frame is then stamped when read.
+const STAMP_AGE_MAX: Duration = Duration::from_secs(1);
 
 /// What one direction did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -39,6 +48,8 @@ pub struct DirectionStats {
     pub dropped_full: u64,
     pub dropped_oversize: u64,
     pub send_errors: u64,
+    /// Frames without a usable kernel receive timestamp (stamped when read).
+    pub unstamped: u64,
 }
 
 /// One direction: frames read on `from`, written on `to` after `delay`.
@@ -76,10 +87,17 @@ pub fn run(dir: &Direction, stop: &AtomicBool) -> io::Result<DirectionStats> {
         };
         if rx.wait_readable(wait)? {
             for _ in 0..RECV_BATCH_MAX {
-                let Some((len, truncated)) = rx.recv(&mut buf)? else {
+                let Some((len, truncated, stamp)) = rx.recv(&mut buf)? else {
                     break;
                 };
-                let arrived = now();
+                let read_at = now();
+                let arrived = match stamp.and_then(age_of) {
+                    Some(age) => read_at.checked_sub(age).unwrap_or(read_at),
+                    None => {
+                        stats.unstamped += 1;
+                        read_at
+                    }
+                };
                 stats.received += 1;
                 if truncated {
                     stats.dropped_oversize += 1;
@@ -98,6 +116,19 @@ pub fn run(dir: &Direction, stop: &AtomicBool) -> io::Result<DirectionStats> {
     }
     stats.dropped_full = queue.dropped_full;
     Ok(stats)
+}
+
+/// How long ago the kernel stamped a frame (`CLOCK_REALTIME`), if believable.
+fn age_of(stamp: libc::timespec) -> Option<Duration> {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid clock id and out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) };
+    let ns = |t: libc::timespec| i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec);
+    let age = ns(now) - ns(stamp);
+    if age < 0 || age > STAMP_AGE_MAX.as_nanos() as i128 {
+        return None;
+    }
+    Some(Duration::from_nanos(age as u64))
 }
 
 struct PacketSocket {
@@ -149,6 +180,8 @@ impl PacketSocket {
         if receive {
             // Frames this process writes on the interface are not input.
             sock.set_int(libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)?;
+            // Kernel receive timestamps (see the module doc).
+            sock.set_int(libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)?;
             // Best effort: SO_RCVBUFFORCE needs CAP_NET_ADMIN, SO_RCVBUF is capped.
             if sock
                 .set_int(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RCVBUF_BYTES)
@@ -218,17 +251,23 @@ impl PacketSocket {
         Ok(n > 0 && pfd.revents & libc::POLLIN != 0)
     }
 
-    /// One frame, without blocking: `(length, truncated)`, or `None` when none is waiting.
-    fn recv(&self, buf: &mut [u8]) -> io::Result<Option<(usize, bool)>> {
-        // SAFETY: valid fd; the buffer's length is passed.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-            )
+    /// One frame, without blocking: `(length, truncated, kernel receive
+    /// timestamp)`, or `None` when none is waiting.
+    fn recv(&self, buf: &mut [u8]) -> io::Result<Option<(usize, bool, Option<libc::timespec>)>> {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
         };
+        // u64s: aligned for cmsghdr; room for one timestamp and more.
+        let mut control = [0u64; 16];
+        // SAFETY: zeroed msghdr is valid; pointers set below outlive the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = size_of::<[u64; 16]>() as _;
+        // SAFETY: valid fd and a msghdr whose buffers are live and sized.
+        let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
         if n < 0 {
             let e = io::Error::last_os_error();
             return match e.kind() {
@@ -236,8 +275,20 @@ impl PacketSocket {
                 _ => Err(e),
             };
         }
+        let mut stamp = None;
+        // SAFETY: the kernel filled msg_control up to msg_controllen; the
+        // CMSG macros walk it within those bounds.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS {
+                    stamp = Some(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>()));
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
         let n = n as usize;
-        Ok(Some((n.min(buf.len()), n > buf.len())))
+        Ok(Some((n.min(buf.len()), n > buf.len(), stamp)))
     }
 
     fn send(&self, frame: &[u8]) -> io::Result<()> {

@@ -118,8 +118,8 @@ fn main() -> ExitCode {
     for (d, r) in directions.iter().zip(results) {
         match r {
             Ok(Ok(s)) => eprintln!(
-                "delayline {}: received {} forwarded {} dropped_full {} dropped_oversize {} send_errors {}",
-                d.name, s.received, s.forwarded, s.dropped_full, s.dropped_oversize, s.send_errors
+                "delayline {}: received {} forwarded {} dropped_full {} dropped_oversize {} send_errors {} unstamped {}",
+                d.name, s.received, s.forwarded, s.dropped_full, s.dropped_oversize, s.send_errors, s.unstamped
             ),
             Ok(Err(e)) => {
                 eprintln!("delayline {}: {e}", d.name);

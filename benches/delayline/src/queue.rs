@@ -48,7 +48,9 @@ impl DelayQueue {
         }
     }
 
-    /// Queues `frame`, received at `arrived`, for release at `arrived + delay`.
+    /// Queues `frame`, received at `arrived`, for release at `arrived + delay`,
+    /// or with the frame before it if that one is due later (arrival stamps
+    /// from the kernel may be a little out of order; frames never are).
     /// Returns false (and counts a drop) when the queue is full.
     pub fn push(&mut self, arrived: Instant, frame: Vec<u8>) -> bool {
         if self.frames.len() >= self.limits.frames_max || self.bytes + frame.len() > self.limits.bytes_max {
@@ -56,7 +58,11 @@ impl DelayQueue {
             return false;
         }
         self.bytes += frame.len();
-        self.frames.push_back((arrived + self.delay, frame));
+        let mut at = arrived + self.delay;
+        if let Some(&(last, _)) = self.frames.back() {
+            at = at.max(last);
+        }
+        self.frames.push_back((at, frame));
         true
     }
 
@@ -115,6 +121,18 @@ mod tests {
         assert_eq!(q.pop_due(t0 + Duration::from_secs(1)), Some(vec![2]));
         assert!(q.is_empty());
         assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
+    fn queue_never_reorders_frames_stamped_out_of_order() {
+        let t0 = origin();
+        let delay = Duration::from_millis(10);
+        let mut q = DelayQueue::new(delay, QueueLimits::default());
+        assert!(q.push(t0 + Duration::from_millis(2), vec![1]));
+        assert!(q.push(t0 + Duration::from_millis(1), vec![2]));
+        assert_eq!(q.pop_due(t0 + Duration::from_millis(11)), None);
+        assert_eq!(q.pop_due(t0 + Duration::from_millis(12)), Some(vec![1]));
+        assert_eq!(q.pop_due(t0 + Duration::from_millis(12)), Some(vec![2]));
     }
 
     #[test]

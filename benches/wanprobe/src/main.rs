@@ -3,7 +3,8 @@
 //! - `echo --listen IP:PORT`: UDP echo server (returns every datagram to its sender).
 //! - `probe --to IP:PORT [--interval-ms 10] --out FILE`: sends a small datagram every
 //!   interval and writes `send_realtime_ns,rtt_us` per probe (`rtt_us` = -1 when no
-//!   reply came within 2 s). RTT is measured with `CLOCK_MONOTONIC` in user space.
+//!   reply came within 2 s). RTT = kernel receive timestamp of the reply − send time,
+//!   less the echo's hold time, which the echo appends (see `probe.rs`).
 //! - `tap --iface IF [--bin-ms 10] --out FILE`: counts the IPv4 frames arriving on IF
 //!   (AF_PACKET, outgoing frames ignored) per time bin and per flow, and writes
 //!   `bin_start_realtime_ns,src,proto,sport,dport,bytes,frames,big_frames` where
