@@ -106,7 +106,7 @@ run_case() {
   local id=""
   if [[ ",$TOOLS," == *,lowtide,* ]]; then
     rm -rf "$SHM/srv-store"
-    ip netns exec "$LT_NS_SND" "${rt_ep[@]}" env LOWTIDE_KEY=bench "$XFER" --store "$SHM/srv-store" serve --listen "$LT_ADDR_SND:$PORT_LOWTIDE" \
+    ip netns exec "$LT_NS_SND" "${rt_ep[@]}" env LOWTIDE_KEY=bench ${LOWTIDE_SERVE_LOG:+LOWTIDE_LOG=$LOWTIDE_SERVE_LOG} "$XFER" --store "$SHM/srv-store" serve --listen "$LT_ADDR_SND:$PORT_LOWTIDE" \
       --add "$SHM/data.bin" >"$dir/serve.out" 2>"$dir/serve.log" &
     pids+=($!)
     local i=0

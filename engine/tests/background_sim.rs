@@ -316,7 +316,7 @@ mod sender_bottleneck {
     use std::time::Duration;
 
     use lowtide_engine::cc::background::{Background, BackgroundConfig, PathSignal};
-    use lowtide_engine::cc::{AckSample, Controller};
+    use lowtide_engine::cc::{AckSample, Controller, MSS_BYTES};
     use lowtide_engine::time::Time;
     use rand::{Rng, SeedableRng};
 
@@ -454,6 +454,109 @@ mod sender_bottleneck {
             let util = share(&rates, 1_000, END_MS - 20);
             eprintln!("seed {seed}: 30 ms delay spikes every second: utilisation {util:.3}");
             assert!(util >= 0.90, "seed {seed}: utilisation {util:.3} with delay spikes");
+        }
+    }
+
+    /// The bench's sender-bottleneck case at 80 ms: a foreground CUBIC flow from the
+    /// same host fills the whole 200 ms TBF queue on the sender's egress (TCP small
+    /// queues allow 1 MB per socket there, more than 200 ms at these rates), then
+    /// stops; its queue drains, and the reclaim is timed from the drain's end (the
+    /// foreground's last data at the receiver, as `scripts/bench-wan.sh` times it).
+    /// Acks come per two datagrams delivered, each with the round trip of its
+    /// moment, so while yielded (a two-datagram window) the smoothed RTT is
+    /// updated once a round trip and still holds the foreground's queue long
+    /// after it drained. The foreground runs from `fg_ms.0` to `fg_ms.1`, the run ends at `fg_ms.2`.
+    fn run_deep_queue(seed: u64, base_rtt: Duration, fg_queue_ms: u64, fg_ms: (u64, u64, u64)) -> Vec<f64> {
+        let (fg_start_ms, fg_end_ms, end_ms) = fg_ms;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut c = Background::new(BackgroundConfig::default());
+        let clock_offset_us: i64 = rng.gen_range(-1_000_000_000..1_000_000_000);
+        let mut rates = Vec::new();
+        let mut srtt = base_rtt;
+        let mut pending = 0.0f64;
+        let bdp = LINK * base_rtt.as_secs_f64();
+        for t in 1..end_ms {
+            let now = Time(t * 1000);
+            let fg = (fg_start_ms..fg_end_ms).contains(&t);
+            // The foreground's queue: full while it sends, draining at the link's rate after.
+            let fg_q_s = if fg {
+                fg_queue_ms as f64 / 1000.0
+            } else if t >= fg_end_ms {
+                ((fg_queue_ms as f64 - (t - fg_end_ms) as f64) / 1000.0).max(0.0)
+            } else {
+                0.0
+            };
+            let own_q_s = ((c.window() as f64 - bdp).max(0.0)) / LINK;
+            let q_s = fg_q_s + own_q_s;
+            let rtt = base_rtt + Duration::from_secs_f64(q_s);
+            // While the foreground's queue stands, the background gets at most its window per RTT.
+            let bg_max = if fg_q_s > 0.0 { LINK / 2.0 } else { LINK };
+            let bg_rate = (c.window() as f64 / rtt.as_secs_f64()).min(bg_max);
+            rates.push(bg_rate);
+            if t % 5 == 0 {
+                let other = if fg { LINK - bg_rate } else { 0.0 };
+                c.on_path(
+                    now,
+                    &PathSignal {
+                        backlog_bytes: (q_s * LINK) as u64,
+                        other_bytes_per_s: other as u64,
+                        egress_bytes_per_s: (other + bg_rate) as u64,
+                    },
+                );
+            }
+            c.on_sent(now, (bg_rate / 1000.0) as u64);
+            pending += bg_rate / 1000.0;
+            while pending >= (2 * MSS_BYTES) as f64 {
+                pending -= (2 * MSS_BYTES) as f64;
+                srtt = (srtt * 7 + rtt) / 8;
+                let jitter_us: i64 = rng.gen_range(0..300);
+                c.on_ack(
+                    now,
+                    &AckSample {
+                        acked_bytes: 2 * MSS_BYTES,
+                        rtt: Some(rtt),
+                        srtt,
+                        min_rtt: base_rtt,
+                        one_way_delay_us: Some(
+                            clock_offset_us + base_rtt.as_micros() as i64 / 2 + (q_s * 1e6) as i64 + jitter_us,
+                        ),
+                        in_flight: c.window(),
+                        app_limited: false,
+                    },
+                );
+            }
+        }
+        rates
+    }
+
+    /// The foreground runs from 16 s to 22 s, across the first periodic slowdown
+    /// (due 20 s after the start): a yield drains the queue as a slowdown would,
+    /// so the reclaim must not be followed by an overdue slowdown.
+    #[test]
+    fn background_reclaims_a_sender_bottleneck_soon_after_a_deep_foreground_queue_drains() {
+        for seed in [421, 422] {
+            let (rtt, fg_queue_ms, fg_ms) = (Duration::from_millis(80), 200, (16_000, 22_000, 25_000));
+            let rates = run_deep_queue(seed, rtt, fg_queue_ms, fg_ms);
+            let solo = share(&rates, 4_000, fg_ms.0);
+            let during = share(&rates, fg_ms.0 + 200, fg_ms.1);
+            let drained = fg_ms.1 + fg_queue_ms;
+            let reclaim = (drained..fg_ms.2 - 20)
+                .find(|&t| share(&rates, t, t + 20) >= 0.90)
+                .map(|t| Duration::from_millis(t - drained))
+                .expect("never reclaimed");
+            eprintln!(
+                "seed {seed}: sender bottleneck, 80 ms, 200 ms foreground queue: solo {solo:.3}, \
+                 share under foreground {during:.3}, reclaim {reclaim:?} after the queue drained"
+            );
+            assert!(solo >= 0.95, "seed {seed}: solo utilisation {solo:.3}");
+            assert!(
+                during <= 0.05,
+                "seed {seed}: background kept {during:.3} under the foreground"
+            );
+            assert!(
+                reclaim <= Duration::from_millis(500),
+                "seed {seed}: reclaimed after {reclaim:?}"
+            );
         }
     }
 

@@ -368,6 +368,18 @@ impl Controller for Background {
         };
         let q = q_owd.max(q_local);
         self.queue_us = q;
+        tracing::trace!(
+            now_us = now.as_micros(),
+            acked = ack.acked_bytes,
+            window = self.window,
+            q_owd,
+            q_local,
+            srtt_us = self.srtt.as_micros() as u64,
+            rate = self.delivery_rate(),
+            yielded = self.yielded,
+            other = self.path.map_or(0, |p| p.other_bytes_per_s),
+            "background: ack"
+        );
         if q >= target_us / 2 {
             self.capacity_rate = self.capacity_rate.max(self.delivery_rate());
         }
@@ -427,6 +439,8 @@ impl Controller for Background {
                         self.yielded = false;
                         self.low_since = None;
                         self.last_reclaim = now;
+                        // The yield was a slowdown: the queue drained and the base was seen.
+                        self.next_slowdown = now + SLOWDOWN_INTERVAL;
                         self.window = self.window.max(self.bdp(self.remembered_rate) / 2);
                     }
                 } else {
@@ -467,6 +481,7 @@ impl Controller for Background {
                     self.yielded = false;
                     self.low_since = None;
                     self.last_reclaim = now;
+                    self.next_slowdown = now + SLOWDOWN_INTERVAL;
                 }
             }
         }
