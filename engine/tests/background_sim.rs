@@ -531,7 +531,10 @@ mod sender_bottleneck {
 
     /// The foreground runs from 16 s to 22 s, across the first periodic slowdown
     /// (due 20 s after the start): a yield drains the queue as a slowdown would,
-    /// so the reclaim must not be followed by an overdue slowdown.
+    /// so the reclaim must not be followed by an overdue slowdown (549 ms before that
+    /// was fixed); and the monitor sees the foreground stop, so the reclaim follows one
+    /// round trip after the queue drained, not a smoothed RTT still holding the
+    /// foreground's queue and the next ack (261-332 ms before that was fixed).
     #[test]
     fn background_reclaims_a_sender_bottleneck_soon_after_a_deep_foreground_queue_drains() {
         for seed in [421, 422] {
@@ -553,10 +556,7 @@ mod sender_bottleneck {
                 during <= 0.05,
                 "seed {seed}: background kept {during:.3} under the foreground"
             );
-            assert!(
-                reclaim <= Duration::from_millis(500),
-                "seed {seed}: reclaimed after {reclaim:?}"
-            );
+            assert!(reclaim <= 2 * rtt, "seed {seed}: reclaimed after {reclaim:?}");
         }
     }
 

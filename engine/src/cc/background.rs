@@ -148,6 +148,8 @@ pub struct Background {
     recent_len: usize,
     /// Latest queueing delay estimate, µs.
     queue_us: i64,
+    /// Its one-way-delay part (the queue wherever the bottleneck is), µs.
+    queue_owd_us: i64,
     last_cut: Time,
     srtt: Duration,
     min_rtt: Duration,
@@ -190,6 +192,7 @@ impl Background {
             recent: [i64::MAX; CURRENT_FILTER],
             recent_len: 0,
             queue_us: 0,
+            queue_owd_us: 0,
             last_cut: Time::ZERO,
             srtt: Duration::from_millis(100),
             min_rtt: Duration::MAX,
@@ -301,6 +304,75 @@ impl Background {
         self.last_cut = now;
     }
 
+    /// The standing queue on the local egress qdisc, µs (0 without the monitor).
+    fn local_queue_us(&self) -> i64 {
+        // The local qdisc drains at the link's rate, not at ours.
+        let drain_rate = self
+            .delivery_rate()
+            .max(self.capacity_rate)
+            .max(self.path.map_or(0, |p| p.egress_bytes_per_s));
+        match self.path_len {
+            n if n > 0 && drain_rate > 0 => {
+                let standing = self.path_backlog[..n.min(CURRENT_FILTER)]
+                    .iter()
+                    .copied()
+                    .min()
+                    .unwrap_or(0);
+                (standing as f64 / drain_rate as f64 * 1e6) as i64
+            }
+            _ => 0,
+        }
+    }
+
+    /// After a yield to competing traffic the monitor saw leave this host, its absence is
+    /// known first-hand, at every monitor sample: once it has been gone, with the local
+    /// queue below target, for a round trip of the path (the propagation round trip, not the
+    /// smoothed one, which still holds the foreground's queue; a TCP flow in slow start sends
+    /// at least once a round trip), the link is free. The one-way delay is not waited for:
+    /// sampled once a round trip while yielded, it shows the drained queue a round trip or
+    /// two late, but while its last sample still shows a queue of [`YIELD_FACTOR`] × the
+    /// target (the foreground's queue at a bottleneck further along, still draining),
+    /// the link is not free yet. The window goes straight back to the bandwidth-delay
+    /// product it had.
+    fn try_local_reclaim(&mut self, now: Time) {
+        if !(self.yielded && self.yield_local) {
+            return;
+        }
+        let target_us = self.cfg.queue_delay_target.as_micros() as i64;
+        let competing = self
+            .path
+            .is_some_and(|p| p.other_bytes_per_s > self.cfg.other_bytes_per_s_yield);
+        if competing || self.local_queue_us() >= target_us {
+            self.low_since = None;
+            return;
+        }
+        if self.queue_owd_us > YIELD_FACTOR * target_us {
+            return;
+        }
+        let since = *self.low_since.get_or_insert(now);
+        let rtt = if self.min_rtt == Duration::MAX {
+            self.srtt
+        } else {
+            self.min_rtt
+        };
+        let holdoff = rtt.max(LOCAL_RECLAIM_HOLDOFF_MIN);
+        if now.since(since) >= holdoff {
+            tracing::debug!(
+                now_us = now.as_micros(),
+                low_since_us = since.as_micros(),
+                holdoff_ms = holdoff.as_millis() as u64,
+                local = true,
+                "background: reclaim"
+            );
+            self.yielded = false;
+            self.low_since = None;
+            self.last_reclaim = now;
+            self.next_slowdown = now + SLOWDOWN_INTERVAL;
+            self.window = self.window.max(self.bdp(self.remembered_rate));
+            self.clamp();
+        }
+    }
+
     /// The rate ceiling in force, bytes/s.
     fn ceiling(&self) -> Option<u64> {
         let share = self.cfg.capacity_share_max.and_then(|f| {
@@ -350,24 +422,10 @@ impl Controller for Background {
         }
         let target_us = self.cfg.queue_delay_target.as_micros() as i64;
         let q_owd = self.base_us().map_or(0, |b| self.current_us() - b);
-        // The local qdisc drains at the link's rate, not at ours.
-        let drain_rate = self
-            .delivery_rate()
-            .max(self.capacity_rate)
-            .max(self.path.map_or(0, |p| p.egress_bytes_per_s));
-        let q_local = match self.path_len {
-            n if n > 0 && drain_rate > 0 => {
-                let standing = self.path_backlog[..n.min(CURRENT_FILTER)]
-                    .iter()
-                    .copied()
-                    .min()
-                    .unwrap_or(0);
-                (standing as f64 / drain_rate as f64 * 1e6) as i64
-            }
-            _ => 0,
-        };
+        let q_local = self.local_queue_us();
         let q = q_owd.max(q_local);
         self.queue_us = q;
+        self.queue_owd_us = q_owd;
         tracing::trace!(
             now_us = now.as_micros(),
             acked = ack.acked_bytes,
@@ -400,10 +458,11 @@ impl Controller for Background {
             return;
         }
 
+        self.try_local_reclaim(now);
         let competing = self
             .path
             .is_some_and(|p| p.other_bytes_per_s > self.cfg.other_bytes_per_s_yield);
-        if competing || q > YIELD_FACTOR * target_us {
+        if competing || (q > YIELD_FACTOR * target_us && !(self.yielded && self.yield_local)) {
             self.yield_now(now, competing);
             return;
         }
@@ -414,26 +473,18 @@ impl Controller for Background {
                 self.last_cut = now;
             }
         } else {
-            if self.yielded {
-                // After yielding to traffic the monitor saw leave this host, its absence is
-                // known first-hand: one round trip without it and the local queue below target
-                // is enough (the one-way delay, sampled twice a round trip while yielded, would
-                // show the drained queue a couple of round trips late). After a yield on delay
-                // alone, a drained queue may only be the foreground's sawtooth.
-                let (queue, low, holdoff) = if self.yield_local {
-                    (q_local, target_us, self.srtt.max(LOCAL_RECLAIM_HOLDOFF_MIN))
-                } else {
-                    (q, target_us / 4, self.holdoff)
-                };
-                if queue < low {
+            if self.yielded && !self.yield_local {
+                // After a yield on delay alone, a drained queue may only be the foreground's
+                // sawtooth: it must stay drained for the hold-off.
+                if q < target_us / 4 {
                     let since = *self.low_since.get_or_insert(now);
-                    if now.since(since) >= holdoff {
+                    if now.since(since) >= self.holdoff {
                         // The link has stayed free: jump back toward what it carried before the yield.
                         tracing::debug!(
                             now_us = now.as_micros(),
                             low_since_us = since.as_micros(),
-                            holdoff_ms = holdoff.as_millis() as u64,
-                            local = self.yield_local,
+                            holdoff_ms = self.holdoff.as_millis() as u64,
+                            local = false,
                             "background: reclaim"
                         );
                         self.yielded = false;
@@ -497,10 +548,11 @@ impl Controller for Background {
         self.clamp();
     }
 
-    fn on_path(&mut self, _now: Time, signal: &PathSignal) {
+    fn on_path(&mut self, now: Time, signal: &PathSignal) {
         self.path = Some(*signal);
         self.path_backlog[self.path_len % CURRENT_FILTER] = signal.backlog_bytes;
         self.path_len += 1;
+        self.try_local_reclaim(now);
     }
 
     fn window(&self) -> u64 {
