@@ -32,8 +32,9 @@
 //!   that is known (the delivery rate seen while a queue stood; the delay
 //!   signal lags a round trip, and blind doubling overshoots by a window);
 //!   past that it probes by one segment per round trip.
-//! - Queue above target: once per round trip, the window is multiplied by
-//!   `target/q` (at least halved is the floor of the cut, 0.95 the ceiling).
+//! - Queue above target: once per round trip, the window loses what stands
+//!   above the target, `(q − target) × delivery rate` (at least a segment, at
+//!   most half the window).
 //! - Queue above [`YIELD_FACTOR`] × target, or competing traffic on the local
 //!   interface: someone else is sending; the window drops to its minimum at
 //!   once (the yield), remembering the delivery rate it had. It grows again
@@ -41,14 +42,19 @@
 //!   bandwidth-delay product, the yield is over (so a false yield to a delay
 //!   spike costs a few round trips, and the next yield starts afresh).
 //! - After a yield to competing traffic the monitor saw on this host, the
-//!   monitor also sees it stop: once it has, and the queue has stayed below
-//!   target for a round trip, the link is reclaimed as below.
-//! - Queue empty again after a yield, and staying empty for a hold-off (two
-//!   round trips, at least 100 ms; doubled up to 4 s each time a yield follows
-//!   a reclaim within 2 s, because then the foreground flow had not left, its
-//!   sawtooth had only drained the queue): the window jumps back to half of
-//!   the remembered bandwidth-delay product and grows from there (the
-//!   reclaim), so regaining the link takes a few round trips, not hundreds.
+//!   monitor also sees it stop: once it has, and the local queue has stayed
+//!   below target for a propagation round trip (checked at every monitor
+//!   sample, not only at acks), the window goes straight back to the
+//!   remembered bandwidth-delay product.
+//! - Queue empty again after a yield on delay, and staying empty for a
+//!   hold-off (two propagation round trips, at least 100 ms; doubled up to 4 s
+//!   each time a yield follows a reclaim within 2 s, because then the
+//!   foreground flow had not left, its early gaps had only drained the queue;
+//!   back to two round trips once the queue stood for 2 s): the window jumps
+//!   back to half of the remembered bandwidth-delay product and grows from
+//!   there (the reclaim), so regaining the link takes a few round trips, not
+//!   hundreds. A reclaim restarts the slowdown interval below (the yield
+//!   drained the queue as a slowdown does).
 //! - Loss (a bottleneck that drops instead of queueing): halve, once per round trip.
 //!
 //! # What breaks LEDBAT, and what this does about it
@@ -169,6 +175,9 @@ pub struct Background {
     /// How long the queue must stay empty before reclaiming; doubles when a yield follows a
     /// reclaim closely (the foreground flow was still there, its sawtooth had drained the queue).
     holdoff: Duration,
+    /// The hold-off without doubling, and when the current yield began.
+    holdoff_base: Duration,
+    yield_start: Time,
     last_reclaim: Time,
     slowdown_until: Option<Time>,
     saved_window: u64,
@@ -205,6 +214,8 @@ impl Background {
             yielded: false,
             low_since: None,
             holdoff: RECLAIM_HOLDOFF_MIN,
+            holdoff_base: RECLAIM_HOLDOFF_MIN,
+            yield_start: Time::ZERO,
             last_reclaim: Time::ZERO,
             slowdown_until: None,
             saved_window: 0,
@@ -292,7 +303,15 @@ impl Background {
             );
             self.remembered_rate = self.delivery_rate().max(self.remembered_rate);
             self.yielded = true;
-            let base = RECLAIM_HOLDOFF_MIN.max(self.srtt * 2);
+            // Two propagation round trips (the smoothed RTT already holds the competing queue).
+            let rtt = if self.min_rtt == Duration::MAX {
+                self.srtt
+            } else {
+                self.min_rtt
+            };
+            let base = RECLAIM_HOLDOFF_MIN.max(rtt * 2);
+            self.holdoff_base = base;
+            self.yield_start = now;
             self.holdoff = if self.last_reclaim != Time::ZERO && now.since(self.last_reclaim) < RECLAIM_REGRET {
                 (self.holdoff * 2).clamp(base, RECLAIM_HOLDOFF_MAX)
             } else {
@@ -468,8 +487,14 @@ impl Controller for Background {
         }
         if q > target_us {
             if now.since(self.last_cut) >= self.srtt {
-                let factor = (target_us as f64 / q as f64).clamp(0.5, 0.95);
-                self.window = (self.window as f64 * factor) as u64;
+                // The queue above target is this flow's excess over the pipe (the window
+                // beyond the bandwidth-delay product): take that out, not a share of the whole
+                // window (multiplying by target/q halved an 80 ms window for 3 ms too many).
+                let excess = ((q - target_us) as f64 / 1e6 * self.delivery_rate() as f64) as u64;
+                self.window = self.window.saturating_sub(excess).clamp(
+                    self.window / 2,
+                    self.window.saturating_sub(MSS_BYTES).max(self.window / 2),
+                );
                 self.last_cut = now;
             }
         } else {
@@ -478,12 +503,21 @@ impl Controller for Background {
                 // sawtooth: it must stay drained for the hold-off.
                 if q < target_us / 4 {
                     let since = *self.low_since.get_or_insert(now);
-                    if now.since(since) >= self.holdoff {
+                    // The doubled hold-off guards against the foreground's early gaps (a
+                    // slow start that overshot and recovers); a queue that stood through
+                    // the whole regret interval was a foreground established by then, and
+                    // its queue draining now means it left.
+                    let holdoff = if since.since(self.yield_start) >= RECLAIM_REGRET {
+                        self.holdoff_base
+                    } else {
+                        self.holdoff
+                    };
+                    if now.since(since) >= holdoff {
                         // The link has stayed free: jump back toward what it carried before the yield.
                         tracing::debug!(
                             now_us = now.as_micros(),
                             low_since_us = since.as_micros(),
-                            holdoff_ms = self.holdoff.as_millis() as u64,
+                            holdoff_ms = holdoff.as_millis() as u64,
                             local = false,
                             "background: reclaim"
                         );
@@ -656,8 +690,9 @@ mod tests {
     fn background_cuts_gently_just_above_target() {
         let mut c = Background::new(BackgroundConfig::default());
         feed(&mut c, 1, 300, |_| 20_000);
+        feed(&mut c, 300, 303, |_| 24_000); // 4 ms > 3 ms target (the filter needs 4 samples)
         let w = c.window();
-        feed(&mut c, 300, 310, |_| 24_000); // 4 ms > 3 ms target, for a quarter of a round trip
+        feed(&mut c, 303, 310, |_| 24_000);
         assert!(
             c.window() < w && c.window() as f64 >= w as f64 * 0.7,
             "{} vs {}",
@@ -665,6 +700,23 @@ mod tests {
             w
         );
         assert!(!c.is_yielding());
+    }
+
+    #[test]
+    fn background_cuts_only_the_excess_queue() {
+        let mut c = Background::new(BackgroundConfig::default());
+        feed(&mut c, 1, 300, |_| 20_000);
+        // 6 ms: 3 ms above target; the current delay is the least of the last 4 samples.
+        feed(&mut c, 300, 303, |_| 26_000);
+        let w = c.window();
+        feed(&mut c, 303, 304, |_| 26_000);
+        // 3 ms at the delivery rate of one segment per ms.
+        let excess = 3 * MSS_BYTES;
+        assert!(
+            c.window() + excess * 9 / 10 <= w && c.window() + excess * 11 / 10 >= w,
+            "{} vs {w}: {excess} too many",
+            c.window(),
+        );
     }
 
     #[test]
