@@ -72,9 +72,10 @@ const SQLITE_RVP_POLLED: &str = include_str!("../migrations/sqlite/0003_rvp_poll
 const POSTGRES_RVP_POLLED: &str = include_str!("../migrations/postgres/0003_rvp_polled.sql");
 /// A recorded RVP that has not asked for its assignments (`POST /v1/assignments`, which
 /// every agent long-polls about every 20 s) for this long is taken as gone, and the site
-/// gets a new RVP unless it holds the content whole: far sooner than `inactive_after_secs`
-/// (300 s by default), and before the site's waiting agents give up on it (the agent's
-/// `rvp_wait_secs`) and cross the WAN to the origin.
+/// gets a new RVP, whether or not it holds the content whole (a dead RVP that holds it is
+/// no source either, and the agents of its site and of the sites below wait for whoever is
+/// named): far sooner than `inactive_after_secs` (300 s by default), and well before the
+/// waiting agents give up on it (the agent's `rvp_wait_secs`) and cross the WAN to the origin.
 pub const RVP_POLL_GRACE_MS: i64 = 45_000;
 /// An RVP's last poll is written at most this often.
 pub const RVP_POLL_REWRITE_MS: i64 = 10_000;
@@ -115,7 +116,7 @@ pub struct Store {
 }
 
 /// A site's recorded RVP for one content, and whether it still counts: it polls for its
-/// assignments, or it holds the content whole (then it no longer fetches for the site).
+/// assignments (every agent does, whether or not it still has something to fetch).
 #[derive(Debug, Clone, Default)]
 struct Recorded {
     agent_id: Option<String>,
@@ -1749,7 +1750,7 @@ impl Store {
              a.disk_usable_bytes, h.bytes, h.ranges FROM rvp r JOIN agents a ON a.id = r.agent_id \
              LEFT JOIN holdings h ON h.agent_id = a.id AND h.content_id = r.content_id \
              WHERE r.site_id = $1 AND r.content_id = $2 AND a.site_id = $1 AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3 \
-             AND (COALESCE(r.polled_ms, r.elected_ms) >= $4 OR h.bytes >= (SELECT c.size FROM content c WHERE c.id = $2))",
+             AND COALESCE(r.polled_ms, r.elected_ms) >= $4",
         )
         .bind(site)
         .bind(content.to_string())
@@ -1785,7 +1786,7 @@ impl Store {
              LEFT JOIN holdings h ON h.agent_id = a.id AND h.content_id = r.content_id \
              WHERE r.content_id = $1 AND (r.site_id = $2 OR r.site_id = $4) AND a.site_id = r.site_id \
              AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3 \
-             AND (COALESCE(r.polled_ms, r.elected_ms) >= $6 OR h.bytes >= (SELECT c.size FROM content c WHERE c.id = $1))",
+             AND COALESCE(r.polled_ms, r.elected_ms) >= $6",
         )
         .bind(content.to_string())
         .bind(site)
@@ -1837,9 +1838,8 @@ impl Store {
 
     /// Active agents of `site` with what each holds of `content`, sorted for that content.
     /// Also returns the recorded RVP of the site for the content, if any (read in the same query),
-    /// and whether it still counts; one that stopped polling for its assignments before it held
-    /// the content whole is left out of the candidates (it is gone, even while its last
-    /// heartbeat keeps it active).
+    /// and whether it still counts; one that stopped polling for its assignments is left out of
+    /// the candidates (it is gone, even while its last heartbeat keeps it active).
     async fn candidates(
         &self,
         site: &str,
@@ -1851,8 +1851,7 @@ impl Store {
             "SELECT a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, a.uptime_secs, \
              a.disk_usable_bytes, h.bytes, h.ranges, \
              (SELECT r.agent_id FROM rvp r WHERE r.site_id = $2 AND r.content_id = $1) AS rvp, \
-             (SELECT COALESCE(r.polled_ms, r.elected_ms) FROM rvp r WHERE r.site_id = $2 AND r.content_id = $1) AS polled, \
-             (SELECT c.size FROM content c WHERE c.id = $1) AS size \
+             (SELECT COALESCE(r.polled_ms, r.elected_ms) FROM rvp r WHERE r.site_id = $2 AND r.content_id = $1) AS polled \
              FROM agents a LEFT JOIN holdings h ON h.agent_id = a.id AND h.content_id = $1 \
              WHERE a.site_id = $2 AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3 LIMIT $4",
         )
@@ -1864,20 +1863,12 @@ impl Store {
         .await?;
         let mut out = rows.iter().map(candidate).collect::<Result<Vec<_>>>()?;
         let current = match rows.first() {
-            Some(r) => {
-                let agent_id = r.try_get::<Option<String>, _>(11)?;
-                let size = r.try_get::<Option<i64>, _>(13)?.map(to_u64);
-                let whole = out
-                    .iter()
-                    .find(|c| Some(&c.agent_id) == agent_id.as_ref())
-                    .is_some_and(|c| size.is_some_and(|n| c.held_bytes >= n));
-                Recorded {
-                    agent_id,
-                    polling: whole
-                        || r.try_get::<Option<i64>, _>(12)?
-                            .is_none_or(|t| t >= now_ms - RVP_POLL_GRACE_MS),
-                }
-            }
+            Some(r) => Recorded {
+                agent_id: r.try_get::<Option<String>, _>(11)?,
+                polling: r
+                    .try_get::<Option<i64>, _>(12)?
+                    .is_none_or(|t| t >= now_ms - RVP_POLL_GRACE_MS),
+            },
             None => Recorded::default(),
         };
         if !current.polling {

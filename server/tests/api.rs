@@ -767,24 +767,42 @@ async fn an_rvp_that_stops_polling_for_assignments_is_replaced(db: Db) {
     );
     // The old one comes back: it is not the RVP any more and is assigned nothing.
     assert!(poll(3).await.is_empty());
-    // An RVP that holds the content whole keeps the role without polling (nothing to fetch).
-    let e0 = h
-        .get(
-            &format!("/v1/admin/sites/branch/content/{}/election", f.cid),
-            Some(ADMIN),
-        )
-        .await
-        .json();
-    h.clock.advance_ms(4 * step);
+    // An RVP that holds the content whole keeps the role while it polls (with nothing to
+    // fetch), and loses it like any other once it stops: gone, it is no source, and the agents
+    // of its site and of the sites below would wait for it until its heartbeats lapse.
+    let epath = format!("/v1/admin/sites/branch/content/{}/election", f.cid);
+    let e0 = h.get(&epath, Some(ADMIN)).await.json();
+    assert_eq!(e0["rvp"], f.creds[1].0.as_str(), "b0 holds it whole: {e0:#}");
+    for _ in 0..3 {
+        h.clock.advance_ms(step);
+        heartbeat_all().await;
+        let fetch = poll(1).await;
+        assert!(
+            !fetch.contains(&f.cid),
+            "nothing to fetch: it holds it whole: {fetch:?}"
+        );
+        let e = h.get(&epath, Some(ADMIN)).await.json();
+        assert_eq!(e["rvp"], e0["rvp"], "{e0:#} vs {e:#}");
+    }
+    h.clock.advance_ms(step);
     heartbeat_all().await;
-    let e1 = h
-        .get(
-            &format!("/v1/admin/sites/branch/content/{}/election", f.cid),
-            Some(ADMIN),
-        )
+    let e = h.get(&epath, Some(ADMIN)).await.json();
+    assert_eq!(e["rvp"], e0["rvp"], "not yet: within the grace {e:#}");
+    h.clock.advance_ms(10_000);
+    heartbeat_all().await;
+    let e1 = h.get(&epath, Some(ADMIN)).await.json();
+    assert_ne!(
+        e1["rvp"], e0["rvp"],
+        "a whole RVP that stopped polling is replaced: {e1:#}"
+    );
+    let v = h
+        .get(&format!("/v1/content/{}/sources", f.cid), Some(&cred(4)))
         .await
         .json();
-    assert_eq!(e0["rvp"], e1["rvp"], "{e0:#} vs {e1:#}");
+    assert!(
+        !kinds(&v).iter().any(|(k, _, w)| k == "site_rvp" && w == &f.creds[1].0),
+        "the old RVP is not named as the site's RVP: {v:#}"
+    );
     h.finish().await;
 }
 
@@ -821,13 +839,16 @@ async fn serving_cap_puts_the_rest_on_the_bench(db: Db) {
     let v = h.get(&format!("/v1/content/{cid}/sources"), Some(&asker)).await.json();
     let peers: Vec<String> = kinds(&v).into_iter().filter(|k| k.0 != "origin").map(|k| k.2).collect();
     assert_eq!(peers, vec![ids[0].0.clone(), ids[1].0.clone()]);
-    // A serving peer goes quiet: the first on the bench steps in.
+    // A serving peer goes quiet: the first on the bench steps in. (The RVP stays: it
+    // heartbeats and polls for its assignments, as every live agent does.)
     h.clock.advance_ms(200_000);
     for i in [0usize, 2, 3, 4] {
         h.heartbeat(&ids[i].1, facts(&format!("10.20.0.{}", 10 + i), 1000 - i as u64))
             .await;
     }
+    assert!(assignments_now(&h, &ids[0].1, Vec::new()).await.is_empty());
     h.clock.advance_ms(200_000);
+    assert!(assignments_now(&h, &ids[0].1, Vec::new()).await.is_empty());
     let e = h
         .get(&format!("/v1/admin/sites/branch/content/{cid}/election"), Some(ADMIN))
         .await

@@ -77,7 +77,7 @@ pub struct Policy {
     /// (doubling up to `sources_refresh_s` while it goes on).
     pub wait_refresh_s: f64,
     /// The server replaces a recorded RVP that stopped polling for its assignments this long
-    /// ago (and does not hold the package whole): `RVP_POLL_GRACE_MS`. `None`: only once its
+    /// ago, whether or not it holds the package whole: `RVP_POLL_GRACE_MS`. `None`: only once its
     /// heartbeats stop making it active (`inactive_after_s`), as before.
     pub rvp_poll_grace_s: Option<f64>,
     pub wait_poll_s: f64,
@@ -264,11 +264,11 @@ impl<'a> Control<'a> {
             .collect();
         ranking::sort_candidates(&mut cands);
         let index = |id: &str| -> usize { id[6..].parse().expect("agent-NNNNN") };
-        // A recorded RVP that stopped polling for its assignments before it held the package
-        // whole is replaced (and not elected again while it is away).
+        // A recorded RVP that stopped polling for its assignments is replaced, whole or not
+        // (and not elected again while it is away).
         if let (Some(r), Some(grace)) = (self.rvp[s], self.policy.rvp_poll_grace_s) {
             let st = &self.st[r];
-            if !st.up && st.done_at.is_none() && self.now - st.left_at >= grace {
+            if !st.up && self.now - st.left_at >= grace {
                 let id = &self.topo.agents[r].id;
                 cands.retain(|c| &c.agent_id != id);
                 self.rvp[s] = None;
