@@ -235,7 +235,7 @@ pub const ASSIGNMENTS_RECHECK_MS: u64 = 2_000;
 /// there is an assignment not in `running`, else when one appears (or an RVP is elected),
 /// else after `wait_ms`.
 async fn assignments(State(app): State<Arc<App>>, h: HeaderMap, b: Result<Bytes, BytesRejection>) -> ApiResult {
-    let a = agent(&app, &h).await?;
+    let mut a = agent(&app, &h).await?;
     let req: AssignmentsRequest = json_body(b, app.cfg.body_bytes_max)?;
     app.store.rvp_polled(&a.id, app.now()).await?;
     let wait = std::time::Duration::from_millis(req.wait_ms.min(ASSIGNMENTS_WAIT_MS_MAX));
@@ -245,6 +245,11 @@ async fn assignments(State(app): State<Arc<App>>, h: HeaderMap, b: Result<Bytes,
         let changed = app.store.assignments_changed().notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
+        // An agent that just enrolled asks before its first heartbeat placed it in a site:
+        // look again, or it would learn nothing for the whole wait (its RVP role included).
+        if a.site.is_none() {
+            a = agent(&app, &h).await?;
+        }
         let list = app.store.assignments(&a, app.active_since(), app.now()).await?;
         let now = tokio::time::Instant::now();
         if now >= deadline || list.iter().any(|x| !req.running.contains(&x.content)) {

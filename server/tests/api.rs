@@ -806,6 +806,43 @@ async fn an_rvp_that_stops_polling_for_assignments_is_replaced(db: Db) {
     h.finish().await;
 }
 
+async fn an_agent_polling_before_its_first_heartbeat_learns_its_assignments(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    assert_eq!(h.import_csv(TOPO).await.status, 200);
+    let cid = h.publish_bytes("pkg", &data(5000, 1)).await;
+    let tok = h.token(10).await;
+    let (_, fresh) = h.enrol(&tok, "fresh").await;
+    let (_, asker) = h.enrol(&tok, "asker").await;
+    // The agent's assignment loop asks at once, before its first heartbeat placed it in a site;
+    // meanwhile it heartbeats, and is elected branch's RVP (most free disk) when asker asks.
+    let waiting = {
+        let (h, c) = (&h, fresh.clone());
+        async move {
+            h.send(
+                "POST",
+                "/v1/assignments",
+                Some(&c),
+                &json!({"wait_ms": 8_000, "running": []}),
+            )
+            .await
+            .json()
+        }
+    };
+    let meanwhile = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(h.heartbeat(&fresh, facts("10.20.0.10", 1000)).await.status, 200);
+        assert_eq!(h.heartbeat(&asker, facts("10.20.0.11", 1)).await.status, 200);
+        h.get(&format!("/v1/content/{cid}/sources"), Some(&asker)).await
+    };
+    let (w, _) = tokio::join!(waiting, meanwhile);
+    assert_eq!(
+        w["assignments"][0]["content"],
+        cid.as_str(),
+        "the poll that began before the site was known is answered: {w}"
+    );
+    h.finish().await;
+}
+
 async fn serving_cap_puts_the_rest_on_the_bench(db: Db) {
     let Some(h) = H::start_with(db, |c| c.peers_active_max = 2).await else {
         return;
@@ -1218,6 +1255,7 @@ both!(
     rvp_is_re_elected_when_it_goes_inactive,
     sites_want_content_and_their_rvps_are_assigned_it,
     an_rvp_that_stops_polling_for_assignments_is_replaced,
+    an_agent_polling_before_its_first_heartbeat_learns_its_assignments,
     serving_cap_puts_the_rest_on_the_bench,
     inventory_and_traffic,
     metrics_openapi_and_every_route,
