@@ -65,6 +65,10 @@ const ASSIGNMENTS_WAIT_MS: u64 = 20_000;
 /// Wait before asking for assignments again after a failed request, and before retrying
 /// an assigned download that failed.
 const ASSIGNMENT_RETRY_SECS: u64 = 10;
+/// An assigned download that ended well is not taken again for this long (the server may not
+/// have the new inventory yet); after that, being assigned it again means the site wants it
+/// again (this agent lost some of it), and it is fetched at once.
+const ASSIGNMENT_DONE_QUIET: Duration = Duration::from_secs(2);
 /// Most assignments shown in `status`.
 const ASSIGNMENTS_SHOWN_MAX: usize = 64;
 
@@ -758,25 +762,42 @@ fn forget_idle_locks(sh: &Shared) {
 /// `status` under `assignments`). One that ended is not run again for [`ASSIGNMENT_RETRY_SECS`]
 /// (a failed one is retried then).
 async fn assignment_loop(sh: Arc<Shared>) {
+    // An assigned download ended: the long poll in flight lists it as running (the server
+    // would not offer it again until the poll's end), so ask again.
+    let ended = Arc::new(tokio::sync::Notify::new());
     loop {
-        // Running ones, and failed ones still backing off: the server waits while there is nothing else.
-        let busy: Vec<ContentId> = {
+        // Running ones, and ended ones still quiet (failed: backing off): the server waits while
+        // there is nothing else, but not past the end of the first quiet time, so a content the
+        // site wants again is taken then, not at the end of the next long poll.
+        let (busy, quiet_left) = {
             let st = sh.state();
-            st.assigned
-                .values()
-                .filter(|a| {
-                    a.state == "fetching"
-                        || a.ended_at
-                            .is_some_and(|t| t.elapsed() < Duration::from_secs(ASSIGNMENT_RETRY_SECS))
-                })
-                .map(|a| a.content)
-                .collect()
+            let mut left = Duration::from_millis(ASSIGNMENTS_WAIT_MS);
+            let mut busy = Vec::new();
+            for a in st.assigned.values() {
+                let quiet = if a.state == "failed" {
+                    Duration::from_secs(ASSIGNMENT_RETRY_SECS)
+                } else {
+                    ASSIGNMENT_DONE_QUIET
+                };
+                match a.ended_at.map(|t| quiet.saturating_sub(t.elapsed())) {
+                    None if a.state == "fetching" => busy.push(a.content),
+                    Some(l) if !l.is_zero() => {
+                        busy.push(a.content);
+                        left = left.min(l);
+                    }
+                    _ => {}
+                }
+            }
+            (busy, left)
         };
-        let list = match sh
-            .client
-            .assignments(&sh.cred.credential, &busy, ASSIGNMENTS_WAIT_MS)
-            .await
-        {
+        let wait_ms = u64::try_from(quiet_left.as_millis())
+            .unwrap_or(ASSIGNMENTS_WAIT_MS)
+            .max(100);
+        let asked = tokio::select! {
+            r = sh.client.assignments(&sh.cred.credential, &busy, wait_ms) => r,
+            _ = ended.notified() => continue,
+        };
+        let list = match asked {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!("{e:#}");
@@ -810,10 +831,12 @@ async fn assignment_loop(sh: Arc<Shared>) {
                 );
             }
             let sh = sh.clone();
+            let ended = ended.clone();
             tokio::spawn(async move {
                 let (ptx, _) = mpsc::channel::<Progress>(1);
                 let r = get(sh.clone(), id, ptx, true).await;
                 forget_idle_locks(&sh);
+                let _wake = Wake(&ended);
                 let mut st = sh.state();
                 if let Some(x) = st.assigned.get_mut(&id) {
                     x.since_ms = unix_ms();
@@ -833,6 +856,15 @@ async fn assignment_loop(sh: Arc<Shared>) {
             // Answered without anything new (the wait ran out): ask again at once, but never spin.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Wakes the assignment loop when dropped (after the state it reads was updated).
+struct Wake<'a>(&'a tokio::sync::Notify);
+
+impl Drop for Wake<'_> {
+    fn drop(&mut self) {
+        self.0.notify_one();
     }
 }
 

@@ -456,7 +456,13 @@ fn agents_partial_rvp_is_told_to_fetch_the_rest_and_serves_it() {
     let out = root.path().join("b.bin");
     let r = b.get_json(&id, &out);
     assert_eq!(std::fs::read(&out).unwrap(), bytes);
-    assert_eq!(r["bytes_from_origin"], 0, "{r}\n{}", b.log_text());
+    assert_eq!(
+        r["bytes_from_origin"],
+        0,
+        "{r}\nb:\n{}\na:\n{}",
+        b.log_text(),
+        a.log_text()
+    );
     assert_eq!(r["bytes_from_peers"], bytes.len() as u64, "{r}");
     let sa = a.status();
     let assigned = sa["assignments"].as_array().unwrap();
