@@ -47,6 +47,7 @@ pub struct App {
 impl App {
     pub async fn new(store: Store, cfg: Config, clock: Clock) -> Result<Arc<Self>, Error> {
         let key = store.signing_key().await?;
+        store.set_heartbeat_secs(cfg.heartbeat_secs);
         Ok(Arc::new(Self {
             store,
             cfg,

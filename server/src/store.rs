@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ed25519_dalek::SigningKey;
@@ -77,6 +78,11 @@ const POSTGRES_RVP_POLLED: &str = include_str!("../migrations/postgres/0003_rvp_
 /// named): far sooner than `inactive_after_secs` (300 s by default), and well before the
 /// waiting agents give up on it (the agent's `rvp_wait_secs`) and cross the WAN to the origin.
 pub const RVP_POLL_GRACE_MS: i64 = 45_000;
+/// In an election, agents not heard from for this many heartbeat intervals come after the
+/// others: they are likely gone with the RVP they would replace (whose heartbeats still made
+/// it active when it stopped polling), and two gone agents elected in turn would each be
+/// waited for a poll grace, until `inactive_after_secs`.
+pub const ELECTION_FRESH_HEARTBEATS: i64 = 3;
 /// An RVP's last poll is written at most this often.
 pub const RVP_POLL_REWRITE_MS: i64 = 10_000;
 /// Most wanted contents looked at per site for one assignments answer.
@@ -113,6 +119,8 @@ pub struct Store {
     /// Woken when a site comes to want a content or an RVP is elected: long-polling
     /// assignment requests of this process look again (other processes find out by their recheck).
     assignments_changed: Arc<tokio::sync::Notify>,
+    /// The heartbeat interval agents are told (see [`ELECTION_FRESH_HEARTBEATS`]).
+    heartbeat_ms: Arc<AtomicI64>,
 }
 
 /// A site's recorded RVP for one content, and whether it still counts: it polls for its
@@ -849,6 +857,7 @@ impl Store {
             keys_cache: Arc::default(),
             wanted_seen: Arc::default(),
             assignments_changed: Arc::new(tokio::sync::Notify::new()),
+            heartbeat_ms: Arc::new(AtomicI64::new(60_000)),
             topo: Arc::new(Mutex::new(TopoCache {
                 version: None,
                 checked_ms: i64::MIN,
@@ -1851,7 +1860,8 @@ impl Store {
             "SELECT a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, a.uptime_secs, \
              a.disk_usable_bytes, h.bytes, h.ranges, \
              (SELECT r.agent_id FROM rvp r WHERE r.site_id = $2 AND r.content_id = $1) AS rvp, \
-             (SELECT COALESCE(r.polled_ms, r.elected_ms) FROM rvp r WHERE r.site_id = $2 AND r.content_id = $1) AS polled \
+             (SELECT COALESCE(r.polled_ms, r.elected_ms) FROM rvp r WHERE r.site_id = $2 AND r.content_id = $1) AS polled, \
+             a.last_seen_ms \
              FROM agents a LEFT JOIN holdings h ON h.agent_id = a.id AND h.content_id = $1 \
              WHERE a.site_id = $2 AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3 LIMIT $4",
         )
@@ -1862,6 +1872,13 @@ impl Store {
         .fetch_all(&self.read)
         .await?;
         let mut out = rows.iter().map(candidate).collect::<Result<Vec<_>>>()?;
+        let fresh_since = now_ms - ELECTION_FRESH_HEARTBEATS * self.heartbeat_ms.load(Ordering::Relaxed);
+        let mut stale = std::collections::HashSet::new();
+        for (r, c) in rows.iter().zip(&out) {
+            if r.try_get::<i64, _>(13)? < fresh_since {
+                stale.insert(c.agent_id.clone());
+            }
+        }
         let current = match rows.first() {
             Some(r) => Recorded {
                 agent_id: r.try_get::<Option<String>, _>(11)?,
@@ -1875,6 +1892,7 @@ impl Store {
             out.retain(|c| Some(&c.agent_id) != current.agent_id.as_ref());
         }
         ranking::sort_candidates(&mut out);
+        out.sort_by_key(|c| stale.contains(&c.agent_id));
         Ok((out, current))
     }
 
@@ -2015,6 +2033,13 @@ impl Store {
                 .await?;
         }
         Ok(())
+    }
+
+    /// The heartbeat interval agents are told (elections put agents not heard from for
+    /// [`ELECTION_FRESH_HEARTBEATS`] of them last).
+    pub fn set_heartbeat_secs(&self, secs: u64) {
+        let ms = i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4);
+        self.heartbeat_ms.store(ms, Ordering::Relaxed);
     }
 
     pub fn assignments_changed(&self) -> &tokio::sync::Notify {

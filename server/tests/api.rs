@@ -843,6 +843,37 @@ async fn an_agent_polling_before_its_first_heartbeat_learns_its_assignments(db: 
     h.finish().await;
 }
 
+async fn a_gone_rvp_is_replaced_by_an_agent_that_is_still_heard_from(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    assert_eq!(h.import_csv(TOPO).await.status, 200);
+    let cid = h.publish_bytes("pkg", &data(5000, 1)).await;
+    let tok = h.token(10).await;
+    let mut ids = Vec::new();
+    for (i, holds) in [true, true, false].into_iter().enumerate() {
+        let (id, cred) = h.enrol(&tok, &format!("p{i}")).await;
+        h.heartbeat(&cred, facts(&format!("10.20.0.{}", 10 + i), 1000 - i as u64))
+            .await;
+        let item = if holds {
+            json!({"content": cid, "complete": true})
+        } else {
+            json!({"content": cid, "ranges": []})
+        };
+        h.send("PUT", "/v1/inventory", Some(&cred), &json!({"items": [item]}))
+            .await;
+        ids.push((id, cred));
+    }
+    let path = format!("/v1/admin/sites/branch/content/{cid}/election");
+    assert_eq!(h.get(&path, Some(ADMIN)).await.json()["rvp"], ids[0].0.as_str());
+    // p0 and p1 go (a switch lost power): their last heartbeats keep them active for
+    // inactive_after_secs, but only p2 is still heard from. p0 is replaced after the poll grace
+    // by p2, not by p1 (which holds it but would be waited for another grace, and so on).
+    h.clock.advance_ms(4 * 60_000);
+    h.heartbeat(&ids[2].1, facts("10.20.0.12", 998)).await;
+    let e = h.get(&path, Some(ADMIN)).await.json();
+    assert_eq!(e["rvp"], ids[2].0.as_str(), "{e:#}");
+    h.finish().await;
+}
+
 async fn serving_cap_puts_the_rest_on_the_bench(db: Db) {
     let Some(h) = H::start_with(db, |c| c.peers_active_max = 2).await else {
         return;
@@ -1256,6 +1287,7 @@ both!(
     sites_want_content_and_their_rvps_are_assigned_it,
     an_rvp_that_stops_polling_for_assignments_is_replaced,
     an_agent_polling_before_its_first_heartbeat_learns_its_assignments,
+    a_gone_rvp_is_replaced_by_an_agent_that_is_still_heard_from,
     serving_cap_puts_the_rest_on_the_bench,
     inventory_and_traffic,
     metrics_openapi_and_every_route,
