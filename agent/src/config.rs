@@ -14,7 +14,7 @@
 //! preferred = false                             # ranking hint for RVP election
 //! site_override = "branch-7"                    # pin this agent to a site
 //! peer_stall_secs = 5                           # no progress from peers this long: use the origin
-//! rvp_wait_secs = 60                            # wait this long for a live RVP upstream that makes no progress
+//! rvp_wait_secs = 600                           # wait this long for a live RVP upstream that makes no progress
 //! sources_refresh_secs = 10                     # while fetching from peers, ask the server for more this often
 //! heartbeat_secs = 60                           # 0: the interval the server asks for
 //! inventory_secs = 2                            # how often inventory changes are reported
@@ -189,7 +189,7 @@ impl Default for Config {
             preferred: false,
             site_override: None,
             peer_stall_secs: 5,
-            rvp_wait_secs: 60,
+            rvp_wait_secs: 600,
             sources_refresh_secs: 10,
             heartbeat_secs: 0,
             inventory_secs: 2,

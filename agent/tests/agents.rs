@@ -606,8 +606,9 @@ fn agents_on_battery_refuse_to_serve_until_plugged_in() {
     z.get_json(&id, &root.path().join("z.bin"));
     let refused = z.status()["serving"]["refused"].clone();
     assert!(refused.as_str().is_some_and(|r| r.contains("battery")), "{refused}");
-    // The only holder refuses: the fetcher is told why (DeviceBusy), drops it and uses the origin.
-    let mut y = Agent::start(&srv, root.path(), "y", 64);
+    // The only holder refuses: the fetcher is told why (DeviceBusy), drops it and uses the origin
+    // (after rvp_wait_secs: z is the site's RVP, and a refusing RVP is asked again until then).
+    let mut y = Agent::start_with(&srv, root.path(), "y", 64, "hq", "rvp_wait_secs = 3");
     let r = y.get_json(&id, &root.path().join("y.bin"));
     assert_eq!(r["bytes_from_origin"], bytes.len() as u64, "{r}");
     assert!(y.log_text().contains("DeviceBusy"), "{}", y.log_text());

@@ -493,19 +493,19 @@ impl<'a> Control<'a> {
             self.st[a].last_progress = t;
         }
         let live = if self.st[a].fetching { net.live_sources(a) } else { 0 };
-        // The upstream as the server last named it is "getting" the package while the server
-        // has not seen it complete (its inventory) and still counts it active.
-        let active_since = t - p.inactive_after_s;
+        // The upstream as the server last named it.
         let upstream = self.st[a].upstream;
-        let up_getting = upstream.is_some_and(|u| self.st[u].done_at.is_none() && self.st[u].last_seen >= active_since);
-        let budget = if up_getting || (upstream.is_some() && live > 0) {
+        // A named upstream that drops out is asked again (the agent's `retry_at`) until the
+        // server names another: while there is one, the budget is `rvp_wait_s`, and the agent
+        // never counts "every peer was dropped".
+        let budget = if upstream.is_some() {
             p.rvp_wait_s
         } else {
             p.peer_stall_s
         };
         let idle_s = t - self.st[a].last_progress;
         let up_idle_s = t - self.st[a].up_progress;
-        let dropped = self.st[a].fetching && live == 0 && !up_getting;
+        let dropped = self.st[a].fetching && live == 0 && upstream.is_none();
         // Nobody upstream of this agent and no peer holds it; every peer was dropped; or no
         // progress from it nor from its upstream for the budget.
         let nobody = upstream.is_none() && !self.st[a].fetching && self.st[a].asked;
