@@ -366,8 +366,9 @@ fn agents_with_uploads_max_zero_serve_nobody() {
     let id = srv.publish(&bytes, "tool", "4.0");
     let z = Agent::start_with(&srv, root.path(), "z", 64, "hq", "uploads_max = 0");
     z.get_json(&id, &root.path().join("z.bin"));
-    // The only holder refuses as busy: the next agent drops it and uses the origin.
-    let y = Agent::start(&srv, root.path(), "y", 64);
+    // The only holder refuses as busy: the next agent drops it and uses the origin (after
+    // rvp_wait_secs: z is the site's RVP, and a refusing RVP is asked again until then).
+    let y = Agent::start_with(&srv, root.path(), "y", 64, "hq", "rvp_wait_secs = 3");
     let out = root.path().join("y.bin");
     let r = y.get_json(&id, &out);
     assert_eq!(std::fs::read(&out).unwrap(), bytes);
