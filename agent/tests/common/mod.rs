@@ -24,6 +24,8 @@ use serde_json::Value;
 pub const SECRET: &str = "agent-test-deployment-secret";
 /// Polls while waiting for an agent to come up (50 ms apart).
 const READY_POLLS_MAX: usize = 600;
+/// Log lines of each agent a failed test prints (the end of the story).
+const LOG_TAIL_ON_FAILURE: usize = 80;
 
 /// Deterministic test bytes.
 pub fn data(len: usize, seed: u8) -> Vec<u8> {
@@ -530,6 +532,20 @@ impl Drop for Agent {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // A failed test shows what each of its agents logged last: a wait that timed out
+        // says nothing of why without it.
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_ON_FAILURE)..];
+            eprintln!(
+                "--- last {} of {} log lines of agent {} (the test failed) ---\n{}",
+                tail.len(),
+                lines.len(),
+                self.name,
+                tail.join("\n")
+            );
         }
     }
 }
