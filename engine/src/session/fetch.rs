@@ -79,7 +79,9 @@ pub struct FetchConfig {
     pub probe_interval_max: Duration,
     /// Least time a requested block may take before it is requested again.
     pub block_timeout_min: Duration,
-    /// How long a `NotHave` answer keeps a source from being asked for those blocks.
+    /// How long a `NotHave` answer keeps a source from being asked for those blocks. A
+    /// partial upstream (a site's RVP that is itself getting the package) answers `NotHave`
+    /// at its frontier; at 2 s each hop of a chain of sites added up to 2 s at the end.
     pub not_have_retry: Duration,
     /// Largest block table accepted (bounds memory against a lying `Accept`).
     pub table_bytes_max: u64,
@@ -109,7 +111,7 @@ impl Default for FetchConfig {
             source_give_up: Duration::from_secs(60),
             probe_interval_max: Duration::from_secs(1),
             block_timeout_min: Duration::from_secs(2),
-            not_have_retry: Duration::from_secs(2),
+            not_have_retry: Duration::from_millis(500),
             table_bytes_max: 64 << 20,
             background: false,
             encrypt: false,
