@@ -1788,7 +1788,10 @@ async fn fetch(
             .filter(|d| d.seq > w.drops_seen && d.content == id && !d.banned)
         {
             if d.refused || up.is_some_and(|u| u.addr == d.addr) {
-                w.retry_at.entry(d.addr).or_insert(w.ticks + RETRY_TICKS);
+                // An upstream that has not begun its own download yet does within moments: a
+                // tick, not a second (each site of a chain waited a second on the one above).
+                let after = if d.not_found { 1 } else { RETRY_TICKS };
+                w.retry_at.entry(d.addr).or_insert(w.ticks + after);
             }
         }
         w.drops_seen = snap.dropped_peers.last().map_or(w.drops_seen, |d| d.seq);

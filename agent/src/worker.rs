@@ -79,6 +79,9 @@ pub struct Dropped {
     /// The peer sent data that does not verify (a bad block or table): never used again
     /// for this content.
     pub banned: bool,
+    /// The peer does not have the content (yet): an upstream RVP that has not begun its own
+    /// download, which it does within moments.
+    pub not_found: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -595,6 +598,7 @@ pub fn run(mut ep: Endpoint, mut mon: EgressWatch, rx: mpsc::Receiver<Cmd>) {
                             DropReason::Rejected(RejectReason::Busy | RejectReason::DeviceBusy)
                         ),
                         banned: Sources::bans(&reason),
+                        not_found: matches!(reason, DropReason::Rejected(RejectReason::NotFound)),
                     });
                     known.on_drop(content, addr, &reason);
                 }
