@@ -733,6 +733,14 @@ fn agent_info(r: &AnyRow, active_since_ms: i64) -> Result<AgentInfo> {
 }
 
 /// A candidate from the first 11 columns of a candidates, holders or RVP query.
+/// The columns [`candidate`] reads (agents `a`, holdings `h`), first in every query it reads.
+macro_rules! candidate_columns {
+    () => {
+        "a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, a.uptime_secs, \
+         a.disk_usable_bytes, h.bytes, h.ranges"
+    };
+}
+
 fn candidate(r: &AnyRow) -> Result<Candidate> {
     Ok(Candidate {
         agent_id: r.try_get(0)?,
@@ -1755,11 +1763,14 @@ impl Store {
         now_ms: i64,
     ) -> Result<Option<Candidate>> {
         let row = sqlx::query(
-            "SELECT a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, a.uptime_secs, \
-             a.disk_usable_bytes, h.bytes, h.ranges FROM rvp r JOIN agents a ON a.id = r.agent_id \
+            concat!(
+                "SELECT ",
+                candidate_columns!(),
+                " FROM rvp r JOIN agents a ON a.id = r.agent_id \
              LEFT JOIN holdings h ON h.agent_id = a.id AND h.content_id = r.content_id \
              WHERE r.site_id = $1 AND r.content_id = $2 AND a.site_id = $1 AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3 \
-             AND COALESCE(r.polled_ms, r.elected_ms) >= $4",
+             AND COALESCE(r.polled_ms, r.elected_ms) >= $4"
+            ),
         )
         .bind(site)
         .bind(content.to_string())
@@ -1781,22 +1792,22 @@ impl Store {
         active_since_ms: i64,
         now_ms: i64,
     ) -> Result<(Vec<Candidate>, Option<Candidate>, Option<Candidate>)> {
-        let rows = sqlx::query(
-            "SELECT * FROM (SELECT a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, \
-             a.uptime_secs, a.disk_usable_bytes, h.bytes, h.ranges, CAST(0 AS BIGINT) AS tag \
+        let rows = sqlx::query(concat!(
+            "SELECT * FROM (SELECT ",
+            candidate_columns!(),
+            ", CAST(0 AS BIGINT) AS tag \
              FROM agents a CROSS JOIN holdings h \
              WHERE h.agent_id = a.id AND h.content_id = $1 AND a.site_id = $2 AND a.revoked_ms IS NULL \
              AND a.last_seen_ms >= $3 LIMIT $5) AS hs \
-             UNION ALL \
-             SELECT a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, \
-             a.uptime_secs, a.disk_usable_bytes, h.bytes, h.ranges, \
-             CASE WHEN r.site_id = $2 THEN CAST(1 AS BIGINT) ELSE CAST(2 AS BIGINT) END AS tag \
+             UNION ALL SELECT ",
+            candidate_columns!(),
+            ", CASE WHEN r.site_id = $2 THEN CAST(1 AS BIGINT) ELSE CAST(2 AS BIGINT) END AS tag \
              FROM rvp r JOIN agents a ON a.id = r.agent_id \
              LEFT JOIN holdings h ON h.agent_id = a.id AND h.content_id = r.content_id \
              WHERE r.content_id = $1 AND (r.site_id = $2 OR r.site_id = $4) AND a.site_id = r.site_id \
              AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3 \
-             AND COALESCE(r.polled_ms, r.elected_ms) >= $6",
-        )
+             AND COALESCE(r.polled_ms, r.elected_ms) >= $6"
+        ))
         .bind(content.to_string())
         .bind(site)
         .bind(active_since_ms)
@@ -1857,13 +1868,15 @@ impl Store {
         now_ms: i64,
     ) -> Result<(Vec<Candidate>, Recorded)> {
         let rows = sqlx::query(
-            "SELECT a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, a.uptime_secs, \
-             a.disk_usable_bytes, h.bytes, h.ranges, \
-             (SELECT r.agent_id FROM rvp r WHERE r.site_id = $2 AND r.content_id = $1) AS rvp, \
+            concat!(
+                "SELECT ",
+                candidate_columns!(),
+                ", (SELECT r.agent_id FROM rvp r WHERE r.site_id = $2 AND r.content_id = $1) AS rvp, \
              (SELECT COALESCE(r.polled_ms, r.elected_ms) FROM rvp r WHERE r.site_id = $2 AND r.content_id = $1) AS polled, \
              a.last_seen_ms \
              FROM agents a LEFT JOIN holdings h ON h.agent_id = a.id AND h.content_id = $1 \
-             WHERE a.site_id = $2 AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3 LIMIT $4",
+             WHERE a.site_id = $2 AND a.revoked_ms IS NULL AND a.last_seen_ms >= $3 LIMIT $4"
+            ),
         )
         .bind(content.to_string())
         .bind(site)
