@@ -337,6 +337,42 @@ fn snapshot(ep: &Endpoint, notes: &Notes, mon: &EgressWatch, known: &Sources) ->
     }
 }
 
+/// Start a fetch of `id` whose block table comes from its peers, unless one is running.
+fn start_without_table(ep: &mut Endpoint, known: &mut Sources, id: ContentId, encrypt: bool) -> Result<(), String> {
+    if ep.progress().iter().any(|p| p.content == id) {
+        return Ok(());
+    }
+    known.dropped.remove(&id);
+    known.finals.remove(&id);
+    let cfg = FetchConfig {
+        encrypt,
+        ..FetchConfig::default()
+    };
+    ep.start_fetch(id, None, &[], cfg).map_err(|x| x.to_string())
+}
+
+/// Give the running fetch of `id` these peers (`true`: over the background protocol), except
+/// those banned for it; a peer given again is no longer counted as dropped.
+fn add_peers(
+    ep: &mut Endpoint,
+    known: &mut Sources,
+    id: ContentId,
+    peers: impl IntoIterator<Item = (SocketAddr, bool)>,
+) {
+    for (addr, background) in peers {
+        if known.banned(&id, &addr) || !ep.add_source_with(&id, addr, background) {
+            continue;
+        }
+        if let Some(d) = known.dropped.get_mut(&id) {
+            d.remove(&addr);
+        }
+        if known.background.len() >= BANNED_CONTENTS_MAX * 64 {
+            known.background.clear();
+        }
+        known.background.insert((id, addr), background);
+    }
+}
+
 fn handle(ep: &mut Endpoint, notes: &Notes, mon: &mut EgressWatch, known: &mut Sources, cmd: Cmd) -> bool {
     let e = |e: &dyn std::fmt::Display| e.to_string();
     match cmd {
@@ -364,20 +400,7 @@ fn handle(ep: &mut Endpoint, notes: &Notes, mon: &mut EgressWatch, known: &mut S
                 ep.start_fetch(id, Some(table), &[], cfg).map_err(|x| e(&x))
             };
             if r.is_ok() {
-                for (addr, background) in peers {
-                    if known.banned(&id, &addr) {
-                        continue;
-                    }
-                    if ep.add_source_with(&id, addr, background) {
-                        if let Some(d) = known.dropped.get_mut(&id) {
-                            d.remove(&addr);
-                        }
-                        if known.background.len() >= BANNED_CONTENTS_MAX * 64 {
-                            known.background.clear();
-                        }
-                        known.background.insert((id, addr), background);
-                    }
-                }
+                add_peers(ep, known, id, peers);
             }
             let _ = reply.send(r);
         }
@@ -387,50 +410,16 @@ fn handle(ep: &mut Endpoint, notes: &Notes, mon: &mut EgressWatch, known: &mut S
             encrypt,
             reply,
         } => {
-            let r = if ep.progress().iter().any(|p| p.content == id) {
-                Ok(())
-            } else {
-                known.dropped.remove(&id);
-                known.finals.remove(&id);
-                let cfg = FetchConfig {
-                    encrypt,
-                    ..FetchConfig::default()
-                };
-                ep.start_fetch(id, None, &[], cfg).map_err(|x| e(&x))
-            };
+            let r = start_without_table(ep, known, id, encrypt);
             if r.is_ok() {
-                for addr in peers {
-                    if !known.banned(&id, &addr) && ep.add_source_with(&id, addr, false) {
-                        if let Some(d) = known.dropped.get_mut(&id) {
-                            d.remove(&addr);
-                        }
-                    }
-                }
+                add_peers(ep, known, id, peers.into_iter().map(|a| (a, false)));
             }
             let _ = reply.send(r);
         }
-        Cmd::FetchTable { id, peers, encrypt } => {
-            if !ep.progress().iter().any(|p| p.content == id) {
-                known.dropped.remove(&id);
-                known.finals.remove(&id);
-                let cfg = FetchConfig {
-                    encrypt,
-                    ..FetchConfig::default()
-                };
-                if let Err(x) = ep.start_fetch(id, None, &[], cfg) {
-                    tracing::warn!("fetching the table of {} from peers: {x}", id.short());
-                    return true;
-                }
-            }
-            for (addr, background) in peers {
-                if !known.banned(&id, &addr) && ep.add_source_with(&id, addr, background) {
-                    if let Some(d) = known.dropped.get_mut(&id) {
-                        d.remove(&addr);
-                    }
-                    known.background.insert((id, addr), background);
-                }
-            }
-        }
+        Cmd::FetchTable { id, peers, encrypt } => match start_without_table(ep, known, id, encrypt) {
+            Ok(()) => add_peers(ep, known, id, peers),
+            Err(x) => tracing::warn!("fetching the table of {} from peers: {x}", id.short()),
+        },
         Cmd::Table { id, reply } => {
             let _ = reply.send(Ok(ep.store.table(&id).cloned()));
         }
