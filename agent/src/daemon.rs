@@ -1571,6 +1571,14 @@ async fn table_for(sh: &Shared, id: ContentId, plan: &Plan) -> anyhow::Result<(B
 
 /// Loop ticks before a dropped upstream, or a peer that refused for now, is asked again.
 const RETRY_TICKS: u64 = 4;
+/// Longest wait for an upstream RVP whose device refuses to serve anybody: what
+/// `rvp_wait_secs` was by default before it became 600 s, which is for a slow but live upstream.
+const RVP_REFUSING_WAIT: Duration = Duration::from_secs(60);
+
+/// Loop ticks in `d` (at least one).
+fn ticks_of(d: Duration) -> u64 {
+    (d.as_millis() as u64 / TICK.as_millis() as u64).max(1)
+}
 
 /// The upstream (site RVP, or parent site's RVP) as a download sees it.
 #[derive(Debug, Clone, Copy)]
@@ -1581,6 +1589,9 @@ struct UpstreamState {
     complete: bool,
     /// The engine dropped it (no answer, stalled, refused...).
     dropped: bool,
+    /// Its last answer was that the device serves nobody for now (on battery, busy CPU or
+    /// disk, `uploads_max = 0`): that lasts, unlike a full serving cap or a slow parent chain.
+    refusing: bool,
 }
 
 /// What a download knows when it decides whether to fetch the rest from the origin.
@@ -1606,7 +1617,9 @@ struct Standing {
 /// names holds or gets the content, a download waits for it (`rvp_ticks` without progress
 /// from anybody, the upstream included) rather than give up after `stall_ticks`; a refusal or a
 /// drop of that upstream is "ask again later", not "gone" (the server names another RVP when
-/// it stops heartbeating). Peers that hold it whole on the LAN get `stall_ticks`.
+/// it stops heartbeating). Peers that hold it whole on the LAN get `stall_ticks`. An upstream
+/// whose device refuses to serve anybody (on battery...) is waited for [`RVP_REFUSING_WAIT`] at
+/// most: the server does not know it refuses and keeps it named.
 fn origin_reason(s: &Standing, stall_ticks: u64, rvp_ticks: u64) -> Option<String> {
     if s.upstream.is_none() && !s.given_any {
         return Some("nobody upstream of this agent and no peer holds it".to_string());
@@ -1618,7 +1631,11 @@ fn origin_reason(s: &Standing, stall_ticks: u64, rvp_ticks: u64) -> Option<Strin
         return Some("every peer was dropped".to_string());
     }
     let budget = if up_alive || s.retries_pending > 0 && s.upstream.is_some() {
-        rvp_ticks
+        if s.upstream.is_some_and(|u| u.refusing) {
+            rvp_ticks.min(ticks_of(RVP_REFUSING_WAIT))
+        } else {
+            rvp_ticks
+        }
     } else {
         stall_ticks
     };
@@ -1681,7 +1698,7 @@ async fn fetch(
         o.extend(manifest.origins.iter().filter(|m| !plan.origins.contains(m)).cloned());
         o
     };
-    let ticks = |secs: u64| (secs * 1000 / TICK.as_millis() as u64).max(1);
+    let ticks = |secs: u64| ticks_of(Duration::from_secs(secs));
     let stall_ticks = ticks(sh.cfg.peer_stall_secs);
     let rvp_ticks = ticks(sh.cfg.rvp_wait_secs);
     let refresh_ticks = ticks(sh.cfg.sources_refresh_secs);
@@ -1829,6 +1846,14 @@ async fn fetch(
             sources: live,
             peer_rate_bytes_per_s: rate,
         });
+        // Its latest drop says whether the upstream's device refuses to serve anybody.
+        let up_refusing = up.is_some_and(|u| {
+            snap.dropped_peers
+                .iter()
+                .rev()
+                .find(|d| d.content == id && d.addr == u.addr)
+                .is_some_and(|d| d.device_busy)
+        });
         // An upstream that sent bad data is never used again: not one to wait for.
         let why = origin_reason(
             &Standing {
@@ -1836,6 +1861,7 @@ async fn fetch(
                     background: u.background,
                     complete: u.complete,
                     dropped: up_dropped,
+                    refusing: up_refusing,
                 }),
                 you_are_rvp: plan.you_are_rvp,
                 given_any: !w.given.is_empty(),
@@ -2217,6 +2243,7 @@ mod tests {
                 background: false,
                 complete: true,
                 dropped: true,
+                refusing: false,
             }),
             you_are_rvp: false,
             given_any: true,
@@ -2238,6 +2265,7 @@ mod tests {
                 background: true,
                 complete: true,
                 dropped: true,
+                refusing: false,
             }),
             you_are_rvp: true,
             ..refused
@@ -2250,6 +2278,38 @@ mod tests {
             ..refused
         };
         assert!(origin_reason(&dead, stall, rvp).is_some_and(|w| w.contains("no progress")));
+        // An upstream whose device refuses to serve anybody (on battery, `uploads_max = 0`)
+        // is waited for RVP_REFUSING_WAIT, not the whole rvp_wait_secs (600 s by default).
+        let (rvp_long, refusing_ticks) = (ticks_of(RVP_REFUSING_WAIT) * 10, ticks_of(RVP_REFUSING_WAIT));
+        let on_battery = Standing {
+            upstream: Some(UpstreamState {
+                background: false,
+                complete: true,
+                dropped: true,
+                refusing: true,
+            }),
+            idle_ticks: refusing_ticks - 1,
+            up_idle_ticks: refusing_ticks - 1,
+            ..refused
+        };
+        assert_eq!(origin_reason(&on_battery, stall, rvp_long), None);
+        let on_battery_long = Standing {
+            idle_ticks: refusing_ticks,
+            up_idle_ticks: refusing_ticks,
+            ..on_battery
+        };
+        assert!(origin_reason(&on_battery_long, stall, rvp_long).is_some_and(|w| w.contains("no progress")));
+        // A busy one (a full serving cap) is not refusing: the long wait holds.
+        let busy = Standing {
+            upstream: Some(UpstreamState {
+                refusing: false,
+                ..on_battery.upstream.unwrap()
+            }),
+            ..on_battery_long
+        };
+        assert_eq!(origin_reason(&busy, stall, rvp_long), None);
+        // A shorter rvp_wait_secs still wins.
+        assert!(origin_reason(&on_battery_long, stall, refusing_ticks / 2).is_some());
         // Same-site peers only (no upstream named), all gone: the origin at once.
         let peers_gone = Standing {
             upstream: None,

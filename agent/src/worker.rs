@@ -82,6 +82,9 @@ pub struct Dropped {
     /// The peer does not have the content (yet): an upstream RVP that has not begun its own
     /// download, which it does within moments.
     pub not_found: bool,
+    /// The device refuses to serve anybody for now (on battery, busy CPU or disk, a VPN site,
+    /// `uploads_max = 0`): unlike a full serving cap, this lasts.
+    pub device_busy: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -588,6 +591,7 @@ pub fn run(mut ep: Endpoint, mut mon: EgressWatch, rx: mpsc::Receiver<Cmd>) {
                         ),
                         banned: Sources::bans(&reason),
                         not_found: matches!(reason, DropReason::Rejected(RejectReason::NotFound)),
+                        device_busy: matches!(reason, DropReason::Rejected(RejectReason::DeviceBusy)),
                     });
                     known.on_drop(content, addr, &reason);
                 }

@@ -74,7 +74,7 @@
 //! (`ServerConfig::require_encryption`): it answers a plain request with
 //! `Reject` reason 3 (`EncryptionRequired`), which older fetchers read as
 //! "other"; likewise reason 4 (`DeviceBusy`: the device refuses to serve for
-//! now, busy or on battery). A change that old peers would misread takes a new version,
+//! now: busy, on battery, or configured to serve nobody). A change that old peers would misread takes a new version,
 //! and a peer drops versions it does not know (`BadVersion`).
 //!
 //! # Address validation
@@ -410,7 +410,8 @@ pub enum RejectReason {
     Busy = 2,
     /// The server serves only encrypted sessions and the request did not ask for one.
     EncryptionRequired = 3,
-    /// The device refuses to serve for now: busy CPU or disk, on battery, or a VPN site.
+    /// The device refuses to serve for now: busy CPU or disk, on battery, a VPN site, or
+    /// configured to serve nobody (`sessions_max` 0).
     DeviceBusy = 4,
     Other = 255,
 }

@@ -43,7 +43,8 @@ pub use crate::wire::REQUEST_BACKGROUND;
 pub struct ServerConfig {
     /// Payload bytes per data datagram.
     pub payload_bytes: usize,
-    /// Most concurrent sessions; further requests get `Reject(Busy)`.
+    /// Most concurrent sessions; further requests get `Reject(Busy)` (`Reject(DeviceBusy)`
+    /// when 0: the device serves nobody).
     pub sessions_max: usize,
     /// Most queued ranges per session; a request beyond it is ignored (the fetcher re-requests).
     pub queue_ranges_max: usize,
@@ -399,7 +400,14 @@ impl Server {
                 }
                 if self.sessions.len() >= self.config.sessions_max {
                     self.stats.requests_rejected += 1;
-                    let n = wire::encode_reject(key, &mut buf, id, &content, RejectReason::Busy);
+                    // A server that may serve nobody refuses as a device, for as long as it is
+                    // configured so; a full cap is busy for a moment.
+                    let reason = if self.config.sessions_max == 0 {
+                        RejectReason::DeviceBusy
+                    } else {
+                        RejectReason::Busy
+                    };
+                    let n = wire::encode_reject(key, &mut buf, id, &content, reason);
                     self.push_control(from, buf[..n].to_vec());
                     return;
                 }
@@ -995,6 +1003,27 @@ mod tests {
         assert!(bytes_in_one_second(&mut free, &lib) > 4 * cap);
         // While capped and out of tokens, the server asks to be woken, not polled in a loop.
         assert!(capped.poll_timeout().is_some());
+    }
+
+    #[test]
+    fn a_server_that_may_serve_nobody_refuses_as_a_device_not_as_busy() {
+        let key = DeploymentKey::derive(b"t");
+        let data = vec![7u8; 1 << 20];
+        let table = BlockTable::from_bytes(&data, 0);
+        let id = table.root();
+        let mut lib = MemLibrary::default();
+        lib.insert_full(table, data);
+        let mut server = Server::new(
+            key.clone(),
+            ServerConfig {
+                sessions_max: 0,
+                ..ServerConfig::default()
+            },
+            1,
+        );
+        // `request` asserts that a Reject says DeviceBusy (a full cap would say Busy).
+        assert_eq!(request(&mut server, &lib, &key, &id, 5, 0, &[]), None);
+        assert_eq!(server.session_count(), 0);
     }
 
     #[test]
