@@ -18,7 +18,10 @@ one package distributed to every agent, measured on the links.
 Each WAN link has a TBF bottleneck on both ends' egress (hq -> site on r-hq's
 w-SITE, site -> hq on r-SITE's wan) and the user-space delay line
 (benches/delayline) in between, as in scripts/testbed/wan.sh; offloads are off
-on the WAN, Wi-Fi and VPN veths so frames are wire-sized.
+on the WAN, Wi-Fi and VPN veths so frames are wire-sized. The delay lines run at
+SCHED_FIFO priority 60 and the probes at 55 (--rt-prio; 0 turns it off): they
+stand for wires and other hosts, and on this 2-core machine they would otherwise
+wait for a CPU behind 16 agents, which the probe would count as added delay.
 
 Measured, not self-reported: `lowtide-wanprobe count` taps r-hq's w-* interfaces
 (every frame crossing each WAN link, both directions), the origin's eth0, r-b1's
@@ -141,6 +144,13 @@ class Testbed:
             raise Failure(f"{' '.join(full)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
 
+    def rt(self, below, cmd):
+        """`cmd` at SCHED_FIFO priority --rt-prio minus `below` (unchanged with --rt-prio 0): the
+        delay lines stand for wires and the probes for other hosts, so on this shared machine they
+        must not wait for a CPU behind the agents (that wait would be counted as added delay)."""
+        prio = self.args.rt_prio - below
+        return ["chrt", "-f", str(prio)] + cmd if self.args.rt_prio > 0 and prio > 0 else cmd
+
     def spawn(self, name, cmd, ns=None, log_path=None, env=None, stdout=None):
         full = (["ip", "netns", "exec", self.ns(ns)] if ns else []) + cmd
         logf = open(log_path or os.path.join(self.work, "logs", f"{name}.log"), "ab")
@@ -256,8 +266,8 @@ class Testbed:
                 self.run(["ip", "-n", self.ns(short), "link", "set", dev, "up"])
             self.tbf("r-hq", f"w-{s.id}", s.wan["rate_bps"])
             self.tbf(f"r-{s.router}", "wan", s.wan["rate_bps"])
-            self.spawn(f"delayline-{s.id}", [delayline, "--if-a", "dly-a", "--if-b", "dly-b",
-                                             "--delay-us", str(s.wan["rtt_ms"] * 500)], ns=d)
+            self.spawn(f"delayline-{s.id}", self.rt(0, [delayline, "--if-a", "dly-a", "--if-b", "dly-b",
+                                                        "--delay-us", str(s.wan["rtt_ms"] * 500)]), ns=d)
             self.run(["ip", "-n", self.ns(f"r-{s.router}"), "route", "add", "default", "via", f"10.69.{i}.1"])
             for t in self.sites:
                 if t.router == s.router:
@@ -476,14 +486,14 @@ class Testbed:
                 raise Failure(f"the link counters did not start (logs in {self.work}/logs)")
             time.sleep(0.1)
         if self.args.probe:
-            self.spawn("echo", [wanprobe, "echo", "--listen", f"0.0.0.0:{ECHO_PORT}"], ns="r-hq")
+            self.spawn("echo", self.rt(5, [wanprobe, "echo", "--listen", f"0.0.0.0:{ECHO_PORT}"]), ns="r-hq")
             self.probes = {}
             for s in self.sites:
                 if s.wan:
                     path = os.path.join(self.work, f"probe-{s.id}.csv")
                     self.probes[s.id] = (path, self.spawn(
-                        f"probe-{s.id}", [wanprobe, "probe", "--to", f"10.69.{s.wan['idx']}.1:{ECHO_PORT}",
-                                          "--interval-ms", "10", "--out", path], ns=f"r-{s.router}"))
+                        f"probe-{s.id}", self.rt(5, [wanprobe, "probe", "--to", f"10.69.{s.wan['idx']}.1:{ECHO_PORT}",
+                                                     "--interval-ms", "10", "--out", path]), ns=f"r-{s.router}"))
 
     def counts(self):
         """Snapshot of every counter: {counter: {iface: [flow, ...]}}, plus drops."""
@@ -985,6 +995,8 @@ def main():
     r.add_argument("--kill-rvp", metavar="SITE", help="kill SITE's RVP mid-transfer (lowtide case)")
     r.add_argument("--kill-at", type=float, default=0.3, help="...once it holds this share of the package")
     r.add_argument("--no-probe", dest="probe", action="store_false")
+    r.add_argument("--rt-prio", type=int, default=60,
+                   help="SCHED_FIFO priority of the delay lines (the probes and their echo: 5 less); 0: normal")
     r.add_argument("--live", action="store_true", help="print a live view")
     r.add_argument("--live-every-s", type=float, default=2.0)
     r.add_argument("--timeout-s", type=int, default=1800)
@@ -999,6 +1011,9 @@ def main():
         return 0
     if os.geteuid() != 0:
         log("needs root (network namespaces, qdiscs, packet taps)")
+        return 2
+    if not 0 <= args.rt_prio <= 99:
+        log(f"--rt-prio {args.rt_prio}: use 0 (normal scheduling) to 99")
         return 2
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
