@@ -321,6 +321,21 @@ impl<'a> Control<'a> {
         }
     }
 
+    /// Add the sources of an answer that agent `a` has not tried yet to its fetch (which
+    /// starts it if none runs); false when the answer holds none.
+    fn add_new_sources(&mut self, net: &mut dyn Transport, a: usize, srcs: Vec<Src>, background: bool, t: f64) -> bool {
+        let new: Vec<Src> = srcs.into_iter().filter(|s| !self.st[a].tried.contains(s)).collect();
+        if new.is_empty() {
+            return false;
+        }
+        net.add_sources(a, &new, background);
+        let st = &mut self.st[a];
+        st.tried.extend(new);
+        st.fetching = true;
+        st.last_progress = t;
+        true
+    }
+
     /// Run the distribution to the end (every agent done or gone for good) or `limit_s`.
     pub fn run(mut self, net: &mut dyn Transport, limit_s: f64) -> Outcome {
         let n = self.topo.agents.len();
@@ -449,13 +464,8 @@ impl<'a> Control<'a> {
             if self.st[a].next_ask <= t {
                 let (srcs, bg) = self.ask(a);
                 self.st[a].next_ask = t + p.wait_poll_s;
-                if !srcs.is_empty() {
-                    net.add_sources(a, &srcs, bg);
-                    let st = &mut self.st[a];
-                    st.tried.extend(srcs);
-                    st.fetching = true;
-                    st.last_progress = t;
-                    st.next_ask = t + p.sources_refresh_s;
+                if self.add_new_sources(net, a, srcs, bg, t) {
+                    self.st[a].next_ask = t + p.sources_refresh_s;
                 }
             }
             return;
@@ -469,18 +479,15 @@ impl<'a> Control<'a> {
             let (srcs, bg) = self.ask(a);
             self.st[a].next_ask = t + p.sources_refresh_s;
             self.st[a].next_stall_ask = t + p.wait_poll_s;
-            let new: Vec<Src> = srcs.into_iter().filter(|s| !self.st[a].tried.contains(s)).collect();
-            if !new.is_empty() {
-                net.add_sources(a, &new, bg);
-                self.st[a].tried.extend(new);
-                self.st[a].last_progress = t;
-            } else if stalled && p.fallback == Fallback::Origin {
-                self.churn.origin_fallbacks += 1;
-                self.st[a].on_origin = true;
-                net.add_sources(a, &[Src::Origin], false);
-            } else if stalled && net.live_sources(a) == 0 {
-                // Waiting: a fetch with no live source starts over on the next answer.
-                self.st[a].tried.clear();
+            if !self.add_new_sources(net, a, srcs, bg, t) && stalled {
+                if p.fallback == Fallback::Origin {
+                    self.churn.origin_fallbacks += 1;
+                    self.st[a].on_origin = true;
+                    net.add_sources(a, &[Src::Origin], false);
+                } else if net.live_sources(a) == 0 {
+                    // Waiting: a fetch with no live source starts over on the next answer.
+                    self.st[a].tried.clear();
+                }
             }
         }
     }
@@ -537,13 +544,7 @@ impl<'a> Control<'a> {
                 self.st[a].wait_streak += 1;
             }
             self.st[a].up_seen = seen;
-            let new: Vec<Src> = srcs.into_iter().filter(|s| !self.st[a].tried.contains(s)).collect();
-            if !new.is_empty() {
-                net.add_sources(a, &new, bg);
-                let st = &mut self.st[a];
-                st.tried.extend(new);
-                st.fetching = true;
-                st.last_progress = t;
+            if self.add_new_sources(net, a, srcs, bg, t) {
                 return;
             }
             if !give_up || up_progressed {
