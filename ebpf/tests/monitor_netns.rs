@@ -12,15 +12,14 @@ use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use lowtide_ebpf::{EgressMonitor, Monitor, MonitorError, NetlinkMonitor, SampleSource, SMALL_PACKET_BYTES};
+use lowtide_tests::netns::{is_root, run, unique};
 
 /// Serialises the tests of this file: the detach check counts loaded programs.
 static SERIAL: Mutex<()> = Mutex::new(());
-static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
 const ADDR_A: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
 const ADDR_B: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
@@ -41,29 +40,8 @@ const KERNEL_NOISE_PACKETS_MAX: u64 = 4;
 /// Polls while waiting for the qdisc to dequeue once more (not a timing assertion).
 const WAIT_POLLS_MAX: u32 = 200;
 const WAIT_POLL: Duration = Duration::from_millis(50);
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI runs as root: these tests need root for network namespaces and BPF"
-        );
-        eprintln!("skipping: needs root (network namespaces, BPF programs)");
-    }
-    root
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn command");
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+/// What the tests need root for (see `is_root`).
+const NEEDS: &str = "network namespaces, BPF programs";
 
 /// Two namespaces joined by a veth pair; deleted on drop, even when a test fails.
 struct Pair {
@@ -78,7 +56,7 @@ impl Pair {
 
     /// `tx_queues` > 1 makes `va` multiqueue, so that it can take an `mq` root.
     fn with_tx_queues(tx_queues: u32) -> Self {
-        let id = format!("{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let id = unique("");
         let pair = Self {
             a: format!("ltmon-a-{id}"),
             b: format!("ltmon-b-{id}"),
@@ -216,7 +194,7 @@ fn assert_close(what: &str, got: u64, want: u64, slack: u64) {
 
 #[test]
 fn monitor_matches_tc_and_splits_own_traffic() {
-    if !is_root() {
+    if !is_root(NEEDS) {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -360,7 +338,7 @@ fn monitor_matches_tc_and_splits_own_traffic() {
 
 #[test]
 fn attach_reports_missing_interface_and_route() {
-    if !is_root() {
+    if !is_root(NEEDS) {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -386,7 +364,7 @@ fn attach_reports_missing_interface_and_route() {
 
 #[test]
 fn multiqueue_root_backlog_comes_from_netlink() {
-    if !is_root() {
+    if !is_root(NEEDS) {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -464,7 +442,7 @@ fn drop_effective_capabilities(caps: &[u32]) {
 
 #[test]
 fn without_bpf_capabilities_the_monitor_falls_back_to_netlink() {
-    if !is_root() {
+    if !is_root(NEEDS) {
         return;
     }
     const CAP_SYS_ADMIN: u32 = 21;

@@ -5,6 +5,8 @@
 //! of this build and read its JSON report. What is not built yet is built with
 //! `cargo build` in the test's own profile first.
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

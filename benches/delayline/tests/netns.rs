@@ -8,47 +8,16 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+use lowtide_tests::netns::{is_root, run, unique};
 
 const DELAY_US: u64 = 5_000;
 const PINGS: &str = "5";
 /// Polls (of 0.1 s) while waiting for the bridge to pass a first ping.
 const READY_POLLS_MAX: u32 = 50;
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI runs as root: these tests need root for network namespaces"
-        );
-        eprintln!("skipping: needs root (network namespaces, AF_PACKET)");
-    }
-    root
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn command");
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}{}-{}",
-        std::process::id(),
-        NEXT_ID.fetch_add(1, Ordering::Relaxed)
-    )
-}
+/// What the tests need root for (see `is_root`).
+const NEEDS: &str = "network namespaces, AF_PACKET";
 
 fn netns_exists(name: &str) -> bool {
     run(&["ip", "netns", "list"])
@@ -149,7 +118,7 @@ fn ping_min_ms(output: &str) -> f64 {
 
 #[test]
 fn bridge_forwards_both_ways_and_never_early() {
-    if !is_root() {
+    if !is_root(NEEDS) {
         return;
     }
     let mut bridge = Bridge::new();
@@ -234,7 +203,7 @@ fn wan_run(name: &str, command: &str) -> std::process::Output {
 
 #[test]
 fn testbed_runs_a_command_and_always_tears_down() {
-    if !is_root() {
+    if !is_root(NEEDS) {
         return;
     }
     let name = unique("ltwt");
