@@ -911,14 +911,20 @@ mod tests {
         }
     }
 
-    /// A server holding 20 MiB, with one validated session (id 5) that asked for 8 MiB.
-    fn serving(config: ServerConfig) -> (Server, MemLibrary, DeploymentKey, ContentId) {
+    /// A deployment key and a library holding `size` bytes whole; the content's id.
+    fn holding(size: usize) -> (DeploymentKey, MemLibrary, ContentId) {
         let key = DeploymentKey::derive(b"t");
-        let data = vec![7u8; 20 << 20];
+        let data = vec![7u8; size];
         let table = BlockTable::from_bytes(&data, 0);
         let id = table.root();
         let mut lib = MemLibrary::default();
         lib.insert_full(table, data);
+        (key, lib, id)
+    }
+
+    /// A server holding 20 MiB, with one validated session (id 5) that asked for 8 MiB.
+    fn serving(config: ServerConfig) -> (Server, MemLibrary, DeploymentKey, ContentId) {
+        let (key, lib, id) = holding(20 << 20);
         let mut server = Server::new(key.clone(), config, 1);
         let nonce = request(&mut server, &lib, &key, &id, 5, 0, &[]).expect("accepted");
         request(&mut server, &lib, &key, &id, 5, nonce, &[(0, u32::MAX)]);
@@ -1007,12 +1013,7 @@ mod tests {
 
     #[test]
     fn a_server_that_may_serve_nobody_refuses_as_a_device_not_as_busy() {
-        let key = DeploymentKey::derive(b"t");
-        let data = vec![7u8; 1 << 20];
-        let table = BlockTable::from_bytes(&data, 0);
-        let id = table.root();
-        let mut lib = MemLibrary::default();
-        lib.insert_full(table, data);
+        let (key, lib, id) = holding(1 << 20);
         let mut server = Server::new(
             key.clone(),
             ServerConfig {
