@@ -277,6 +277,9 @@ struct Shared {
     /// One download per content at a time; a second `get` waits for the first.
     locks: Mutex<HashMap<ContentId, Arc<tokio::sync::Mutex<()>>>>,
     inventory_now: tokio::sync::Notify,
+    /// Woken when whether this agent serves peers changes: the server hears of it at once
+    /// (its RVP elections prefer agents that serve).
+    heartbeat_now: tokio::sync::Notify,
     /// The server's deployment keys (current, previous) the engine runs with.
     server_keys: Mutex<(Option<String>, Option<String>)>,
 }
@@ -299,6 +302,14 @@ impl Shared {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this agent serves peers now, as its heartbeat tells the server: not with
+    /// `uploads_max = 0` (the engine's `sessions_max` is 0) nor while [`busy_loop`] has the
+    /// engine refuse (on battery, busy CPU or disk, a VPN site). Either way every peer gets
+    /// `DeviceBusy`.
+    fn serves(&self) -> bool {
+        self.cfg.uploads_max > 0 && self.state().serving_refused.is_none()
     }
 }
 
@@ -449,6 +460,7 @@ pub async fn run(cfg: Config, mut mon: crate::monitor::EgressWatch) -> anyhow::R
         state: Mutex::new(State::default()),
         locks: Mutex::new(HashMap::new()),
         inventory_now: tokio::sync::Notify::new(),
+        heartbeat_now: tokio::sync::Notify::new(),
     });
     tracing::info!(
         agent = %sh.cred.agent_id,
@@ -554,6 +566,7 @@ async fn gather_facts(sh: &Shared) -> anyhow::Result<Facts> {
         uptime_secs: facts::uptime_secs(),
         preferred: sh.cfg.preferred,
         site_override: sh.cfg.site_override.clone(),
+        serves: sh.serves(),
     })
 }
 
@@ -647,6 +660,7 @@ async fn busy_loop(sh: Arc<Shared>) {
             }
             sh.engine.send(Cmd::Refuse(why.is_some()));
             sh.discovery.set_serving(why.is_none());
+            sh.heartbeat_now.notify_one();
         }
     }
 }
@@ -681,10 +695,16 @@ async fn heartbeat_loop(sh: Arc<Shared>) {
                 HEARTBEAT_RETRY_SECS
             }
         };
-        // Sleep until the next heartbeat is due, or until the addresses change.
+        // Sleep until the next heartbeat is due, or until the addresses or whether it serves change.
         let due = tokio::time::Instant::now() + Duration::from_secs(wait);
         while tokio::time::Instant::now() < due {
-            tokio::time::sleep_until(due.min(tokio::time::Instant::now() + ADDRESS_POLL)).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.min(tokio::time::Instant::now() + ADDRESS_POLL)) => {}
+                _ = sh.heartbeat_now.notified() => {
+                    tracing::debug!(serves = sh.serves(), "serving peers changed; heartbeating now");
+                    break;
+                }
+            }
             let now = reported_addresses(&sh);
             if now != addresses {
                 tracing::info!(

@@ -49,6 +49,9 @@ pub struct Facts {
     pub uptime_secs: u64,
     pub preferred: bool,
     pub site_override: Option<String>,
+    /// Serves peers now (see `Shared::serves` in the daemon); the server elects an agent that
+    /// does not as its site's RVP only when no agent of the site serves.
+    pub serves: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

@@ -366,9 +366,24 @@ fn agents_with_uploads_max_zero_serve_nobody() {
     let id = srv.publish(&bytes, "tool", "4.0");
     let z = Agent::start_with(&srv, root.path(), "z", 64, "hq", "uploads_max = 0");
     z.get_json(&id, &root.path().join("z.bin"));
-    // The only holder refuses as busy: the next agent drops it and uses the origin (after
-    // rvp_wait_secs: z is the site's RVP, and a refusing RVP is asked again until then).
+    let z_id = z.status()["agent_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        srv.election("hq", &id)["rvp"],
+        z_id.as_str(),
+        "alone, z is the site's RVP"
+    );
+    assert_eq!(
+        srv.election("hq", &id)["rvp_serves"],
+        false,
+        "its heartbeat says it serves nobody"
+    );
+    // An agent that serves joins: it replaces z as the site's RVP (issue 6), though z holds
+    // the content whole (were z kept, the site's agents would wait for it, then use the origin).
     let y = Agent::start_with(&srv, root.path(), "y", 64, "hq", "rvp_wait_secs = 3");
+    let y_id = y.status()["agent_id"].as_str().unwrap().to_string();
+    let e = srv.election("hq", &id);
+    assert_eq!(e["rvp"], y_id.as_str(), "{e:#}");
+    // The only holder refuses as busy: y drops it and uses the origin.
     let out = root.path().join("y.bin");
     let r = y.get_json(&id, &out);
     assert_eq!(std::fs::read(&out).unwrap(), bytes);
@@ -607,9 +622,21 @@ fn agents_on_battery_refuse_to_serve_until_plugged_in() {
     z.get_json(&id, &root.path().join("z.bin"));
     let refused = z.status()["serving"]["refused"].clone();
     assert!(refused.as_str().is_some_and(|r| r.contains("battery")), "{refused}");
-    // The only holder refuses: the fetcher is told why (DeviceBusy), drops it and uses the origin
-    // (after rvp_wait_secs: z is the site's RVP, and a refusing RVP is asked again until then).
+    // z's heartbeat says it serves nobody (sent as soon as it went on battery): y, which
+    // serves, replaces it as the site's RVP (issue 6).
     let mut y = Agent::start_with(&srv, root.path(), "y", 64, "hq", "rvp_wait_secs = 3");
+    let y_id = y.status()["agent_id"].as_str().unwrap().to_string();
+    let mut waited = 0;
+    while srv.election("hq", &id)["rvp"] != y_id.as_str() {
+        assert!(
+            waited < 300,
+            "y is not the RVP after 30 s: {:#}",
+            srv.election("hq", &id)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        waited += 1;
+    }
+    // The only holder refuses: the fetcher is told why (DeviceBusy), drops it and uses the origin.
     let r = y.get_json(&id, &root.path().join("y.bin"));
     assert_eq!(r["bytes_from_origin"], bytes.len() as u64, "{r}");
     assert!(y.log_text().contains("DeviceBusy"), "{}", y.log_text());

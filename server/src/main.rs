@@ -338,19 +338,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         let mut out = std::io::stdout().lock();
                         writeln!(
                             out,
-                            "{:<32}  {:<20} {:<9} {:<16} {:<8} {:>16}  addresses",
-                            "id", "hostname", "status", "site", "chassis", "free bytes"
+                            "{:<32}  {:<20} {:<9} {:<16} {:<8} {:<6} {:>16}  addresses",
+                            "id", "hostname", "status", "site", "chassis", "serves", "free bytes"
                         )?;
                         for a in agents {
                             let status = serde_json::to_value(&a.status)?.as_str().unwrap_or("").to_string();
                             writeln!(
                                 out,
-                                "{:<32}  {:<20} {:<9} {:<16} {:<8} {:>16}  {}",
+                                "{:<32}  {:<20} {:<9} {:<16} {:<8} {:<6} {:>16}  {}",
                                 a.id,
                                 a.hostname,
                                 status,
                                 a.site.as_deref().unwrap_or("-"),
                                 a.chassis.as_str(),
+                                if a.serves { "yes" } else { "no" },
                                 a.disk_free_bytes,
                                 a.addresses.join(" ")
                             )?;

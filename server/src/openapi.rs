@@ -213,7 +213,8 @@ fn schemas() -> Value {
             "subnets": {"type": "array", "items": {"type": "string", "description": "CIDR"}}, "port": {"type": "integer"},
             "disk_free_bytes": {"type": "integer"}, "disk_usable_bytes": {"type": "integer"},
             "chassis": {"enum": ["desktop", "server", "vm", "laptop", "unknown"]}, "os_type": {"enum": ["server", "workstation", "unknown"]},
-            "uptime_secs": {"type": "integer"}, "preferred": {"type": "boolean"}, "site_override": {"type": ["string", "null"]}}},
+            "uptime_secs": {"type": "integer"}, "preferred": {"type": "boolean"}, "site_override": {"type": ["string", "null"]},
+            "serves": {"type": "boolean", "default": true, "description": "serves peers now (false: uploads_max = 0, on battery, busy); elections take an agent that does not serve only when none of its site does"}}},
         "Inventory": {"type": "object", "required": ["items"], "properties": {
             "replace": {"type": "boolean"},
             "items": {"type": "array", "items": {"type": "object", "required": ["content"], "properties": {

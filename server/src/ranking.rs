@@ -8,9 +8,13 @@
 //! 5. longest uptime, 6. most usable free space; ties go to the lower agent id
 //!    so every server process ranks the same rows the same way.
 //!
-//! For one content in one site, agents that already hold more of it come
-//! first (a device that holds the package serves it better than the best
-//! ranked device that has none of it), then the ranking above.
+//! For one content in one site, agents that serve peers come first (an agent
+//! whose heartbeat says `serves: false` — `uploads_max = 0`, on battery,
+//! busy — answers every peer `DeviceBusy`: it is elected RVP only when no agent
+//! of the site serves, and listed as a source after those that do), then agents
+//! that already hold more of it (a device that holds the package serves it
+//! better than the best ranked device that has none of it), then the ranking
+//! above.
 
 use std::cmp::Ordering;
 
@@ -116,23 +120,37 @@ pub struct Candidate {
     /// Bytes of the content it holds (0 when none).
     pub held_bytes: u64,
     pub ranges: Vec<(u64, u64)>,
+    /// It serves peers now, as its last heartbeat said. One that does not refuses every
+    /// session (`DeviceBusy`): it is no use as a source or as the site's RVP while another
+    /// agent of the site serves.
+    pub serves: bool,
 }
 
-/// Sort candidates for one content: more held first, then by ranking.
+/// The order of candidates for one content: those that serve first, then more held, then
+/// by ranking.
+pub fn candidate_cmp(a: &Candidate, b: &Candidate) -> Ordering {
+    b.serves
+        .cmp(&a.serves)
+        .then(b.held_bytes.cmp(&a.held_bytes))
+        .then_with(|| rank_cmp(&a.facts, &a.agent_id, &b.facts, &b.agent_id))
+}
+
+/// Sort candidates for one content by [`candidate_cmp`].
 pub fn sort_candidates(c: &mut [Candidate]) {
-    c.sort_by(|a, b| {
-        b.held_bytes
-            .cmp(&a.held_bytes)
-            .then_with(|| rank_cmp(&a.facts, &a.agent_id, &b.facts, &b.agent_id))
-    });
+    c.sort_by(candidate_cmp);
 }
 
 /// Pick the RVP of a site for one content: keep `current` while it is still an
-/// active candidate (no flapping), else the first of the sorted candidates.
+/// active candidate (no flapping) and it serves peers or the first of the sorted
+/// candidates does not either; else that first one. So an RVP that stops serving
+/// is replaced when another agent serves, and one that does not serve is elected
+/// only when none does (and then kept until one does).
 pub fn elect<'a>(sorted: &'a [Candidate], current: Option<&str>) -> Option<&'a Candidate> {
+    let best = sorted.first()?;
     current
         .and_then(|id| sorted.iter().find(|c| c.agent_id == id))
-        .or_else(|| sorted.first())
+        .filter(|c| c.serves || !best.serves)
+        .or(Some(best))
 }
 
 /// Split holders into the serving set (at most `cap`, the RVP always among them)
@@ -158,11 +176,7 @@ pub fn serving_and_bench<'a>(
             bench.push(c);
         }
     }
-    serving.sort_by(|a, b| {
-        b.held_bytes
-            .cmp(&a.held_bytes)
-            .then_with(|| rank_cmp(&a.facts, &a.agent_id, &b.facts, &b.agent_id))
-    });
+    serving.sort_by(|a, b| candidate_cmp(a, b));
     (serving, bench)
 }
 
@@ -234,7 +248,12 @@ mod tests {
             },
             held_bytes: held,
             ranges: vec![],
+            serves: true,
         }
+    }
+
+    fn refusing(c: Candidate) -> Candidate {
+        Candidate { serves: false, ..c }
     }
 
     #[test]
@@ -309,6 +328,33 @@ mod tests {
         assert_eq!(elect(&c, Some("a")).unwrap().agent_id, "a");
         assert_eq!(elect(&c, Some("gone")).unwrap().agent_id, "c");
         assert!(elect(&[], Some("a")).is_none());
+    }
+
+    #[test]
+    fn elect_prefers_agents_that_serve() {
+        // z holds it whole and has the most disk, but serves nobody: a, which serves, is elected.
+        let mut c = vec![refusing(cand("z", 9, 10)), cand("a", 1, 0), cand("b", 2, 0)];
+        sort_candidates(&mut c);
+        let order: Vec<&str> = c.iter().map(|c| c.agent_id.as_str()).collect();
+        assert_eq!(order, ["b", "a", "z"], "those that serve first, then by ranking");
+        assert_eq!(elect(&c, None).unwrap().agent_id, "b");
+        // An RVP that stops serving is replaced while another agent serves...
+        assert_eq!(elect(&c, Some("z")).unwrap().agent_id, "b");
+        // ...and one that serves stays, even with a better one about (no flapping).
+        assert_eq!(elect(&c, Some("a")).unwrap().agent_id, "a");
+        // Nobody serves: the best of them, and the recorded one stays.
+        let mut none: Vec<Candidate> = c.iter().cloned().map(refusing).collect();
+        sort_candidates(&mut none);
+        assert_eq!(elect(&none, None).unwrap().agent_id, "z", "holds the most");
+        assert_eq!(elect(&none, Some("a")).unwrap().agent_id, "a");
+        // Serving holders come before refusing ones, within the cap.
+        let mut h = vec![refusing(cand("z", 9, 10)), cand("a", 1, 5), cand("b", 2, 5)];
+        sort_candidates(&mut h);
+        let (s, bench) = serving_and_bench(&h, Some("b"), 2);
+        let ids: Vec<&str> = s.iter().map(|c| c.agent_id.as_str()).collect();
+        assert_eq!(ids, ["b", "a"]);
+        assert_eq!(bench.len(), 1);
+        assert_eq!(bench[0].agent_id, "z");
     }
 
     #[test]

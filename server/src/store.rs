@@ -71,6 +71,8 @@ const SQLITE_WANTED: &str = include_str!("../migrations/sqlite/0002_wanted.sql")
 const POSTGRES_WANTED: &str = include_str!("../migrations/postgres/0002_wanted.sql");
 const SQLITE_RVP_POLLED: &str = include_str!("../migrations/sqlite/0003_rvp_polled.sql");
 const POSTGRES_RVP_POLLED: &str = include_str!("../migrations/postgres/0003_rvp_polled.sql");
+const SQLITE_AGENT_SERVES: &str = include_str!("../migrations/sqlite/0004_agent_serves.sql");
+const POSTGRES_AGENT_SERVES: &str = include_str!("../migrations/postgres/0004_agent_serves.sql");
 /// A recorded RVP that has not asked for its assignments (`POST /v1/assignments`, which
 /// every agent long-polls about every 20 s) for this long is taken as gone, and the site
 /// gets a new RVP, whether or not it holds the content whole (a dead RVP that holds it is
@@ -154,10 +156,11 @@ struct HbRow {
     os_type: &'static str,
     uptime_secs: i64,
     preferred: i64,
+    serves: i64,
 }
 
 /// Columns of one heartbeat row in the batched UPDATE.
-const HB_COLUMNS: usize = 15;
+const HB_COLUMNS: usize = 16;
 
 /// Record heartbeats in batches: whatever queued while the last batch was being
 /// written goes in the next single `UPDATE ... FROM (VALUES ...)` statement. At low
@@ -186,7 +189,7 @@ async fn write_heartbeats(pool: &AnyPool, batch: &[HbItem]) -> Result<std::colle
         "UPDATE agents SET last_seen_ms = v.column3, hostname = v.column4, addresses = v.column5, subnets = v.column6, \
          site_id = v.column7, site_override = v.column8, port = v.column9, disk_free_bytes = v.column10, \
          disk_usable_bytes = v.column11, chassis = v.column12, os_type = v.column13, uptime_secs = v.column14, \
-         preferred = v.column15 FROM (VALUES ",
+         preferred = v.column15, serves = v.column16 FROM (VALUES ",
     );
     for i in 0..batch.len() {
         sql.push_str(if i == 0 { "(" } else { ", (" });
@@ -219,7 +222,8 @@ async fn write_heartbeats(pool: &AnyPool, batch: &[HbItem]) -> Result<std::colle
             .bind(r.chassis)
             .bind(r.os_type)
             .bind(r.uptime_secs)
-            .bind(r.preferred);
+            .bind(r.preferred)
+            .bind(r.serves);
     }
     let rows = q.fetch_all(pool).await?;
     rows.iter().map(|r| r.try_get::<String, _>(0)).collect()
@@ -231,8 +235,9 @@ struct TopoCache {
     topo: Arc<Topology>,
 }
 
-/// Facts an agent reports in each heartbeat.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+/// Facts an agent reports in each heartbeat. `Facts::default()` is what an empty heartbeat
+/// body reads as (so it serves).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Facts {
     #[serde(default)]
@@ -263,6 +268,35 @@ pub struct Facts {
     /// A site id this agent is pinned to, overriding its subnets.
     #[serde(default)]
     pub site_override: Option<String>,
+    /// Whether the agent serves peers now: false while its engine refuses every session
+    /// (`uploads_max = 0`, on battery with `serve_on_battery = false`, busy). Absent (older
+    /// agents): true. Elections take an agent that does not serve only when no agent of
+    /// its site does.
+    #[serde(default = "serves_by_default")]
+    pub serves: bool,
+}
+
+fn serves_by_default() -> bool {
+    true
+}
+
+impl Default for Facts {
+    fn default() -> Self {
+        Self {
+            hostname: String::new(),
+            addresses: Vec::new(),
+            subnets: Vec::new(),
+            port: 0,
+            disk_free_bytes: 0,
+            disk_usable_bytes: 0,
+            chassis: Chassis::default(),
+            os_type: OsType::default(),
+            uptime_secs: 0,
+            preferred: false,
+            site_override: None,
+            serves: true,
+        }
+    }
 }
 
 impl Facts {
@@ -419,6 +453,8 @@ pub struct AgentInfo {
     pub os_type: OsType,
     pub uptime_secs: u64,
     pub preferred: bool,
+    /// Serves peers, as its last heartbeat said (see [`Facts::serves`]).
+    pub serves: bool,
     pub enrolled_ms: i64,
     pub last_seen_ms: i64,
     pub revoked_ms: Option<i64>,
@@ -573,8 +609,13 @@ pub struct Election {
     pub site: String,
     pub content: ContentId,
     pub rvp: Option<String>,
+    /// Whether the RVP serves peers (null without an RVP). False only when no agent of the
+    /// site that is still heard from serves; `warning` then says so.
+    pub rvp_serves: Option<bool>,
     pub serving: Vec<String>,
     pub bench: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -695,7 +736,7 @@ fn content_info(r: &AnyRow) -> Result<ContentInfo> {
 }
 
 const AGENT_COLS: &str = "id, hostname, revoked_ms, last_seen_ms, site_id, site_override, addresses, subnets, port, \
-     disk_free_bytes, disk_usable_bytes, chassis, os_type, uptime_secs, preferred, enrolled_ms";
+     disk_free_bytes, disk_usable_bytes, chassis, os_type, uptime_secs, preferred, serves, enrolled_ms";
 
 fn words(s: String) -> Vec<String> {
     s.split_whitespace().map(str::to_string).collect()
@@ -726,20 +767,23 @@ fn agent_info(r: &AnyRow, active_since_ms: i64) -> Result<AgentInfo> {
         os_type: OsType::parse(&r.try_get::<String, _>("os_type")?),
         uptime_secs: to_u64(r.try_get("uptime_secs")?),
         preferred: r.try_get::<i64, _>("preferred")? != 0,
+        serves: r.try_get::<i64, _>("serves")? != 0,
         enrolled_ms: r.try_get("enrolled_ms")?,
         last_seen_ms,
         revoked_ms,
     })
 }
 
-/// A candidate from the first 11 columns of a candidates, holders or RVP query.
+/// A candidate from the first [`CANDIDATE_COLUMNS`] columns of a candidates, holders or RVP query.
 /// The columns [`candidate`] reads (agents `a`, holdings `h`), first in every query it reads.
 macro_rules! candidate_columns {
     () => {
         "a.id, a.addresses, a.port, a.disk_free_bytes, a.preferred, a.chassis, a.os_type, a.uptime_secs, \
-         a.disk_usable_bytes, h.bytes, h.ranges"
+         a.disk_usable_bytes, h.bytes, h.ranges, a.serves"
     };
 }
+/// How many columns [`candidate_columns!`] names: a query's own columns come after them.
+const CANDIDATE_COLUMNS: usize = 12;
 
 fn candidate(r: &AnyRow) -> Result<Candidate> {
     Ok(Candidate {
@@ -759,6 +803,7 @@ fn candidate(r: &AnyRow) -> Result<Candidate> {
             .try_get::<Option<String>, _>(10)?
             .map(|t| ranking::ranges_from_text(&t))
             .unwrap_or_default(),
+        serves: r.try_get::<i64, _>(11)? != 0,
     })
 }
 
@@ -818,6 +863,10 @@ impl Store {
             Backend::Sqlite => SQLITE_RVP_POLLED,
             Backend::Postgres => POSTGRES_RVP_POLLED,
         };
+        let agent_serves = match backend {
+            Backend::Sqlite => SQLITE_AGENT_SERVES,
+            Backend::Postgres => POSTGRES_AGENT_SERVES,
+        };
         let migrator = Migrator::with_migrations(vec![
             Migration::new(
                 1,
@@ -838,6 +887,13 @@ impl Store {
                 "rvp polled".into(),
                 MigrationType::Simple,
                 sqlx::SqlSafeStr::into_sql_str(rvp_polled),
+                false,
+            ),
+            Migration::new(
+                4,
+                "agent serves".into(),
+                MigrationType::Simple,
+                sqlx::SqlSafeStr::into_sql_str(agent_serves),
                 false,
             ),
         ]);
@@ -1398,6 +1454,7 @@ impl Store {
             os_type: facts.os_type.as_str(),
             uptime_secs: to_i64(facts.uptime_secs),
             preferred: i64::from(facts.preferred),
+            serves: i64::from(facts.serves),
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
         let stopped = || Error::Internal("the heartbeat writer has stopped; restart the server".into());
@@ -1818,7 +1875,7 @@ impl Store {
         .await?;
         let (mut holders, mut own, mut up) = (Vec::new(), None, None);
         for r in &rows {
-            match r.try_get::<i64, _>(11)? {
+            match r.try_get::<i64, _>(CANDIDATE_COLUMNS)? {
                 0 => holders.push(candidate(r)?),
                 1 => own = Some(candidate(r)?),
                 _ => up = Some(candidate(r)?),
@@ -1828,8 +1885,9 @@ impl Store {
         Ok((holders, own, up))
     }
 
-    /// The RVP of `site` for `content`: the recorded one while it is active in the site,
-    /// else a new election among all the site's active agents.
+    /// The RVP of `site` for `content`: the recorded one while it is active in the site and
+    /// serves peers, else a new election among all the site's active agents (which keeps a
+    /// recorded RVP that does not serve when no agent of the site does).
     async fn site_rvp(
         &self,
         site: &str,
@@ -1837,7 +1895,11 @@ impl Store {
         active_since_ms: i64,
         now_ms: i64,
     ) -> Result<Option<Candidate>> {
-        if let Some(c) = self.recorded_rvp(site, content, active_since_ms, now_ms).await? {
+        if let Some(c) = self
+            .recorded_rvp(site, content, active_since_ms, now_ms)
+            .await?
+            .filter(|c| c.serves)
+        {
             return Ok(Some(c));
         }
         self.elect_rvp(site, content, active_since_ms, now_ms).await
@@ -1888,15 +1950,15 @@ impl Store {
         let fresh_since = now_ms - ELECTION_FRESH_HEARTBEATS * self.heartbeat_ms.load(Ordering::Relaxed);
         let mut stale = std::collections::HashSet::new();
         for (r, c) in rows.iter().zip(&out) {
-            if r.try_get::<i64, _>(13)? < fresh_since {
+            if r.try_get::<i64, _>(CANDIDATE_COLUMNS + 2)? < fresh_since {
                 stale.insert(c.agent_id.clone());
             }
         }
         let current = match rows.first() {
             Some(r) => Recorded {
-                agent_id: r.try_get::<Option<String>, _>(11)?,
+                agent_id: r.try_get::<Option<String>, _>(CANDIDATE_COLUMNS)?,
                 polling: r
-                    .try_get::<Option<i64>, _>(12)?
+                    .try_get::<Option<i64>, _>(CANDIDATE_COLUMNS + 1)?
                     .is_none_or(|t| t >= now_ms - RVP_POLL_GRACE_MS),
             },
             None => Recorded::default(),
@@ -1926,6 +1988,15 @@ impl Store {
         if current.as_deref() == Some(choice.agent_id.as_str()) {
             return Ok(current);
         }
+        let why = match (
+            &recorded.agent_id,
+            sorted.iter().find(|c| Some(&c.agent_id) == current.as_ref()),
+        ) {
+            (None, _) => "no RVP yet",
+            (Some(_), Some(c)) if !c.serves => "the RVP no longer serves peers",
+            (Some(_), _) if !recorded.polling => "the RVP stopped polling for its assignments",
+            (Some(_), _) => "the RVP is inactive, revoked or left the site",
+        };
         let current = recorded.agent_id;
         let n = sqlx::query(
             "INSERT INTO rvp (site_id, content_id, agent_id, elected_ms) VALUES ($1, $2, $3, $4) \
@@ -1941,7 +2012,15 @@ impl Store {
         .await?
         .rows_affected();
         if n == 1 {
-            tracing::info!(site, content = %content.short(), rvp = %choice.agent_id, previous = ?current, "elected RVP");
+            if choice.serves {
+                tracing::info!(site, content = %content.short(), rvp = %choice.agent_id, previous = ?current, why, "elected RVP");
+            } else {
+                tracing::warn!(
+                    site, content = %content.short(), rvp = %choice.agent_id, previous = ?current, why,
+                    "elected an RVP that does not serve peers: no agent of the site that is still heard from serves \
+                     (uploads_max = 0, on battery, busy); the site's agents will use the origin after a wait"
+                );
+            }
             self.assignments_changed.notify_waiters();
             return Ok(Some(choice.agent_id.clone()));
         }
@@ -1976,19 +2055,31 @@ impl Store {
                 site: site.into(),
                 content: *content,
                 rvp: None,
+                rvp_serves: None,
                 serving: vec![],
                 bench: vec![],
+                warning: None,
             });
         }
         let (sorted, current) = self.candidates(site, content, active_since_ms, now_ms).await?;
         let rvp = self.rvp(site, content, &sorted, current, now_ms).await?;
         let (serving, bench) = ranking::serving_and_bench(&sorted, rvp.as_deref(), cap);
+        let rvp_serves = rvp
+            .as_ref()
+            .map(|id| sorted.iter().find(|c| &c.agent_id == id).is_none_or(|c| c.serves));
+        let warning = (rvp_serves == Some(false)).then(|| {
+            "no agent of the site that is still heard from serves peers (uploads_max = 0, on battery, busy): \
+             the RVP fetches for the site but refuses its peers, which use the origin after a wait"
+                .to_string()
+        });
         Ok(Election {
             site: site.into(),
             content: *content,
             rvp,
+            rvp_serves,
             serving: serving.iter().map(|c| c.agent_id.clone()).collect(),
             bench: bench.iter().map(|c| c.agent_id.clone()).collect(),
+            warning,
         })
     }
 
@@ -2169,8 +2260,8 @@ impl Store {
             .await?;
         if let Some(s) = own {
             let rvp_c = match own_rec {
-                Some(c) => Some(c),
-                None => self.elect_rvp(&s.id, content, active_since_ms, now_ms).await?,
+                Some(c) if c.serves => Some(c),
+                _ => self.elect_rvp(&s.id, content, active_since_ms, now_ms).await?,
             };
             let rvp = rvp_c.as_ref().map(|c| c.agent_id.clone());
             you_are_rvp = rvp.as_deref() == Some(agent.id.as_str());
@@ -2207,7 +2298,8 @@ impl Store {
         while let Some(p) = up {
             if p.kind.serves() {
                 let c = match up_rec.take() {
-                    Some(c) => Some(c),
+                    Some(c) if c.serves => Some(c),
+                    Some(_) => self.elect_rvp(&p.id, content, active_since_ms, now_ms).await?,
                     None => self.site_rvp(&p.id, content, active_since_ms, now_ms).await?,
                 };
                 if let Some(c) = c {

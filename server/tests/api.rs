@@ -24,6 +24,14 @@ fn facts(addr: &str, free: u64) -> Value {
            "uptime_secs": 3600, "preferred": false})
 }
 
+/// [`facts`] with the heartbeat's `serves` fact said out loud (without it, as from an agent
+/// older than the fact, the agent serves).
+fn facts_serving(addr: &str, free: u64, serves: bool) -> Value {
+    let mut f = facts(addr, free);
+    f["serves"] = json!(serves);
+    f
+}
+
 fn assert_4xx(r: &Resp, status: u16, needle: &str) {
     assert_eq!(r.status, status, "{}", r.text());
     let reason = r.reason();
@@ -874,6 +882,171 @@ async fn a_gone_rvp_is_replaced_by_an_agent_that_is_still_heard_from(db: Db) {
     h.finish().await;
 }
 
+/// Issue 6: an agent that refuses every peer (`uploads_max = 0`, on battery) must not be a
+/// site's RVP while another agent of the site serves: its site's agents would wait for it,
+/// then cross the WAN to the origin.
+async fn an_agent_that_does_not_serve_is_not_elected_while_another_serves(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    assert_eq!(h.import_csv(TOPO).await.status, 200);
+    let cid = h.publish_bytes("pkg", &data(5000, 1)).await;
+    let tok = h.token(10).await;
+    // z holds the package whole and has the most disk: it would win. It serves nobody.
+    // a says nothing about serving (an older agent): it serves. q asks.
+    let plan = [
+        ("z", "10.20.0.10", 1000, Some(false), true),
+        ("a", "10.20.0.11", 500, None, false),
+        ("q", "10.20.0.12", 50, Some(true), false),
+    ];
+    let mut ids = Vec::new();
+    for (name, addr, free, serves, holds) in plan {
+        let (id, cred) = h.enrol(&tok, name).await;
+        let f = match serves {
+            Some(s) => facts_serving(addr, free, s),
+            None => facts(addr, free),
+        };
+        assert_eq!(h.heartbeat(&cred, f).await.status, 200);
+        let item = if holds {
+            json!({"content": cid, "complete": true})
+        } else {
+            json!({"content": cid, "ranges": []})
+        };
+        let r = h
+            .send("PUT", "/v1/inventory", Some(&cred), &json!({"items": [item]}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        ids.push((id, cred));
+    }
+    let agents = h.agents().await;
+    let serves = |id: &str| agents.iter().find(|a| a["id"] == id).unwrap()["serves"].clone();
+    assert_eq!(serves(&ids[0].0), false, "{agents:?}");
+    assert_eq!(serves(&ids[1].0), true, "no serves field: serves");
+    let v = h
+        .get(&format!("/v1/content/{cid}/sources"), Some(&ids[2].1))
+        .await
+        .json();
+    let e = h
+        .get(&format!("/v1/admin/sites/branch/content/{cid}/election"), Some(ADMIN))
+        .await
+        .json();
+    assert_eq!(e["rvp"], ids[1].0.as_str(), "a, which serves: {e:#}");
+    assert_eq!(e["rvp_serves"], true, "{e:#}");
+    assert!(e.get("warning").is_none(), "{e:#}");
+    let k = kinds(&v);
+    assert!(
+        k.iter().any(|(kind, _, w)| kind == "site_rvp" && w == &ids[1].0),
+        "a is named the site's RVP: {v:#}"
+    );
+    // a, not z, is told to fetch it for the site.
+    assert_eq!(assignments_now(&h, &ids[1].1, vec![]).await, vec![cid.clone()]);
+    assert!(assignments_now(&h, &ids[0].1, vec![]).await.is_empty());
+
+    // A site where nobody serves: its best agent is elected all the same, and the election says so.
+    let (hz, hz_cred) = h.enrol(&tok, "hz").await;
+    assert_eq!(
+        h.heartbeat(&hz_cred, facts_serving("10.0.0.1", 900, false))
+            .await
+            .status,
+        200
+    );
+    let path = format!("/v1/admin/sites/hq/content/{cid}/election");
+    let e = h.get(&path, Some(ADMIN)).await.json();
+    assert_eq!(e["rvp"], hz.as_str(), "{e:#}");
+    assert_eq!(e["rvp_serves"], false, "{e:#}");
+    assert!(e["warning"].as_str().is_some_and(|w| w.contains("serves")), "{e:#}");
+    // One that serves turns up: it takes over.
+    let (hs, hs_cred) = h.enrol(&tok, "hs").await;
+    assert_eq!(h.heartbeat(&hs_cred, facts("10.0.0.2", 10)).await.status, 200);
+    let e = h.get(&path, Some(ADMIN)).await.json();
+    assert_eq!(e["rvp"], hs.as_str(), "{e:#}");
+    assert_eq!(e["rvp_serves"], true, "{e:#}");
+    h.finish().await;
+}
+
+/// Issue 6: an RVP whose heartbeat says it no longer serves is replaced, as one that went
+/// silent is, unless no other agent of the site serves.
+async fn an_rvp_that_stops_serving_is_replaced(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let f = fleet(&h).await;
+    let id = |n: usize| f.creds[n].0.clone();
+    let cred = |n: usize| f.creds[n].1.clone();
+    let branch: [(usize, &str, u64); 4] = [
+        (1, "10.20.0.10", 100),
+        (2, "10.20.0.11", 500),
+        (3, "10.20.0.12", 1000),
+        (4, "10.20.0.13", 50),
+    ];
+    let path = format!("/v1/admin/sites/branch/content/{}/election", f.cid);
+    let sources = |n: usize| {
+        let c = cred(n);
+        let h = &h;
+        let p = format!("/v1/content/{}/sources", f.cid);
+        async move { h.get(&p, Some(&c)).await.json() }
+    };
+    assert_eq!(
+        h.get(&path, Some(ADMIN)).await.json()["rvp"],
+        id(1).as_str(),
+        "b0 holds it whole"
+    );
+    // b0 goes on battery: its next heartbeat says so.
+    assert_eq!(
+        h.heartbeat(&cred(1), facts_serving("10.20.0.10", 100, false))
+            .await
+            .status,
+        200
+    );
+    let v = sources(4).await;
+    assert_eq!(
+        kinds(&v)[..2],
+        [
+            ("site_rvp".to_string(), "foreground".to_string(), id(2)),
+            ("peer".to_string(), "foreground".to_string(), id(1)),
+        ],
+        "b1 (serves, holds the most of those that do) replaces b0, which is listed after it: {v:#}"
+    );
+    let e = h.get(&path, Some(ADMIN)).await.json();
+    assert_eq!(
+        (e["rvp"].as_str(), e["rvp_serves"].as_bool()),
+        (Some(id(2).as_str()), Some(true)),
+        "{e:#}"
+    );
+    // The new RVP holds half: it is told to fetch the rest for the site; b0 is not.
+    assert_eq!(assignments_now(&h, &cred(2), vec![]).await, vec![f.cid.clone()]);
+    assert!(assignments_now(&h, &cred(1), vec![]).await.is_empty());
+    // b0 is plugged in again: b1 stays (no flapping).
+    assert_eq!(h.heartbeat(&cred(1), facts("10.20.0.10", 100)).await.status, 200);
+    assert_eq!(h.get(&path, Some(ADMIN)).await.json()["rvp"], id(2).as_str());
+    // Everyone in the branch stops serving, b1 too: nobody else can, so b1 stays, and says so.
+    for (n, addr, free) in branch {
+        assert_eq!(
+            h.heartbeat(&cred(n), facts_serving(addr, free, false)).await.status,
+            200
+        );
+    }
+    let e = h.get(&path, Some(ADMIN)).await.json();
+    assert_eq!(e["rvp"], id(2).as_str(), "{e:#}");
+    assert_eq!(e["rvp_serves"], false, "{e:#}");
+    assert!(e["warning"].is_string(), "{e:#}");
+    let v = sources(4).await;
+    assert!(
+        kinds(&v).iter().any(|(k, _, w)| k == "site_rvp" && w == &id(2)),
+        "{v:#}"
+    );
+    // b2 serves again: it takes over from the RVP that does not.
+    assert_eq!(
+        h.heartbeat(&cred(3), facts_serving("10.20.0.12", 1000, true))
+            .await
+            .status,
+        200
+    );
+    let v = sources(4).await;
+    assert!(
+        kinds(&v).iter().any(|(k, _, w)| k == "site_rvp" && w == &id(3)),
+        "{v:#}"
+    );
+    assert_eq!(assignments_now(&h, &cred(3), vec![]).await, vec![f.cid.clone()]);
+    h.finish().await;
+}
+
 async fn serving_cap_puts_the_rest_on_the_bench(db: Db) {
     let Some(h) = H::start_with(db, |c| c.peers_active_max = 2).await else {
         return;
@@ -1288,6 +1461,8 @@ both!(
     an_rvp_that_stops_polling_for_assignments_is_replaced,
     an_agent_polling_before_its_first_heartbeat_learns_its_assignments,
     a_gone_rvp_is_replaced_by_an_agent_that_is_still_heard_from,
+    an_agent_that_does_not_serve_is_not_elected_while_another_serves,
+    an_rvp_that_stops_serving_is_replaced,
     serving_cap_puts_the_rest_on_the_bench,
     inventory_and_traffic,
     metrics_openapi_and_every_route,

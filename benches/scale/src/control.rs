@@ -260,6 +260,8 @@ impl<'a> Control<'a> {
                 facts: self.topo.agents[a].facts.clone(),
                 held_bytes: size_known(&self.st[a]),
                 ranges: Vec::new(),
+                // Simulated agents all serve (no uploads_max = 0, no battery).
+                serves: true,
             })
             .collect();
         ranking::sort_candidates(&mut cands);
