@@ -1639,7 +1639,8 @@ struct Standing {
 /// drop of that upstream is "ask again later", not "gone" (the server names another RVP when
 /// it stops heartbeating). Peers that hold it whole on the LAN get `stall_ticks`. An upstream
 /// whose device refuses to serve anybody (on battery...) is waited for [`RVP_REFUSING_WAIT`] at
-/// most: the server does not know it refuses and keeps it named.
+/// most: the server names such a device only while no device of its site serves (or until it
+/// hears of the change from its heartbeat), and then keeps it named.
 fn origin_reason(s: &Standing, stall_ticks: u64, rvp_ticks: u64) -> Option<String> {
     if s.upstream.is_none() && !s.given_any {
         return Some("nobody upstream of this agent and no peer holds it".to_string());
