@@ -442,11 +442,16 @@ impl Endpoint {
             background_peers_seen,
             ..
         } = self;
-        let mut on_datagram = |from: SocketAddr, bytes: &[u8]| {
+        let mut on_datagram = |from: SocketAddr, bytes: &[u8], arrived: Option<Time>| {
             // The time a datagram is handled, not the time the wait began: a stale `now` (up to
-            // the whole wait) corrupts round-trip and one-way delay samples, and the background
-            // controller then sees a standing queue that is not there.
+            // the whole wait) would put the sessions' timers and rates off.
             let now = clock.now();
+            // When the kernel received it: acknowledgements report that (the fetcher's
+            // `recv_ts_us`, from which the background controller takes the one-way delay) and
+            // round-trip samples use it, so the time this endpoint took to get round to the
+            // datagram (milliseconds on a busy host) is not read as a queue on the path. The
+            // handling time when the kernel gave no usable stamp (the driver logged that once).
+            let arrived = arrived.map_or(now, |a| a.min(now));
             let (packet, key) = match keys.decode(bytes) {
                 Ok(p) => p,
                 Err(e) => {
@@ -469,22 +474,22 @@ impl Endpoint {
             }
             match packet {
                 Packet::Request { .. } | Packet::Ack { .. } | Packet::Cancel { .. } => {
-                    server.handle_keyed(now, from, &packet, &*store, key)
+                    server.handle_arrived(now, arrived, from, &packet, &*store, key)
                 }
                 Packet::Close { .. } => {
-                    server.handle_keyed(now, from, &packet, &*store, key);
+                    server.handle_arrived(now, arrived, from, &packet, &*store, key);
                     for f in fetches.iter_mut() {
-                        f.handle(now, from, &packet);
+                        f.handle_arrived(now, arrived, from, &packet);
                     }
                 }
                 _ => {
                     for f in fetches.iter_mut() {
-                        f.handle(now, from, &packet);
+                        f.handle_arrived(now, arrived, from, &packet);
                     }
                 }
             }
         };
-        driver.recv(Some(wait), &mut on_datagram)?;
+        driver.recv(Some(wait), clock, &mut on_datagram)?;
         Ok(())
     }
 

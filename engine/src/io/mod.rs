@@ -7,7 +7,10 @@
 //!
 //! 1. Receive datagrams in batches (GRO super-datagrams are split at their
 //!    segment size), decode them with [`crate::wire::decode`], count the ones
-//!    that fail by class, and hand each packet to the endpoint it is for.
+//!    that fail by class, and hand each packet to the endpoint it is for,
+//!    with the time it arrived (`handle_arrived(now, arrived, ..)`): the
+//!    kernel's receive timestamp where there is one (see [`udp`]), so that
+//!    the endpoint's own scheduling delay never counts as delay on the path.
 //! 2. Call `poll_transmit(now, ..)` until it returns `None`, sending each
 //!    [`crate::session::Transmit`] as one datagram or, when it has a segment
 //!    size, as one GSO send of several datagrams.

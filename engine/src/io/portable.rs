@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use super::udp::{is_transient_send_error, Driver, MsgSlot, RecvBatch, Socket, BATCH_BYTES_MAX};
+use super::udp::{is_transient_send_error, Driver, MsgSlot, OnDatagram, RecvBatch, Socket, BATCH_BYTES_MAX};
 use crate::session::Transmit;
+use crate::time::Clock;
 
 /// Transmit slots per `sendmmsg`.
 pub const TX_SLOTS: usize = 16;
@@ -16,9 +17,9 @@ pub const TX_SLOTS: usize = 16;
 pub const RX_SLOTS: usize = 16;
 
 pub struct Portable {
-    sock: Socket,
+    pub(super) sock: Socket,
     tx: Vec<MsgSlot>,
-    rx: RecvBatch,
+    pub(super) rx: RecvBatch,
     mmsg: Vec<libc::mmsghdr>,
 }
 
@@ -27,10 +28,11 @@ unsafe impl Send for Portable {}
 
 impl Portable {
     pub fn new(sock: Socket) -> Self {
+        let rx = RecvBatch::new(RX_SLOTS, &sock);
         Self {
             sock,
             tx: (0..TX_SLOTS).map(|_| MsgSlot::new(BATCH_BYTES_MAX)).collect(),
-            rx: RecvBatch::new(RX_SLOTS),
+            rx,
             // SAFETY: all-zero mmsghdr is valid; fields are set before each call.
             mmsg: vec![unsafe { std::mem::zeroed() }; TX_SLOTS],
         }
@@ -127,19 +129,20 @@ impl Driver for Portable {
         Ok(())
     }
 
-    fn recv(&mut self, timeout: Option<Duration>, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+    fn recv(&mut self, timeout: Option<Duration>, clock: &Clock, f: &mut OnDatagram<'_>) -> io::Result<usize> {
         if timeout != Some(Duration::ZERO) && !self.sock.wait_readable(timeout)? {
             return Ok(0);
         }
         // poll(2) reports the level, so datagrams a capped drain left behind are seen next time.
-        Ok(self.rx.drain(self.sock.as_raw_fd(), f)?.delivered)
+        Ok(self.rx.drain(self.sock.as_raw_fd(), clock, f)?.delivered)
     }
 
     fn describe(&self) -> String {
         format!(
-            "portable driver (sendmmsg/recvmmsg), UDP GSO {}, GRO {}",
+            "portable driver (sendmmsg/recvmmsg), UDP GSO {}, GRO {}, kernel receive timestamps {}",
             if self.sock.gso { "on" } else { "off" },
-            if self.sock.gro { "on" } else { "off" }
+            if self.sock.gro { "on" } else { "off" },
+            if self.sock.rx_timestamps { "on" } else { "off" }
         )
     }
 }

@@ -1,6 +1,20 @@
 //! UDP socket set-up and message helpers shared by the real drivers:
 //! binding with large buffers, UDP GSO (`UDP_SEGMENT`) and GRO (`UDP_GRO`),
-//! address conversion, and the [`Driver`] trait both drivers implement.
+//! kernel receive timestamps (`SO_TIMESTAMPNS`), address conversion, and the
+//! [`Driver`] trait both drivers implement.
+//!
+//! # Arrival times
+//!
+//! The kernel stamps each datagram when it receives it (one stamp for a GRO
+//! super-datagram, which covers its segments). [`RecvBatch`] reads the stamp
+//! and hands each datagram on with that arrival time on the endpoint's
+//! [`Clock`] ([`crate::time::arrival_from_realtime`]), so the one-way delay the
+//! fetcher reports excludes the time the endpoint took to get round to the
+//! datagram: on a busy host that is milliseconds, which the background
+//! controller would otherwise read as a queue on the path. Without a usable
+//! stamp (option refused, control message missing, wall clock stepped) the
+//! datagram comes with `None` and the endpoint takes the time it handles it;
+//! that is logged once per socket.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -9,6 +23,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use crate::session::Transmit;
+use crate::time::{arrival_from_realtime, Clock, Time};
 
 /// Socket buffer we ask for (root may exceed `net.core.*mem_max` with the FORCE options).
 pub const SOCKET_BUFFER_BYTES: usize = 32 << 20;
@@ -17,6 +32,11 @@ pub const BATCH_BYTES_MAX: usize = 65535;
 /// `IPPROTO_UDP` level option numbers (linux/udp.h).
 const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
+
+/// What a driver hands each received datagram to: its sender, its bytes, and when it
+/// arrived on the endpoint's clock (from the kernel's receive timestamp; `None` when there
+/// is no usable one, and the endpoint takes the time it handles the datagram).
+pub type OnDatagram<'a> = dyn FnMut(SocketAddr, &[u8], Option<Time>) + 'a;
 
 /// What every real driver offers the endpoint loop. Drivers are `Send` so an
 /// endpoint can be built on one thread and run on another.
@@ -30,9 +50,12 @@ pub trait Driver: Send {
     fn tx_buf(&mut self, i: usize) -> &mut [u8];
     /// Send slots `0..batch.len()`, slot `i` holding `batch[i]`. Blocks until the kernel took them.
     fn send(&mut self, batch: &[Transmit]) -> io::Result<()>;
-    /// Wait up to `timeout` (None: forever, zero: poll) for datagrams and hand each to `on_datagram`.
-    /// Returns the number of datagrams delivered.
-    fn recv(&mut self, timeout: Option<Duration>, on_datagram: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
+    /// Wait up to `timeout` (None: forever, zero: poll) for datagrams and hand each to
+    /// `on_datagram` with its sender and its arrival time on `clock` (from the kernel's
+    /// receive timestamp; `None` when there is no usable one). Returns the number of
+    /// datagrams delivered.
+    fn recv(&mut self, timeout: Option<Duration>, clock: &Clock, on_datagram: &mut OnDatagram<'_>)
+        -> io::Result<usize>;
     /// One line on what the driver does (GSO, GRO, zero-copy), for logs.
     fn describe(&self) -> String;
 }
@@ -46,6 +69,8 @@ pub struct Socket {
     pub gso: bool,
     /// `UDP_GRO` is on: received datagrams may be coalesced.
     pub gro: bool,
+    /// `SO_TIMESTAMPNS` is on: the kernel stamps each datagram when it receives it.
+    pub rx_timestamps: bool,
 }
 
 impl AsRawFd for Socket {
@@ -98,6 +123,19 @@ impl Socket {
             let _ = setsockopt_int(raw, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE);
         }
         let gro = setsockopt_int(raw, libc::IPPROTO_UDP, UDP_GRO, 1).is_ok();
+        // Kernel receive timestamps (module doc). `SO_TIMESTAMPNS` rather than `SO_TIMESTAMPING`:
+        // software receive stamps are all we need, and it is what the WAN testbed's delay line uses.
+        let rx_timestamps = match setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    "UDP {addr}: the kernel refused receive timestamps (SO_TIMESTAMPNS: {e}); one-way delay \
+                     is measured from when the endpoint handles each datagram, which adds its own \
+                     scheduling delay to the background controller's queue estimate"
+                );
+                false
+            }
+        };
         let (sa, len) = to_sockaddr(addr);
         // SAFETY: sa is a valid sockaddr of length len.
         cvt(unsafe { libc::bind(raw, &sa as *const _ as *const libc::sockaddr, len) })?;
@@ -107,7 +145,13 @@ impl Socket {
         cvt(unsafe { libc::getsockname(raw, &mut out as *mut _ as *mut libc::sockaddr, &mut out_len) })?;
         let local = from_sockaddr(&out).ok_or_else(|| io::Error::other("getsockname returned an unknown family"))?;
         let gso = Self::probe_gso(raw);
-        Ok(Self { fd, local, gso, gro })
+        Ok(Self {
+            fd,
+            local,
+            gso,
+            gro,
+            rx_timestamps,
+        })
     }
 
     fn probe_gso(fd: RawFd) -> bool {
@@ -224,8 +268,11 @@ pub fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-/// Room for one `UDP_SEGMENT`/`UDP_GRO` control message (a u16 or int, padded).
-pub const CMSG_BYTES: usize = 32;
+/// Room for the control messages of one message: on send a `UDP_SEGMENT` (u16); on receive
+/// an `SCM_TIMESTAMPNS` timespec (32 bytes with its header) and then a `UDP_GRO` segment
+/// size (int, 24 bytes). A buffer too small for both makes the kernel drop the second (set
+/// `MSG_CTRUNC`), and a GRO super-datagram would then be handed on whole, undecodable.
+pub const CMSG_BYTES: usize = 64;
 
 /// One message slot: buffer, address, iovec, control space and msghdr.
 /// Slots live in a `Vec` that is never resized, so the msghdr's internal
@@ -301,21 +348,53 @@ impl MsgSlot {
         self.hdr.msg_controllen = CMSG_BYTES as _;
     }
 
-    /// After a receive of `len` bytes: the sender and the GRO segment size (if coalesced).
-    pub fn received(&self) -> (Option<SocketAddr>, Option<usize>) {
-        let mut seg = None;
+    /// After a receive: what its control messages said.
+    pub fn received(&self) -> Received {
+        let mut r = Received {
+            from: from_sockaddr(&self.addr),
+            segment: None,
+            stamp_ns: None,
+        };
         // SAFETY: the kernel filled msg_control/msg_controllen; the CMSG macros walk within it.
         unsafe {
             let mut c = libc::CMSG_FIRSTHDR(&self.hdr);
             while !c.is_null() {
-                if (*c).cmsg_level == libc::IPPROTO_UDP && (*c).cmsg_type == UDP_GRO {
-                    seg = Some(std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int) as usize);
+                let data = libc::CMSG_DATA(c);
+                match ((*c).cmsg_level, (*c).cmsg_type) {
+                    (libc::IPPROTO_UDP, UDP_GRO) => {
+                        r.segment = Some(std::ptr::read_unaligned(data as *const libc::c_int) as usize);
+                    }
+                    (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) => {
+                        let t = std::ptr::read_unaligned(data as *const libc::timespec);
+                        r.stamp_ns = timespec_ns(&t);
+                    }
+                    _ => {}
                 }
                 c = libc::CMSG_NXTHDR(&self.hdr, c);
             }
         }
-        (from_sockaddr(&self.addr), seg)
+        r
     }
+}
+
+/// What the control messages of one receive said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// The sender, if IPv4 or IPv6.
+    pub from: Option<SocketAddr>,
+    /// GRO segment size, if the kernel coalesced datagrams.
+    pub segment: Option<usize>,
+    /// The kernel's receive timestamp (`CLOCK_REALTIME`, ns since the Unix epoch), if any.
+    pub stamp_ns: Option<u64>,
+}
+
+/// A `timespec` in nanoseconds since the epoch; `None` for zero (the kernel had no stamp) or negative.
+fn timespec_ns(t: &libc::timespec) -> Option<u64> {
+    let ns = u64::try_from(t.tv_sec)
+        .ok()?
+        .checked_mul(1_000_000_000)?
+        .checked_add(u64::try_from(t.tv_nsec).ok()?)?;
+    (ns != 0).then_some(ns)
 }
 
 /// Slots for `recvmmsg`: drains whatever the socket holds without blocking,
@@ -323,6 +402,12 @@ impl MsgSlot {
 pub struct RecvBatch {
     slots: Vec<MsgSlot>,
     mmsg: Vec<libc::mmsghdr>,
+    /// The socket's address, for logs.
+    local: SocketAddr,
+    /// The socket has `SO_TIMESTAMPNS` on, so every datagram should come with a stamp.
+    stamps_expected: bool,
+    /// Datagrams (GRO super-datagrams count once) that came without a usable stamp.
+    unstamped: u64,
 }
 
 // SAFETY: as for MsgSlot: the mmsghdr copies point into the slots' own heap buffers.
@@ -344,18 +429,29 @@ pub struct Drained {
 }
 
 impl RecvBatch {
-    pub fn new(slots: usize) -> Self {
+    /// Slots for receiving from `sock`.
+    pub fn new(slots: usize, sock: &Socket) -> Self {
         Self {
             slots: (0..slots).map(|_| MsgSlot::new(BATCH_BYTES_MAX)).collect(),
             // SAFETY: all-zero mmsghdr is valid; fields are set before each call.
             mmsg: vec![unsafe { zeroed() }; slots],
+            local: sock.local,
+            stamps_expected: sock.rx_timestamps,
+            unstamped: 0,
         }
     }
 
+    /// Receives (GRO super-datagrams count once) that came without a usable kernel timestamp
+    /// although the socket asked for them.
+    pub fn unstamped(&self) -> u64 {
+        self.unstamped
+    }
+
     /// Receive until the socket is empty (or [`RECV_ROUNDS_MAX`] full rounds), handing each
-    /// datagram (GRO super-datagrams split) to `f`. Says how many were delivered and whether
-    /// the socket was emptied.
-    pub fn drain(&mut self, fd: RawFd, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<Drained> {
+    /// datagram (GRO super-datagrams split) to `f` with its arrival time on `clock` (from the
+    /// kernel's receive timestamp, if usable). Says how many were delivered and whether the
+    /// socket was emptied.
+    pub fn drain(&mut self, fd: RawFd, clock: &Clock, f: &mut OnDatagram<'_>) -> io::Result<Drained> {
         let n = self.slots.len();
         let mut delivered = 0;
         let mut emptied = false;
@@ -388,13 +484,26 @@ impl RecvBatch {
                     _ => return Err(e),
                 }
             }
+            // Both clocks once per batch: every stamp in it is older than this moment.
+            let (now, now_realtime_ns) = if r > 0 {
+                clock.now_with_realtime()
+            } else {
+                (Time::ZERO, None)
+            };
             for k in 0..r as usize {
                 let len = self.mmsg[k].msg_len as usize;
                 // The kernel updated msg_controllen in the mmsghdr copy; reflect it in the slot.
                 self.slots[k].hdr.msg_controllen = self.mmsg[k].msg_hdr.msg_controllen;
-                let (from, seg) = self.slots[k].received();
-                if let Some(from) = from {
-                    delivered += split_gro(from, &self.slots[k].buf[..len], seg, f);
+                let got = self.slots[k].received();
+                let arrived = got
+                    .stamp_ns
+                    .zip(now_realtime_ns)
+                    .and_then(|(stamp, wall)| arrival_from_realtime(now, wall, stamp));
+                if arrived.is_none() && self.stamps_expected {
+                    self.note_unstamped(got.stamp_ns.is_some(), self.mmsg[k].msg_hdr.msg_flags);
+                }
+                if let Some(from) = got.from {
+                    delivered += split_gro(from, &self.slots[k].buf[..len], got.segment, arrived, f);
                 }
             }
             if (r as usize) < n {
@@ -407,21 +516,48 @@ impl RecvBatch {
         }
         Ok(Drained { delivered, emptied })
     }
+
+    /// Count a receive without a usable timestamp; say so the first time.
+    fn note_unstamped(&mut self, had_stamp: bool, msg_flags: libc::c_int) {
+        self.unstamped += 1;
+        if self.unstamped > 1 {
+            return;
+        }
+        let why = if had_stamp {
+            "its stamp was more than a second off the wall clock (was the clock stepped?)"
+        } else if msg_flags & libc::MSG_CTRUNC != 0 {
+            "the control buffer was too small for it (MSG_CTRUNC)"
+        } else {
+            "the kernel gave none"
+        };
+        tracing::warn!(
+            "UDP {}: a datagram came without a usable kernel receive timestamp ({why}); such \
+             datagrams count as arrived when the endpoint handles them (logged once; \
+             see RecvBatch::unstamped)",
+            self.local
+        );
+    }
 }
 
-/// Hand each datagram of a (possibly GRO-coalesced) receive to `f`.
-pub fn split_gro(from: SocketAddr, data: &[u8], seg: Option<usize>, f: &mut dyn FnMut(SocketAddr, &[u8])) -> usize {
+/// Hand each datagram of a (possibly GRO-coalesced) receive to `f`, all with the same arrival time.
+pub fn split_gro(
+    from: SocketAddr,
+    data: &[u8],
+    seg: Option<usize>,
+    arrived: Option<Time>,
+    f: &mut OnDatagram<'_>,
+) -> usize {
     match seg {
         Some(s) if s > 0 && s < data.len() => {
             let mut n = 0;
             for d in data.chunks(s) {
-                f(from, d);
+                f(from, d, arrived);
                 n += 1;
             }
             n
         }
         _ => {
-            f(from, data);
+            f(from, data, arrived);
             1
         }
     }
@@ -433,4 +569,28 @@ pub fn is_transient_send_error(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EPERM | libc::EMSGSIZE)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmsg_bytes_hold_a_timestamp_and_a_gro_segment_size() {
+        // SAFETY: CMSG_SPACE is a pure computation.
+        let need = unsafe {
+            libc::CMSG_SPACE(size_of::<libc::timespec>() as u32) + libc::CMSG_SPACE(size_of::<libc::c_int>() as u32)
+        };
+        assert!(CMSG_BYTES >= need as usize, "{CMSG_BYTES} < {need}");
+        assert_eq!(CMSG_BYTES % 8, 0, "the control buffer is an array of u64");
+    }
+
+    #[test]
+    fn timespec_ns_refuses_zero_and_negative_stamps() {
+        let t = |tv_sec, tv_nsec| libc::timespec { tv_sec, tv_nsec };
+        assert_eq!(timespec_ns(&t(1_790_000_000, 5)), Some(1_790_000_000_000_000_005));
+        assert_eq!(timespec_ns(&t(0, 0)), None, "no stamp");
+        assert_eq!(timespec_ns(&t(-1, 0)), None);
+        assert_eq!(timespec_ns(&t(1, -1)), None);
+    }
 }

@@ -519,8 +519,19 @@ impl Fetch {
             .position(|s| s.session == session && s.addr == from && s.phase != Phase::Gone)
     }
 
-    /// Handle a packet meant for the fetching side (Accept, Reject, Data, NotHave, Close).
+    /// Handle a packet meant for the fetching side (Accept, Reject, Data, NotHave, Close)
+    /// that arrived `now`.
     pub fn handle(&mut self, now: Time, from: SocketAddr, packet: &Packet<'_>) {
+        self.handle_arrived(now, now, from, packet)
+    }
+
+    /// [`handle`](Self::handle) for a packet handled at `now` that arrived earlier, at
+    /// `arrived` (the kernel's receive timestamp; later than `now` counts as `now`). The
+    /// arrival time is what the acknowledgements report (`recv_ts_us`, and `ack_delay_us`
+    /// counts from it), so a server's one-way delay and round-trip samples leave out the time
+    /// this endpoint took to get round to the packet. Everything else runs on `now`.
+    pub fn handle_arrived(&mut self, now: Time, arrived: Time, from: SocketAddr, packet: &Packet<'_>) {
+        let arrived = arrived.min(now);
         let Some(i) = self.source_of(from, packet.session()) else {
             return;
         };
@@ -535,14 +546,14 @@ impl Fetch {
                 Some(k) => {
                     let mut opened = std::mem::take(&mut self.opened);
                     match k.open(header, fixed, payload, &mut opened) {
-                        Ok(()) => self.on_data(now, i, fixed, &opened),
+                        Ok(()) => self.on_data(now, arrived, i, fixed, &opened),
                         Err(_) => self.sources[i].sealed_rejected += 1,
                     }
                     self.opened = opened;
                 }
                 // Asked for encryption, no key yet: nothing to read (and nothing sent in clear is taken).
                 None if self.sources[i].encrypt => {}
-                None => self.on_data(now, i, fixed, payload),
+                None => self.on_data(now, arrived, i, fixed, payload),
             },
             // An empty NotHave is a paused server's keepalive: alive, just not sending now.
             // Its blocks still move to other sources by the late-block timer.
@@ -647,7 +658,7 @@ impl Fetch {
         }
     }
 
-    fn on_data(&mut self, now: Time, i: usize, fixed: &wire::DataFixed, payload: &[u8]) {
+    fn on_data(&mut self, now: Time, arrived: Time, i: usize, fixed: &wire::DataFixed, payload: &[u8]) {
         let pn = fixed.pn.get();
         {
             let s = &mut self.sources[i];
@@ -658,7 +669,7 @@ impl Fetch {
             s.recv_pns.insert(pn..pn + 1);
             if s.largest_pn.is_none_or(|l| pn > l) {
                 s.largest_pn = Some(pn);
-                s.largest_recv = now;
+                s.largest_recv = arrived;
                 s.largest_send_ts = fixed.send_ts_us.get();
             }
             s.unacked += 1;
@@ -1351,5 +1362,51 @@ mod tests {
             vec![("cancel", count), ("request", count)],
             "the stalled blocks are cancelled before they are asked for again"
         );
+    }
+
+    /// Issue 4 (DESIGN.md property 3): the acknowledgement reports when the datagram arrived
+    /// (the kernel's timestamp the driver hands in), not when the fetcher got round to it, so
+    /// the server's one-way delay (`recv_ts_us - echo_send_ts_us`) leaves out the fetcher's own
+    /// scheduling delay and its round trip subtracts it with `ack_delay_us`.
+    #[test]
+    fn fetch_acknowledges_with_the_arrival_time_not_the_handling_time() {
+        let key = DeploymentKey::derive(b"t");
+        let src: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let mut f = Fetch::new(key.clone(), ContentId::of(b"x"), FetchConfig::default(), None, 1);
+        f.add_source_with(Time(0), src, true);
+        let (_, accept) = accept_for(&mut f, &key, 0);
+        f.handle(Time(1), src, &decode(&key, &accept).unwrap());
+        let session = f.sources[0].session;
+        let mut buf = vec![0u8; 2048];
+        let fixed = wire::DataFixed {
+            pn: 0.into(),
+            offset: 0.into(),
+            send_ts_us: 4_000.into(),
+            stream: wire::STREAM_TABLE,
+            reserved: [0; 3],
+        };
+        let n = wire::seal_data(&key, &mut buf, session, &fixed, 16);
+        // Arrived at 10 ms, handled at 35 ms (the fetcher was busy), acknowledged at 40 ms.
+        let (arrived, handled, acked) = (Time(10_000), Time(35_000), Time(40_000));
+        f.handle_arrived(handled, arrived, src, &decode(&key, &buf[..n]).unwrap());
+        let mut ack = None;
+        while let Some(t) = f.poll_transmit(acked, &mut buf) {
+            if let Packet::Ack { fixed, .. } = decode(&key, &buf[..t.len]).unwrap() {
+                ack = Some(*fixed);
+            }
+        }
+        let ack = ack.expect("an acknowledgement of the data");
+        assert_eq!(ack.echo_send_ts_us.get(), 4_000);
+        assert_eq!(
+            ack.recv_ts_us.get(),
+            arrived.wire_us(),
+            "recv_ts_us is the arrival time"
+        );
+        assert_eq!(ack.ack_delay_us.get(), 30_000, "ack_delay_us counts from the arrival");
+        // An arrival later than the handling time (a clock mishap) counts as the handling time.
+        let fixed = wire::DataFixed { pn: 1.into(), ..fixed };
+        let n = wire::seal_data(&key, &mut buf, session, &fixed, 16);
+        f.handle_arrived(Time(50_000), Time(90_000), src, &decode(&key, &buf[..n]).unwrap());
+        assert_eq!(f.sources[0].largest_recv, Time(50_000));
     }
 }

@@ -307,6 +307,24 @@ impl Server {
         lib: &dyn Library,
         key: &DeploymentKey,
     ) {
+        self.handle_arrived(now, now, from, packet, lib, key)
+    }
+
+    /// [`handle_keyed`](Self::handle_keyed) for a packet handled at `now` that arrived
+    /// earlier, at `arrived` (the kernel's receive timestamp; later than `now` counts as
+    /// `now`). An acknowledgement's round-trip sample and loss detection run on its arrival
+    /// time, so they leave out the time this endpoint took to get round to it; everything
+    /// else (the controller's clock, timers) runs on `now`.
+    pub fn handle_arrived(
+        &mut self,
+        now: Time,
+        arrived: Time,
+        from: SocketAddr,
+        packet: &Packet<'_>,
+        lib: &dyn Library,
+        key: &DeploymentKey,
+    ) {
+        let arrived = arrived.min(now);
         match packet {
             Packet::Request { session, fixed, ranges } => self.on_request(now, from, *session, fixed, ranges, lib, key),
             Packet::Ack { session, fixed, ranges } => {
@@ -315,7 +333,7 @@ impl Server {
                     if fixed.nonce_echo.get() == s.nonce {
                         s.validated = true;
                     }
-                    Self::on_ack(now, s, fixed, ranges);
+                    Self::on_ack(now, arrived, s, fixed, ranges);
                 }
             }
             Packet::Cancel { session, fixed, ranges } => {
@@ -525,11 +543,11 @@ impl Server {
         wire::encode_accept(key, buf, id, &accept)
     }
 
-    fn on_ack(now: Time, s: &mut Session, fixed: &wire::AckFixed, ranges: &[WireRange]) {
+    fn on_ack(now: Time, arrived: Time, s: &mut Session, fixed: &wire::AckFixed, ranges: &[WireRange]) {
         let largest = fixed.largest.get();
         let ack_delay = Duration::from_micros(fixed.ack_delay_us.get() as u64);
         let out = s.recovery.on_ack(
-            now,
+            arrived,
             largest,
             ack_delay,
             ranges
@@ -890,6 +908,40 @@ mod tests {
             // The fetcher, which knows only its own key, can read the Accept.
             assert!(matches!(decode(fetcher_key, &out[..t.len]), Ok(Packet::Accept { .. })));
         }
+    }
+
+    /// Issue 4: the round-trip sample of an acknowledgement runs to when it arrived (the
+    /// kernel's timestamp), not to when the server got round to it.
+    #[test]
+    fn server_takes_round_trips_to_the_acks_arrival() {
+        let (mut server, lib, key, _) = serving(ServerConfig::default());
+        let mut out = vec![0u8; 256 * 1024];
+        let sent = Time(10_000);
+        let t = server.poll_transmit(sent, &lib, &mut out).expect("data to send");
+        let pn = match decode(&key, &out[..t.segment_size.unwrap_or(t.len)]) {
+            Ok(Packet::Data { fixed, .. }) => fixed.pn.get(),
+            p => panic!("{p:?}"),
+        };
+        let mut buf = vec![0u8; 4096];
+        let ack = wire::AckFixed {
+            nonce_echo: server.sessions[0].nonce.into(),
+            largest: pn.into(),
+            ack_delay_us: 0.into(),
+            echo_send_ts_us: 0.into(),
+            recv_ts_us: 0.into(),
+            range_count: 0.into(),
+            reserved: [0; 2],
+        };
+        let n = wire::encode_ack(&key, &mut buf, 5, &ack, &wire_ranges([(pn, 1)]));
+        let peer: SocketAddr = "10.0.0.9:9".parse().unwrap();
+        // Arrived 20 ms after the send, handled 70 ms after it.
+        let (arrived, handled) = (sent + Duration::from_millis(20), sent + Duration::from_millis(70));
+        server.handle_arrived(handled, arrived, peer, &decode(&key, &buf[..n]).unwrap(), &lib, &key);
+        assert_eq!(
+            server.sessions[0].recovery.srtt,
+            Duration::from_millis(20),
+            "the first sample"
+        );
     }
 
     /// A controller that never limits: the upload cap is all that does.
