@@ -393,23 +393,13 @@ fn agents_with_uploads_max_zero_serve_nobody() {
 
     // Two gets of one content at once on a fresh agent: one fetches, the other waits and finds it cached.
     let x = Agent::start(&srv, root.path(), "x", 64);
-    let spawn = |n: &str| {
-        common::command()
-            .arg("--config")
-            .arg(&x.config)
-            .args(["get", &id.to_string(), "--json", "--to"])
-            .arg(root.path().join(n))
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let (g1, g2) = (spawn("x1.bin"), spawn("x2.bin"));
+    let (g1, g2) = (
+        x.spawn_get(&id, &root.path().join("x1.bin")),
+        x.spawn_get(&id, &root.path().join("x2.bin")),
+    );
     let mut held = Vec::new();
     for g in [g1, g2] {
-        let out = g.wait_with_output().unwrap();
-        assert!(out.status.success());
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        held.push(v["bytes_already_held"].as_u64().unwrap());
+        held.push(g.wait_ok(&x)["bytes_already_held"].as_u64().unwrap());
     }
     held.sort();
     assert_eq!(held, vec![0, bytes.len() as u64], "one fetched, one waited");
@@ -508,15 +498,7 @@ fn agents_lose_nothing_when_the_serving_peer_is_killed_mid_transfer() {
     a.get_json(&id, &root.path().join("a.bin"));
     let b = Agent::start(&srv, root.path(), "b", 256);
     let out = root.path().join("b.bin");
-    let get = common::command()
-        .arg("--config")
-        .arg(&b.config)
-        .args(["get", &id.to_string(), "--json", "--to"])
-        .arg(&out)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let get = ChildGuard(Some(get));
+    let get = b.spawn_get(&id, &out);
     // Kill a as soon as b has some of it from a (if b is not already done by then).
     let mut held_at_kill = None;
     for _ in 0..2000 {
@@ -532,7 +514,7 @@ fn agents_lose_nothing_when_the_serving_peer_is_killed_mid_transfer() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     a.kill();
-    let r: serde_json::Value = serde_json::from_slice(&get.wait().stdout).unwrap();
+    let r = get.wait_ok(&b);
     assert_eq!(std::fs::read(&out).unwrap(), bytes, "byte-exact: {r}");
     let (peers, origin) = (
         r["bytes_from_peers"].as_u64().unwrap(),
@@ -545,26 +527,6 @@ fn agents_lose_nothing_when_the_serving_peer_is_killed_mid_transfer() {
         assert!(origin > 0, "{r}");
     }
     assert!(b.ok(&["cache", "verify"]).contains("ok"));
-}
-
-/// A child process killed on drop (unless waited for).
-struct ChildGuard(Option<std::process::Child>);
-
-impl ChildGuard {
-    fn wait(mut self) -> std::process::Output {
-        let out = self.0.take().unwrap().wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        out
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 #[test]

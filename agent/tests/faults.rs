@@ -11,8 +11,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{data, Agent, Server};
@@ -25,40 +23,6 @@ const KILLS: usize = 50;
 const ATTEMPTS_MAX: usize = 200;
 /// Polls of 10 ms while waiting on an agent's state.
 const POLLS_MAX: usize = 3000;
-
-/// A child process killed on drop (unless waited for).
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    fn wait_ok(mut self) -> Value {
-        let out = self.0.take().unwrap().wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn start_get(a: &Agent, id: &ContentId, to: &Path) -> ChildGuard {
-    let child = common::command()
-        .arg("--config")
-        .arg(&a.config)
-        .args(["get", &id.to_string(), "--json", "--to"])
-        .arg(to)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    ChildGuard(Some(child))
-}
 
 /// What the agent's store holds of `id`: (held bytes, complete).
 fn held(a: &Agent, id: &ContentId) -> (u64, bool) {
@@ -115,7 +79,7 @@ fn agent_killed_50_times_mid_download_never_corrupts_its_store() {
             "only {kills} of {attempts} kills landed mid-download"
         );
         let out = root.path().join("out.bin");
-        let get = start_get(&b, &id, &out);
+        let get = b.spawn_get(&id, &out);
         if attempts.is_multiple_of(5) {
             // Early: while it asks the server for the manifest, table and sources.
             early += 1;
@@ -163,7 +127,7 @@ fn agent_killed_50_times_mid_download_never_corrupts_its_store() {
     }
     // Finish: the last get completes from what was kept, byte-exact.
     let out = root.path().join("final.bin");
-    let r = start_get(&b, &id, &out).wait_ok();
+    let r = b.spawn_get(&id, &out).wait_ok(&b);
     assert_eq!(
         std::fs::read(&out).unwrap(),
         bytes,
@@ -222,7 +186,7 @@ fn agents_keep_going_when_the_server_dies_and_resync_when_it_returns() {
 
     // b starts; the server dies as soon as b is receiving from its peer.
     let out_b = root.path().join("b.bin");
-    let get_b = start_get(&b, &id, &out_b);
+    let get_b = b.spawn_get(&id, &out_b);
     wait_for("b receiving", || {
         let s = b.status();
         s["transfers"].as_array().is_some_and(|t| !t.is_empty()) || !s["recent"].as_array().unwrap().is_empty()
@@ -230,7 +194,7 @@ fn agents_keep_going_when_the_server_dies_and_resync_when_it_returns() {
     let crash = Instant::now();
     srv.crash();
     // b finishes with the peer it already knows, while the server is down.
-    let r = get_b.wait_ok();
+    let r = get_b.wait_ok(&b);
     let done_without_server = crash.elapsed();
     assert_eq!(std::fs::read(&out_b).unwrap(), bytes, "byte-exact: {r}");
     assert_eq!(

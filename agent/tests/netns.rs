@@ -35,13 +35,14 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{data, Agent, Server};
+use common::{data, Agent, ChildGuard, Server};
 use lowtide_engine::content::ContentId;
+use lowtide_tests::netns::run;
 use serde_json::Value;
 
 const PREFIX: &str = "ltns-";
@@ -54,27 +55,9 @@ const POLL: Duration = Duration::from_millis(50);
 const MIB: usize = 1024 * 1024;
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
+/// Whether the tests may build their namespaces (else they say why and pass, except under CI).
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI runs as root: these tests need root for network namespaces, tc and tmpfs"
-        );
-        eprintln!("skipping: needs root (network namespaces, tc, tmpfs)");
-    }
-    root
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn command");
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    lowtide_tests::netns::is_root("network namespaces, tc, tmpfs")
 }
 
 /// Wait until `f` gives a value, at most [`WAIT_POLLS`] polls; `what` names the condition in the panic.
@@ -269,16 +252,7 @@ impl Lab {
             common::SECRET,
             dir.join("state"),
         );
-        let key = |l: &str| l.split('=').next().unwrap_or_default().trim().to_string();
-        let overridden: Vec<String> = extra.lines().map(key).collect();
-        let mut text: String = base
-            .lines()
-            .filter(|l| !overridden.contains(&key(l)))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        text.push_str(extra);
-        text.push('\n');
-        text
+        common::config_with(&base, extra)
     }
 
     /// Start agent `name` in its own namespace on `site`'s subnet.
@@ -425,53 +399,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A child process killed on drop (unless waited for).
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    fn wait(mut self) -> Output {
-        self.0.take().unwrap().wait_with_output().unwrap()
-    }
-
-    /// Wait for a `get --json` of agent `a` that must succeed; its answer.
-    fn wait_ok(self, a: &Agent) -> Value {
-        let out = self.wait();
-        assert!(
-            out.status.success(),
-            "get on {}: {}\n--- its log ---\n{}",
-            a.name,
-            String::from_utf8_lossy(&out.stderr),
-            a.log_text()
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// `lowtide-agent get --json` of `id` to `to` on `a`, in the background.
-fn spawn_get(a: &Agent, id: &ContentId, to: &Path) -> ChildGuard {
-    ChildGuard(Some(
-        common::command()
-            .arg("--config")
-            .arg(&a.config)
-            .args(["get", &id.to_string(), "--json", "--to"])
-            .arg(to)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ))
-}
-
 /// The running transfer of `id` on `a`, if any.
 fn transfer(a: &Agent, id: &ContentId) -> Option<Value> {
     a.status()["transfers"]
@@ -519,7 +446,7 @@ fn netns_a_package_published_once_reaches_every_agent_byte_exact() {
     // Two more of hq at once: from a1 (and each other).
     let a2 = lab.agent("a2", Site::Hq);
     let a3 = lab.agent("a3", Site::Hq);
-    let (g2, g3) = (spawn_get(&a2, &id, &out("a2")), spawn_get(&a3, &id, &out("a3")));
+    let (g2, g3) = (a2.spawn_get(&id, &out("a2")), a3.spawn_get(&id, &out("a3")));
     let (r2, r3) = (g2.wait_ok(&a2), g3.wait_ok(&a3));
     // The branch: its RVP across the router from hq's RVP in the background, the second from it.
     let b1 = lab.agent("b1", Site::Branch);
@@ -622,7 +549,7 @@ fn netns_killing_the_serving_peer_mid_transfer_loses_nothing() {
     lab.shape("p2", "8mbit");
 
     let out = lab.root().join("f.bin");
-    let get = spawn_get(&f, &id, &out);
+    let get = f.spawn_get(&id, &out);
     // Kill the peer that has sent the most, once f has verified some of it.
     let (victim, held_at_kill) = wait_for("f to receive from a peer", || {
         let t = transfer(&f, &id)?;
@@ -666,7 +593,7 @@ fn netns_an_agent_restarted_mid_download_resumes_without_refetching_verified_ran
     lab.shape("p", "4mbit");
 
     let out = lab.root().join("f.bin");
-    let get = spawn_get(&f, &id, &out);
+    let get = f.spawn_get(&id, &out);
     let held_before = wait_for("f to hold half", || {
         let h = held(&f, &id);
         (h >= size / 2).then_some(h)
@@ -732,7 +659,7 @@ fn netns_an_agent_moved_to_the_other_subnet_continues_from_the_new_sites_peers()
     lab.shape("p1", "4mbit");
 
     let out = lab.root().join("m.bin");
-    let get = spawn_get(&m, &id, &out);
+    let get = m.spawn_get(&id, &out);
     let held_at_move = wait_for("m to receive from p1", || {
         let h = held(&m, &id);
         (h > 0).then_some(h)
@@ -929,7 +856,7 @@ fn netns_a_full_disk_is_a_clear_error_and_the_next_get_resumes() {
 
     // Something else fills the disk while d downloads, after d made its first blocks durable.
     let out = lab.root().join("d.bin");
-    let get = spawn_get(&d, &id, &out);
+    let get = d.spawn_get(&id, &out);
     let stored_before = wait_for("d to make some of it durable", || {
         let s = stored(&d, &id);
         (s >= MIB as u64).then_some(s)
@@ -998,7 +925,7 @@ fn netns_cli_get_and_status_as_a_user_would() {
 
     // A script runs `get` with stdout and stderr not terminals: one result line, no progress bar.
     let out = lab.root().join("u.bin");
-    let get = ChildGuard(Some(
+    let get = ChildGuard::new(
         common::command()
             .arg("--config")
             .arg(&u.config)
@@ -1009,7 +936,7 @@ fn netns_cli_get_and_status_as_a_user_would() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
-    ));
+    );
     // Meanwhile the user looks at `status`: the transfer, its source.
     let during = wait_for("status to show the transfer", || {
         let s = u.ok(&["status"]);

@@ -30,15 +30,9 @@ pub fn repo() -> PathBuf {
 /// skipped with a message, except under `CI=true` (CI runs as root), where
 /// that is a failure.
 pub fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: needs root (network namespaces), and CI=true: CI must run it as root");
-    }
-    eprintln!("SKIPPED {test}: needs root (network namespaces, qdiscs, packet taps); run `sudo -E cargo test -p lowtide-tests`");
-    false
+    netns::is_root(&format!(
+        "{test}: network namespaces, qdiscs, packet taps; run `sudo -E cargo test -p lowtide-tests`"
+    ))
 }
 
 /// The directory holding this test binary's profile outputs (`target/<profile>`).

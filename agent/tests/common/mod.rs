@@ -294,6 +294,20 @@ pub struct Agent {
     child: Option<Child>,
 }
 
+/// An agent config: the lines of `base` whose keys `extra` does not set, then `extra`.
+pub fn config_with(base: &str, extra: &str) -> String {
+    let key = |l: &str| l.split('=').next().unwrap_or_default().trim().to_string();
+    let overridden: Vec<String> = extra.lines().map(key).collect();
+    let mut text: String = base
+        .lines()
+        .filter(|l| !overridden.contains(&key(l)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    text.push_str(extra);
+    text.push('\n');
+    text
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_lowtide-agent")
 }
@@ -354,16 +368,7 @@ impl Agent {
                 format!("site_override = {site:?}\n")
             }
         );
-        let key = |l: &str| l.split('=').next().unwrap_or_default().trim().to_string();
-        let overridden: Vec<String> = extra.lines().map(key).collect();
-        let mut text: String = base
-            .lines()
-            .filter(|l| !overridden.contains(&key(l)))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        text.push_str(extra);
-        text.push('\n');
-        Self::start_raw(root, name, &text, site, None, Vec::new())
+        Self::start_raw(root, name, &config_with(&base, extra), site, None, Vec::new())
     }
 
     /// Start a daemon with exactly the config `text` under `root/name`, in
@@ -451,15 +456,21 @@ impl Agent {
 
     /// Run a command that must succeed; its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
+        let out = self.succeeded(&format!("{args:?}"), self.cli(args));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `out` of the command `what` on this agent, which must have succeeded (else its
+    /// stderr and the agent's log say why).
+    pub fn succeeded(&self, what: &str, out: Output) -> Output {
         assert!(
             out.status.success(),
-            "lowtide-agent {args:?} on {} failed: {}\n--- agent log ---\n{}",
+            "lowtide-agent {what} on {} failed: {}\n--- agent log ---\n{}",
             self.name,
             String::from_utf8_lossy(&out.stderr),
             self.log_text()
         );
-        String::from_utf8(out.stdout).unwrap()
+        out
     }
 
     /// Run a command that must fail; its stderr.
@@ -480,6 +491,23 @@ impl Agent {
 
     pub fn get_json(&self, id: &ContentId, to: &Path) -> Value {
         serde_json::from_str(&self.ok(&["get", &id.to_string(), "--to", to.to_str().unwrap(), "--json"])).unwrap()
+    }
+
+    /// `lowtide-agent get --json` of `id` to `to` on this agent, in the background
+    /// (stdout and stderr piped); [`ChildGuard::wait_ok`] reads its answer.
+    pub fn spawn_get(&self, id: &ContentId, to: &Path) -> ChildGuard {
+        ChildGuard::new(
+            command()
+                .arg("--config")
+                .arg(&self.config)
+                .args(["get", &id.to_string(), "--json", "--to"])
+                .arg(to)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
     }
 
     /// The agent's Prometheus metrics, scraped over HTTP.
@@ -523,6 +551,34 @@ impl Agent {
             unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
             let st = c.wait().unwrap();
             assert!(st.success(), "agent {} exit {st}:\n{}", self.name, self.log_text());
+        }
+    }
+}
+
+/// A child process killed on drop (unless waited for), so a failing test leaves none behind.
+pub struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    pub fn new(child: Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// Wait for it to end; its output (what was piped).
+    pub fn wait(mut self) -> Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+
+    /// Wait for a `get --json` of agent `a` that must succeed; its answer.
+    pub fn wait_ok(self, a: &Agent) -> Value {
+        serde_json::from_slice(&a.succeeded("get", self.wait()).stdout).unwrap()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
