@@ -918,9 +918,11 @@ fn netns_cli_get_and_status_as_a_user_would() {
     let mut lab = Lab::new();
     let bytes = data(2 * MIB + 1, 29);
     let id = lab.srv().publish(&bytes, "tool", "7.0");
+    // p starts alone, so it is the branch's RVP and gets it (with u running too, the server
+    // could pick u to fetch for the site, and u's own get would find it cached: no transfer).
     let p = lab.agent("p", Site::Branch);
-    let u = lab.agent("u", Site::Branch);
     p.get_json(&id, &lab.root().join("p.bin"));
+    let u = lab.agent("u", Site::Branch);
     lab.shape("p", "4mbit");
 
     // A script runs `get` with stdout and stderr not terminals: one result line, no progress bar.
