@@ -96,6 +96,10 @@ pub const LOCAL_RECLAIM_HOLDOFF_MIN: Duration = Duration::from_millis(20);
 pub const RECLAIM_HOLDOFF_MAX: Duration = Duration::from_secs(4);
 /// A yield this soon after a reclaim means the foreground never left.
 const RECLAIM_REGRET: Duration = Duration::from_secs(2);
+/// Shortest interval of one delivery-rate sample. Acks are handled in batches (the
+/// endpoint polls every few ms), so over a 20 ms round trip a sample was up to 28 %
+/// high, and the maximum of such samples set a cap 1.5 x the bandwidth-delay product.
+const RATE_INTERVAL_MIN: Duration = Duration::from_millis(100);
 /// Rate samples kept for the delivery-rate maximum.
 const RATE_SAMPLES: usize = 16;
 
@@ -269,7 +273,7 @@ impl Background {
 
     fn record_delivery(&mut self, now: Time, bytes: u64) {
         self.interval_bytes += bytes;
-        let interval = self.min_rtt.max(Duration::from_millis(5));
+        let interval = self.min_rtt.max(RATE_INTERVAL_MIN);
         let dt = now.since(self.interval_start);
         if dt >= interval {
             if self.interval_start != Time::ZERO {
@@ -301,7 +305,15 @@ impl Background {
                 local,
                 "background: yield"
             );
-            self.remembered_rate = self.delivery_rate().max(self.remembered_rate);
+            // What the link carried just now; a yield soon after a reclaim keeps what was
+            // remembered before (the window had not regrown yet). Not the maximum of all
+            // time, which only ever grows with the noise of the samples.
+            let regret = self.last_reclaim != Time::ZERO && now.since(self.last_reclaim) < RECLAIM_REGRET;
+            self.remembered_rate = if regret {
+                self.delivery_rate().max(self.remembered_rate)
+            } else {
+                self.delivery_rate()
+            };
             self.yielded = true;
             // Two propagation round trips (the smoothed RTT already holds the competing queue).
             let rtt = if self.min_rtt == Duration::MAX {
@@ -700,6 +712,30 @@ mod tests {
             w
         );
         assert!(!c.is_yielding());
+    }
+
+    #[test]
+    fn delivery_rate_is_not_inflated_by_acks_handled_in_batches() {
+        // 6 MB/s over a 20 ms round trip; the acks of each 5 ms are handled together,
+        // 0-4 ms late (the endpoint's poll), so the time between two handlings is not
+        // the time the bytes took.
+        let mut c = Background::new(BackgroundConfig::default());
+        let rate = 6_000_000u64;
+        let rtt = Duration::from_millis(20);
+        let mut seed = 12345u64;
+        for k in 1..400u64 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let late_us = (seed >> 33) % 4_000;
+            let now = Time(k * 5_000 + late_us);
+            c.on_sent(now, 0);
+            c.record_delivery(now, rate / 200);
+            c.min_rtt = rtt;
+        }
+        let measured = c.delivery_rate();
+        assert!(
+            measured <= rate * 108 / 100 && measured >= rate * 92 / 100,
+            "delivery rate {measured} for {rate}"
+        );
     }
 
     #[test]
