@@ -150,7 +150,8 @@ fn background_yields_to_foreground_and_reclaims_when_it_leaves() {
 /// The same at 50 Mbit/s over an 80 ms round trip (40 ms each way, 200 ms
 /// queue). The yield is timed from the foreground's first data at the
 /// bottleneck (its fetcher's handshake takes a round trip before that, which
-/// no sender can see): 190 ms, within 2 RTT + 100 ms; reclaim 440 ms.
+/// no sender can see): 120 ms, within 2 RTT + 100 ms (210 ms before the
+/// background yielded on a queue its window does not explain); reclaim 410 ms.
 #[test]
 fn background_yields_and_reclaims_a_long_fat_link() {
     for seed in [211, 212] {
@@ -237,6 +238,42 @@ fn yield_and_reclaim(seed: u64, rate: u64, forward: Duration, back: Duration, qu
         fg_seen - fg_start,
     );
     assert!(reclaim <= reclaim_max, "seed {seed}: reclaimed after {reclaim:?}");
+}
+
+/// A latecomer: a second background flow from another host joins a standing
+/// background flow 4 s in (shares 0.732 + 0.250, p99 9.6 ms; 0.803 + 0.196,
+/// p99 6.9 ms before the yield on an unexplained queue, which without its
+/// silencing after a false alarm made them yield to each other in turn: 0.747). Each sees the other's queue as one its own window does
+/// not explain and may yield to it; together they must still fill the link with
+/// a short queue (no ping-pong of yields that leaves it idle), and neither starves.
+#[test]
+fn two_background_flows_share_the_link_with_a_short_queue() {
+    for seed in [221, 222] {
+        let mut n = net(seed);
+        let (a, b) = (n.bg, n.fg);
+        start(&mut n, a, bytes(40 << 20, 1), true, seed);
+        run_to(&mut n, Duration::from_secs(4));
+        start(&mut n, b, bytes(40 << 20, 2), true, seed + 1);
+        run_to(&mut n, Duration::from_secs(14));
+        let (from, to) = (Duration::from_secs(6), Duration::from_secs(14));
+        let share_a = share(&n.sim, n.sim.nodes[a].addr, from, to);
+        let share_b = share(&n.sim, n.sim.nodes[b].addr, from, to);
+        let p99 = queue_delay_percentile(&n.sim, from, to, 0.99);
+        eprintln!("seed {seed}: two background flows: shares {share_a:.3} + {share_b:.3}, queueing delay p99 {p99:?}");
+        assert!(
+            share_a + share_b >= 0.90,
+            "seed {seed}: together {:.3} of the link",
+            share_a + share_b
+        );
+        assert!(
+            share_a.min(share_b) >= 0.10,
+            "seed {seed}: one flow starves: {share_a:.3} / {share_b:.3}"
+        );
+        assert!(
+            p99 <= Duration::from_millis(10),
+            "seed {seed}: p99 queueing delay {p99:?}"
+        );
+    }
 }
 
 #[test]
@@ -570,6 +607,194 @@ mod sender_bottleneck {
             assert!(
                 during >= 0.4,
                 "seed {seed}: the delay signal alone yielded ({during:.3}): the scenario no longer needs the monitor"
+            );
+        }
+    }
+}
+
+/// The bottleneck on a router further along (50 Mbit/s, 80 ms round trip, 200 ms
+/// TBF queue), a foreground TCP flow from a second host behind it: the local
+/// monitor sees nothing, only the one-way delay tells. The foreground is a TCP
+/// slow start from an initial window of 10 segments (Linux), doubling each round
+/// trip, so the queue it adds grows by ~2.3, 4.6, 9.3 ms... per round trip, and a
+/// background that only takes out the queue above target after each round trip
+/// keeps the queue below the 4 × target at which it yields until the fourth or
+/// fifth doubling (the bench: 430 ms at 50 Mbit/s 80 ms, limit 2 RTT + 100 ms;
+/// this model: 400 ms before the background yielded on a queue its window does
+/// not explain, 190-210 ms with it).
+/// A fluid model on a 1 ms tick: a FIFO of per-tick chunks at the router, data
+/// reaches the receiver 40 ms after leaving it and its ack the sender 40 ms later;
+/// the TCP flow is ack-clocked and paced as Linux paces it.
+mod router_bottleneck {
+    use std::collections::VecDeque;
+    use std::time::Duration;
+
+    use lowtide_engine::cc::background::{Background, BackgroundConfig};
+    use lowtide_engine::cc::{AckSample, Controller, MSS_BYTES};
+    use lowtide_engine::time::Time;
+    use rand::{Rng, SeedableRng};
+
+    const LINK: f64 = 6_250_000.0; // 50 Mbit/s, bytes/s
+    const BASE_RTT_MS: u64 = 80;
+    const QUEUE_MAX: f64 = LINK * 0.2;
+    const FG_START_MS: u64 = 6_000;
+    const FG_END_MS: u64 = 9_000;
+    const END_MS: u64 = 11_000;
+
+    struct Chunk {
+        bg: f64,
+        fg: f64,
+        at: u64,
+    }
+
+    /// Per tick: bytes of the background and of the foreground leaving the router.
+    /// `bg`: run the background at all; `fg`: run the foreground from 6 s to 9 s.
+    fn run(seed: u64, bg: bool, fg: bool) -> (Vec<f64>, Vec<f64>) {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut c = Background::new(BackgroundConfig::default());
+        let clock_offset_us: i64 = rng.gen_range(-1_000_000_000..1_000_000_000);
+        let base_rtt = Duration::from_millis(BASE_RTT_MS);
+        let mut queue: VecDeque<Chunk> = VecDeque::new();
+        let mut queued = 0.0f64;
+        // Departures per tick, and the queueing delay (ms) of the last byte that left.
+        let (mut bg_out, mut fg_out, mut delay_out) = (Vec::new(), Vec::new(), Vec::new());
+        let mut srtt = base_rtt;
+        let mut fg_cwnd = 10.0 * MSS_BYTES as f64;
+        let mut fg_ssthresh = f64::MAX;
+        let mut fg_inflight = 0.0f64;
+        for t in 1..END_MS {
+            let now = Time(t * 1000);
+            let q_s = queued / LINK;
+            let rtt_s = base_rtt.as_secs_f64() + q_s;
+            // Arrivals (the senders are next to the router): window per round trip.
+            let bg_in = if bg { c.window() as f64 / rtt_s / 1000.0 } else { 0.0 };
+            let fg_on = fg && (FG_START_MS..FG_END_MS).contains(&t);
+            // Linux TCP: what its window allows beyond the bytes in flight (the ack clock),
+            // paced at 2 x cwnd / RTT in slow start and 1.2 x after (so a slow start sends
+            // its window in half a round trip).
+            let pacing = if fg_cwnd < fg_ssthresh { 2.0 } else { 1.2 } * fg_cwnd / rtt_s / 1000.0;
+            let mut fg_in = if fg_on {
+                (fg_cwnd - fg_inflight).clamp(0.0, pacing)
+            } else {
+                0.0
+            };
+            if queued + bg_in + fg_in > QUEUE_MAX + LINK / 1000.0 && fg_on {
+                // The TBF queue is full: the foreground loses, CUBIC backs off by 30 %.
+                fg_ssthresh = fg_cwnd * 0.7;
+                fg_cwnd = fg_ssthresh;
+                fg_in = 0.0;
+            }
+            fg_inflight += fg_in;
+            if bg {
+                c.on_sent(now, bg_in as u64);
+            }
+            queue.push_back(Chunk {
+                bg: bg_in,
+                fg: fg_in,
+                at: t,
+            });
+            queued += bg_in + fg_in;
+            // The router sends a tick's worth of the link, first in first out.
+            let mut budget = LINK / 1000.0;
+            let (mut b, mut f, mut d) = (0.0, 0.0, 0u64);
+            while budget > 0.0 {
+                let Some(head) = queue.front_mut() else { break };
+                let total = head.bg + head.fg;
+                let take = total.min(budget);
+                if total > 0.0 {
+                    b += head.bg * take / total;
+                    f += head.fg * take / total;
+                    head.bg -= head.bg * take / total;
+                    head.fg -= head.fg * take / total;
+                    d = t - head.at;
+                }
+                budget -= take;
+                queued -= take;
+                if head.bg + head.fg <= 1e-9 {
+                    queue.pop_front();
+                }
+            }
+            bg_out.push(b);
+            fg_out.push(f);
+            delay_out.push(d);
+            // Acks of what left the router a base round trip ago.
+            if t > BASE_RTT_MS {
+                let k = (t - BASE_RTT_MS - 1) as usize;
+                fg_inflight = (fg_inflight - fg_out[k]).max(0.0);
+                if fg_on {
+                    let acked = fg_out[k];
+                    fg_cwnd += if fg_cwnd < fg_ssthresh {
+                        acked
+                    } else {
+                        MSS_BYTES as f64 * acked / fg_cwnd
+                    };
+                }
+                let acked = bg_out[k] as u64;
+                if bg && acked > 0 {
+                    let rtt = base_rtt + Duration::from_millis(delay_out[k]);
+                    srtt = (srtt * 7 + rtt) / 8;
+                    let jitter_us: i64 = rng.gen_range(0..300);
+                    c.on_ack(
+                        now,
+                        &AckSample {
+                            acked_bytes: acked,
+                            rtt: Some(rtt),
+                            srtt,
+                            min_rtt: base_rtt,
+                            one_way_delay_us: Some(clock_offset_us + 40_000 + delay_out[k] as i64 * 1000 + jitter_us),
+                            in_flight: c.window(),
+                            app_limited: false,
+                        },
+                    );
+                }
+            }
+        }
+        (bg_out, fg_out)
+    }
+
+    /// Share of the link over ticks [a, b) ms.
+    fn share(out: &[f64], a: u64, b: u64) -> f64 {
+        let r = &out[(a - 1) as usize..(b - 1) as usize];
+        r.iter().sum::<f64>() * 1000.0 / r.len() as f64 / LINK
+    }
+
+    /// First tick at or after `from` whose 100 ms share satisfies `pred` (the bench's and
+    /// the packet simulator's window), as time since `from`.
+    fn first(out: &[f64], from: u64, pred: impl Fn(f64) -> bool) -> Option<Duration> {
+        (from..END_MS - 100)
+            .step_by(10)
+            .find(|&t| pred(share(out, t, t + 100)))
+            .map(|t| Duration::from_millis(t - from))
+    }
+
+    #[test]
+    fn background_yields_to_a_remote_tcp_slow_start_seen_by_delay_alone() {
+        for seed in [501, 502, 503] {
+            let (_, fg_solo) = run(seed, false, true);
+            let (bg_out, fg_out) = run(seed, true, true);
+            let solo = share(&bg_out, 3_000, FG_START_MS);
+            let yield_time = first(&bg_out, FG_START_MS, |s| s < 0.10).expect("never yielded");
+            let kept =
+                share(&fg_out, FG_START_MS, FG_START_MS + 2_000) / share(&fg_solo, FG_START_MS, FG_START_MS + 2_000);
+            // Timed from the foreground's last data at the bottleneck (its queue drains after it stops).
+            let fg_last = fg_out.iter().rposition(|&b| b > 0.0).unwrap() as u64 + 1;
+            let reclaim = first(&bg_out, fg_last, |s| s >= 0.90).expect("never reclaimed");
+            eprintln!(
+                "seed {seed}: router 50 Mbit/s 80 ms, remote TCP: solo {solo:.3}, yield {yield_time:?}, \
+                 foreground kept {kept:.3} over its first 2 s, reclaim {reclaim:?}"
+            );
+            assert!(solo >= 0.95, "seed {seed}: solo utilisation {solo:.3}");
+            assert!(
+                yield_time <= Duration::from_millis(2 * BASE_RTT_MS + 100),
+                "seed {seed}: yielded after {yield_time:?}"
+            );
+            assert!(
+                kept >= 0.95,
+                "seed {seed}: foreground kept {kept:.3} of its solo throughput"
+            );
+            assert!(
+                reclaim <= Duration::from_millis(500),
+                "seed {seed}: reclaimed after {reclaim:?}"
             );
         }
     }

@@ -41,6 +41,22 @@
 //!   as below while the queue stays under target; back at half the link's
 //!   bandwidth-delay product, the yield is over (so a false yield to a delay
 //!   spike costs a few round trips, and the next yield starts afresh).
+//! - A queue that rose more than our own window explains, by more than the
+//!   target: a competing flow at a bottleneck further along (which no local
+//!   monitor sees), in its slow start; yield then (a round trip or two after
+//!   its data reaches the bottleneck), not when the whole queue reaches
+//!   [`YIELD_FACTOR`] × target: the cuts above take out only the excess, so
+//!   they keep giving way to a TCP slow start and the whole queue gets there
+//!   late (430 ms after a CUBIC flow started, at 50 Mbit/s 80 ms). The
+//!   reference is the queue level while it was at or below target and the
+//!   least window then; what our window grew since (the most of the last two
+//!   round trips) is ours, what it shrank by should have left the queue. The
+//!   hold-off after such a yield is four times the base (the flow is still
+//!   ramping up and leaves gaps), and the rule waits 2 s after a reclaim (the
+//!   regrowing window's own queue, and the last of the foreground's). A yield that ends by regrowing (the queue fell back below
+//!   target: another background flow that gave way, or a delay spike) was a
+//!   false alarm and silences the rule for 2 s, doubling up to 32 s (two
+//!   background flows otherwise yield to each other in turn).
 //! - After a yield to competing traffic the monitor saw on this host, the
 //!   monitor also sees it stop: once it has, and the local queue has stayed
 //!   below target for a propagation round trip (checked at every monitor
@@ -86,6 +102,14 @@ pub const BASE_SLOTS: usize = 10;
 pub const CURRENT_FILTER: usize = 4;
 /// A queue this many times the target means competing traffic: yield at once.
 pub const YIELD_FACTOR: i64 = 4;
+/// A rise of the one-way queue this many times the target that our own window does
+/// not explain means competing traffic at a bottleneck further along: yield.
+pub const UNEXPLAINED_FACTOR: i64 = 1;
+/// How long a false alarm of that rule (the queue fell back below target within the
+/// yield, so the competing flow was not a foreground one that stays, but another
+/// background flow, or a delay spike) silences it; doubled with every false alarm.
+pub const UNEXPLAINED_QUIET_MIN: Duration = Duration::from_secs(2);
+const UNEXPLAINED_QUIET_MAX: Duration = Duration::from_secs(32);
 /// How often the window drops to its minimum so every flow can see the true base.
 pub const SLOWDOWN_INTERVAL: Duration = Duration::from_secs(20);
 /// Least time the queue must stay empty after a yield before the link is reclaimed.
@@ -194,6 +218,21 @@ pub struct Background {
     path_backlog: [u64; CURRENT_FILTER],
     path_len: usize,
     started: bool,
+    /// Least and greatest window over the current and the previous round trip (two
+    /// buckets of one smoothed RTT each), and when the current bucket began.
+    win_min: [u64; 2],
+    win_max: [u64; 2],
+    win_bucket_start: Time,
+    /// The one-way queue and the least window of the last two round trips at the last
+    /// ack that saw the queue at or below target: what the queue is when it comes from
+    /// our window alone (whatever error the bandwidth-delay product has).
+    calm: Option<(i64, u64)>,
+    /// The current yield was to a queue our window did not explain.
+    yield_unexplained: bool,
+    /// No yields on an unexplained queue before this (after one that was a false alarm),
+    /// and how long the next false alarm silences them.
+    unexplained_quiet_until: Time,
+    unexplained_quiet: Duration,
 }
 
 impl Background {
@@ -229,6 +268,13 @@ impl Background {
             path_backlog: [0; CURRENT_FILTER],
             path_len: 0,
             started: false,
+            win_min: [u64::MAX; 2],
+            win_max: [0; 2],
+            win_bucket_start: Time::ZERO,
+            calm: None,
+            yield_unexplained: false,
+            unexplained_quiet_until: Time::ZERO,
+            unexplained_quiet: UNEXPLAINED_QUIET_MIN,
         }
     }
 
@@ -298,6 +344,7 @@ impl Background {
     fn yield_now(&mut self, now: Time, local: bool) {
         self.yield_local = local;
         if !self.yielded {
+            self.yield_unexplained = false;
             tracing::debug!(
                 now_us = now.as_micros(),
                 queue_us = self.queue_us,
@@ -333,6 +380,37 @@ impl Background {
         self.low_since = None;
         self.window = self.cfg.window_bytes_min;
         self.last_cut = now;
+    }
+
+    fn track_window(&mut self, now: Time) {
+        if now.since(self.win_bucket_start) >= self.srtt {
+            self.win_min = [self.win_min[1], self.window];
+            self.win_max = [self.win_max[1], self.window];
+            self.win_bucket_start = now;
+        } else {
+            self.win_min[1] = self.win_min[1].min(self.window);
+            self.win_max[1] = self.win_max[1].max(self.window);
+        }
+    }
+
+    /// Queue (µs, one-way delay) that our own window cannot have put there: its rise
+    /// since the queue was last at target, less what our window grew since (the most
+    /// it can have added, from the least window before to the greatest since). A
+    /// competing flow in slow start makes this grow each round trip while our cuts
+    /// keep our own share of the queue at target, so it is seen a round trip or two
+    /// before the whole queue reaches [`YIELD_FACTOR`] × the target. None until the
+    /// link's capacity is known (during the first ramp-up the window grows blindly).
+    fn unexplained_queue_us(&self, q_owd: i64) -> Option<i64> {
+        let (calm_q, calm_win) = self.calm?;
+        let rate = self.capacity_rate.max(self.delivery_rate());
+        if self.capacity_rate == 0 || rate == 0 {
+            return None;
+        }
+        let peak = self.win_max[0].max(self.win_max[1]);
+        // Negative when our window is smaller than it was then: our cuts gave the competing
+        // flow room, and the queue should have fallen by as much.
+        let own_us = ((peak as f64 - calm_win as f64) / rate as f64 * 1e6) as i64;
+        Some(q_owd - calm_q - own_us)
     }
 
     /// The standing queue on the local egress qdisc, µs (0 without the monitor).
@@ -490,12 +568,41 @@ impl Controller for Background {
         }
 
         self.try_local_reclaim(now);
+        self.track_window(now);
         let competing = self
             .path
             .is_some_and(|p| p.other_bytes_per_s > self.cfg.other_bytes_per_s_yield);
         if competing || (q > YIELD_FACTOR * target_us && !(self.yielded && self.yield_local)) {
             self.yield_now(now, competing);
             return;
+        }
+        if !self.yielded {
+            if q_owd <= target_us {
+                // The level our window alone keeps, smoothed: the last such sample may be
+                // anywhere from the trough of our sawtooth to the target.
+                let level = self.calm.map_or(q_owd, |(c, _)| (7 * c + q_owd) / 8);
+                self.calm = Some((level, self.win_min[0].min(self.win_min[1])));
+            } else if now >= self.unexplained_quiet_until
+                && now.since(self.last_reclaim) >= RECLAIM_REGRET
+                && self
+                    .unexplained_queue_us(q_owd)
+                    .is_some_and(|u| u > UNEXPLAINED_FACTOR * target_us)
+            {
+                tracing::debug!(
+                    now_us = now.as_micros(),
+                    q_owd,
+                    calm = ?self.calm,
+                    window = self.window,
+                    "background: the queue grew more than our window explains"
+                );
+                self.yield_now(now, false);
+                self.yield_unexplained = true;
+                // Seen this early, the competing flow is still in its slow start (or, after a
+                // HyStart exit, growing slowly below the link's rate): the queue drains for a
+                // while as it grows. Not a sign it left.
+                self.holdoff = (self.holdoff_base * 4).max(self.holdoff).min(RECLAIM_HOLDOFF_MAX);
+                return;
+            }
         }
         if q > target_us {
             if now.since(self.last_cut) >= self.srtt {
@@ -536,6 +643,10 @@ impl Controller for Background {
                         self.yielded = false;
                         self.low_since = None;
                         self.last_reclaim = now;
+                        if self.yield_unexplained {
+                            // The competing flow stayed until the queue drained for good.
+                            self.unexplained_quiet = UNEXPLAINED_QUIET_MIN;
+                        }
                         // The yield was a slowdown: the queue drained and the base was seen.
                         self.next_slowdown = now + SLOWDOWN_INTERVAL;
                         self.window = self.window.max(self.bdp(self.remembered_rate) / 2);
@@ -579,6 +690,11 @@ impl Controller for Background {
                     self.low_since = None;
                     self.last_reclaim = now;
                     self.next_slowdown = now + SLOWDOWN_INTERVAL;
+                    if self.yield_unexplained {
+                        // A false alarm: whatever raised the queue gave way or went by.
+                        self.unexplained_quiet_until = now + self.unexplained_quiet;
+                        self.unexplained_quiet = (self.unexplained_quiet * 2).min(UNEXPLAINED_QUIET_MAX);
+                    }
                 }
             }
         }
