@@ -29,9 +29,13 @@
 //! - Queue below target: the window grows by `acked × (target − q)/target`,
 //!   exponentially when the queue is empty and not at all at the target, but
 //!   only up to the link's bandwidth-delay product plus the target queue once
-//!   that is known (the delivery rate seen while a queue stood; the delay
-//!   signal lags a round trip, and blind doubling overshoots by a window);
-//!   past that it probes by one segment per round trip.
+//!   that is known (the delay signal lags a round trip, and blind doubling
+//!   overshoots by a window); past that it probes by one segment per round
+//!   trip. The capacity is unknown until a queue first stands; from then on it
+//!   is the highest delivery rate measured while the sender had more to send
+//!   than its window allowed (a rate is a lower bound of the link's capacity:
+//!   any higher one raises it, so a low first estimate, taken while the rate
+//!   samples still lagged a ramp-up, does not cap the window for good).
 //! - Queue above target: once per round trip, the window loses what stands
 //!   above the target, `(q − target) × delivery rate` (at least a segment, at
 //!   most half the window).
@@ -190,12 +194,21 @@ pub struct Background {
     // Delivery rate: bytes acknowledged per interval, and recent maxima.
     interval_start: Time,
     interval_bytes: u64,
+    /// Some acknowledgement of the interval came while the sender had less to send than
+    /// its window allowed.
+    interval_app_limited: bool,
     rates: [u64; RATE_SAMPLES],
+    /// Which of `rates` were measured while the sender was application-limited.
+    rates_app_limited: [bool; RATE_SAMPLES],
     rate_next: usize,
     /// Delivery rate remembered from before a yield.
     remembered_rate: u64,
-    /// Highest delivery rate seen while the queue was at least half the target: the link
-    /// was full then, so this is its capacity. Zero until the link has been filled once.
+    /// The link's capacity: zero until a queue of half the target has stood (before, the
+    /// delivery rate is only the ramping window's); then the highest delivery rate measured
+    /// while the sender had more to send than its window allowed. A rate measured while the
+    /// sender was application-limited (a pipelined source sending blocks as they reach it)
+    /// says nothing of the link, even with a queue standing (someone else's): taken as the
+    /// capacity, it capped the window there for good once the source caught up.
     capacity_rate: u64,
     yielded: bool,
     /// Since when the queue has been empty while yielded.
@@ -250,7 +263,9 @@ impl Background {
             min_rtt: Duration::MAX,
             interval_start: Time::ZERO,
             interval_bytes: 0,
+            interval_app_limited: false,
             rates: [0; RATE_SAMPLES],
+            rates_app_limited: [false; RATE_SAMPLES],
             rate_next: 0,
             remembered_rate: 0,
             capacity_rate: 0,
@@ -317,17 +332,32 @@ impl Background {
         self.rates.iter().copied().max().unwrap_or(0)
     }
 
-    fn record_delivery(&mut self, now: Time, bytes: u64) {
+    /// Highest recent delivery rate measured while the sender was not application-limited.
+    fn full_delivery_rate(&self) -> u64 {
+        self.rates
+            .iter()
+            .zip(&self.rates_app_limited)
+            .filter(|(_, &limited)| !limited)
+            .map(|(&r, _)| r)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn record_delivery(&mut self, now: Time, bytes: u64, app_limited: bool) {
         self.interval_bytes += bytes;
+        self.interval_app_limited |= app_limited;
         let interval = self.min_rtt.max(RATE_INTERVAL_MIN);
         let dt = now.since(self.interval_start);
         if dt >= interval {
             if self.interval_start != Time::ZERO {
-                self.rates[self.rate_next % RATE_SAMPLES] = (self.interval_bytes as f64 / dt.as_secs_f64()) as u64;
+                let i = self.rate_next % RATE_SAMPLES;
+                self.rates[i] = (self.interval_bytes as f64 / dt.as_secs_f64()) as u64;
+                self.rates_app_limited[i] = self.interval_app_limited;
                 self.rate_next += 1;
             }
             self.interval_start = now;
             self.interval_bytes = 0;
+            self.interval_app_limited = false;
         }
     }
 
@@ -525,7 +555,7 @@ impl Controller for Background {
     fn on_ack(&mut self, now: Time, ack: &AckSample) {
         self.srtt = ack.srtt;
         self.min_rtt = self.min_rtt.min(ack.min_rtt);
-        self.record_delivery(now, ack.acked_bytes);
+        self.record_delivery(now, ack.acked_bytes, ack.app_limited);
         if let Some(owd) = ack.one_way_delay_us {
             self.record_delay(now, owd);
         }
@@ -547,8 +577,8 @@ impl Controller for Background {
             other = self.path.map_or(0, |p| p.other_bytes_per_s),
             "background: ack"
         );
-        if q >= target_us / 2 {
-            self.capacity_rate = self.capacity_rate.max(self.delivery_rate());
+        if q >= target_us / 2 || self.capacity_rate > 0 {
+            self.capacity_rate = self.capacity_rate.max(self.full_delivery_rate());
         }
 
         // Periodic slowdown: drain the queue so every flow sees the true base delay.
@@ -749,11 +779,59 @@ mod tests {
 
     /// Feed acks every 1 ms with a given one-way delay; the clock offset is arbitrary.
     fn feed(c: &mut Background, from_ms: u64, to_ms: u64, owd: impl Fn(u64) -> i64) {
+        feed_with(c, from_ms, to_ms, owd, MSS_BYTES, false);
+    }
+
+    /// As [`feed`], with `bytes` acknowledged each ms, the sender application-limited or not.
+    fn feed_with(
+        c: &mut Background,
+        from_ms: u64,
+        to_ms: u64,
+        owd: impl Fn(u64) -> i64,
+        bytes: u64,
+        app_limited: bool,
+    ) {
         for t in from_ms..to_ms {
             let now = Time(t * 1000);
-            c.on_sent(now, MSS_BYTES);
-            c.on_ack(now, &ack(owd(t), MSS_BYTES));
+            c.on_sent(now, bytes);
+            c.on_ack(
+                now,
+                &AckSample {
+                    app_limited,
+                    ..ack(owd(t), bytes)
+                },
+            );
         }
+    }
+
+    #[test]
+    fn capacity_rises_to_what_the_link_delivers_after_a_low_first_estimate() {
+        // A queue of 2 ms (half the target and more) stands while one segment a ms gets
+        // through: the link looks full at 1.4 MB/s. Then it delivers four a ms with no
+        // queue (the queue was a ramp-up burst, or the competing flow left): the capacity
+        // is at least that, and the window grows to its bandwidth-delay product at once.
+        // A capacity set once and for all capped the window at the first estimate, where
+        // it grew a segment a round trip (and random loss kept halving it).
+        let mut c = Background::new(BackgroundConfig::default());
+        feed(&mut c, 1, 200, |_| 20_000);
+        feed(&mut c, 200, 700, |_| 22_000);
+        let low = c.capacity_rate;
+        assert!(low > 1_000_000 && low < 2_000_000, "first estimate {low}");
+        feed_with(&mut c, 700, 1_500, |_| 20_000, 4 * MSS_BYTES, false);
+        assert!(c.capacity_rate > 3 * low, "capacity {} after {low}", c.capacity_rate);
+        let bdp = c.bdp(4 * MSS_BYTES * 1000);
+        assert!(c.window() >= bdp * 9 / 10, "window {} for a BDP of {bdp}", c.window());
+    }
+
+    #[test]
+    fn capacity_is_not_measured_while_the_sender_is_application_limited() {
+        // A pipelined source sends blocks as they reach it: one segment a ms, with
+        // someone else's 2 ms queue standing. That is not the link's capacity.
+        let mut c = Background::new(BackgroundConfig::default());
+        feed_with(&mut c, 1, 200, |_| 20_000, MSS_BYTES, true);
+        feed_with(&mut c, 200, 700, |_| 22_000, MSS_BYTES, true);
+        assert_eq!(c.capacity_rate, 0);
+        assert!(c.delivery_rate() > 1_000_000, "{}", c.delivery_rate());
     }
 
     #[test]
@@ -844,7 +922,7 @@ mod tests {
             let late_us = (seed >> 33) % 4_000;
             let now = Time(k * 5_000 + late_us);
             c.on_sent(now, 0);
-            c.record_delivery(now, rate / 200);
+            c.record_delivery(now, rate / 200, false);
             c.min_rtt = rtt;
         }
         let measured = c.delivery_rate();
