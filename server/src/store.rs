@@ -2293,8 +2293,15 @@ impl Store {
                 ));
             }
         }
-        // The nearest ancestor site that serves and has an active agent.
+        // The nearest ancestor site that serves and whose RVP serves peers. An ancestor whose
+        // RVP does not (no agent of that site that is still heard from serves: on battery,
+        // uploads_max = 0, busy) would answer this site's RVP `DeviceBusy`, which waits for it
+        // (the agent's 60 s) and then crosses the WAN to the origin: skip it, as a site with
+        // no active agent is skipped. Its own agents still get the content through it, and
+        // this site's link is still crossed once. Its RVP is named again as soon as it
+        // serves (or another agent of its site that serves is elected).
         let mut up_rec = up_rec;
+        let mut skipped: Vec<&str> = Vec::new();
         while let Some(p) = up {
             if p.kind.serves() {
                 let c = match up_rec.take() {
@@ -2302,13 +2309,22 @@ impl Store {
                     Some(_) => self.elect_rvp(&p.id, content, active_since_ms, now_ms).await?,
                     None => self.site_rvp(&p.id, content, active_since_ms, now_ms).await?,
                 };
-                if let Some(c) = c {
+                if c.as_ref().is_some_and(|c| !c.serves) {
+                    skipped.push(&p.id);
+                }
+                if let Some(c) = c.filter(|c| c.serves) {
                     if c.held_bytes < size {
                         self.want(&p.id, content, now_ms).await?;
                     }
                     let (pct, _) = held(&c);
                     let which = if hops == 1 { "parent site" } else { "ancestor site" };
-                    let reason = format!("{which} {} RVP, holds {pct}%", p.id);
+                    let mut reason = format!("{which} {} RVP, holds {pct}%", p.id);
+                    if !skipped.is_empty() {
+                        reason.push_str(&format!(
+                            " (the RVP of {} serves no peers: skipped)",
+                            skipped.join(", ")
+                        ));
+                    }
                     sources.push(peer_source(
                         &c,
                         SourceKind::ParentRvp,
@@ -2324,11 +2340,18 @@ impl Store {
         }
         let any_peer_holds = sources.iter().any(|s| s.held_percent > 0);
         let at_top = site.is_some_and(|s| s.parent.is_none());
-        let reason = match (site.is_some(), any_peer_holds) {
+        let mut reason = match (site.is_some(), any_peer_holds) {
             (false, _) => "your addresses match no site in the topology: origin",
             (true, false) => "no peer holds it: origin",
             (true, true) => "origin, last resort",
-        };
+        }
+        .to_string();
+        if !skipped.is_empty() && !sources.iter().any(|s| s.kind == SourceKind::ParentRvp) {
+            reason.push_str(&format!(
+                " (the RVP of {} serves no peers: skipped)",
+                skipped.join(", ")
+            ));
+        }
         for url in &info.origins {
             sources.push(Source {
                 kind: SourceKind::Origin,
@@ -2337,7 +2360,7 @@ impl Store {
                 } else {
                     Protocol::Background
                 },
-                reason: reason.into(),
+                reason: reason.clone(),
                 agent_id: None,
                 addresses: vec![],
                 port: None,

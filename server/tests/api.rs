@@ -1047,6 +1047,135 @@ async fn an_rvp_that_stops_serving_is_replaced(db: Db) {
     h.finish().await;
 }
 
+/// Issue 6: a child site's RVP is not pointed at a parent site whose RVP serves nobody (it
+/// would answer `DeviceBusy`, and the child's RVP would wait 60 s, then use the origin): it
+/// gets the nearest ancestor site's RVP that serves, or the origin; and the parent's RVP again
+/// once it serves. Site tree hq -> b -> c, one agent each.
+async fn a_child_site_skips_a_parent_site_whose_rvp_serves_nobody(db: Db) {
+    let Some(h) = H::start(db).await else { return };
+    let topo = "id,name,parent,type,subnets,wan_up_kbps,wan_down_kbps
+hq,Head office,,standard,10.0.0.0/16,,
+b,Branch,hq,standard,10.20.0.0/24,20000,100000
+c,Branch annex,b,standard,10.21.0.0/24,10000,50000
+";
+    assert_eq!(h.import_csv(topo).await.status, 200);
+    let cid = h.publish_bytes("pkg", &data(20_000, 5)).await;
+    let tok = h.token(10).await;
+    let (a0, a0_cred) = h.enrol(&tok, "a0").await;
+    let (b0, b0_cred) = h.enrol(&tok, "b0").await;
+    let (c0, c0_cred) = h.enrol(&tok, "c0").await;
+    let beat = |cred: &str, addr: &'static str, serves: bool| {
+        let (h, cred) = (&h, cred.to_string());
+        async move {
+            let r = h.heartbeat(&cred, facts_serving(addr, 100, serves)).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    };
+    beat(&a0_cred, "10.0.0.1", true).await;
+    beat(&b0_cred, "10.20.0.10", false).await;
+    beat(&c0_cred, "10.21.0.10", true).await;
+    let r = h
+        .send(
+            "PUT",
+            "/v1/inventory",
+            Some(&a0_cred),
+            &json!({"items": [{"content": cid, "complete": true}]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sources = |cid: &str| {
+        let (h, p) = (&h, format!("/v1/content/{cid}/sources"));
+        let c = c0_cred.clone();
+        async move { h.get(&p, Some(&c)).await.json() }
+    };
+    let upstream = |v: &Value| -> Vec<(String, String)> {
+        v["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["kind"] == "parent_rvp")
+            .map(|s| {
+                (
+                    s["agent_id"].as_str().unwrap().to_string(),
+                    s["reason"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    // b0 serves nobody: c's RVP is given hq's RVP, across b, at once.
+    for _ in 0..3 {
+        let v = sources(&cid).await;
+        assert_eq!(v["you_are_rvp"], true, "{v:#}");
+        let k = kinds(&v);
+        assert!(!k.iter().any(|(_, _, w)| w == &b0), "b0 must not be named: {v:#}");
+        assert_eq!(
+            upstream(&v),
+            [(
+                a0.clone(),
+                "ancestor site hq RVP, holds 100% (the RVP of b serves no peers: skipped)".to_string()
+            )],
+            "{v:#}"
+        );
+        assert_eq!(k[0].1, "background", "{v:#}");
+    }
+    let e = h
+        .get(&format!("/v1/admin/sites/b/content/{cid}/election"), Some(ADMIN))
+        .await
+        .json();
+    assert_eq!((e["rvp"].as_str(), e["rvp_serves"].as_bool()), (Some(b0.as_str()), Some(false)), "{e:#}");
+    // c0 fetches it for c; b0 is not told to fetch it on c's behalf (c does not get it from b).
+    assert_eq!(assignments_now(&h, &c0_cred, vec![]).await, vec![cid.clone()]);
+    assert!(assignments_now(&h, &b0_cred, vec![]).await.is_empty());
+
+    // A package nobody holds: hq's RVP, not b's, is told to fetch it, so that the chain fills
+    // from hq down to c.
+    let new = h.publish_bytes("new", &data(30_000, 6)).await;
+    let v = sources(&new).await;
+    assert_eq!(upstream(&v)[0].0, a0, "{v:#}");
+    assert_eq!(assignments_now(&h, &a0_cred, vec![]).await, vec![new.clone()]);
+    assert!(assignments_now(&h, &b0_cred, vec![]).await.is_empty());
+
+    // Nobody above c serves: the origin, at once, saying why.
+    beat(&a0_cred, "10.0.0.1", false).await;
+    let v = sources(&cid).await;
+    assert!(upstream(&v).is_empty(), "{v:#}");
+    let k = kinds(&v);
+    assert_eq!(k.len(), 1, "{v:#}");
+    assert_eq!(k[0].0, "origin", "{v:#}");
+    assert_eq!(
+        v["sources"][0]["reason"],
+        "no peer holds it: origin (the RVP of b, hq serves no peers: skipped)",
+        "{v:#}"
+    );
+
+    // hq serves again, then b: c's RVP is pointed back at b's RVP (which is then told to
+    // fetch it for the sites below it), and stays there while nothing changes.
+    beat(&a0_cred, "10.0.0.1", true).await;
+    assert_eq!(upstream(&sources(&cid).await)[0].0, a0);
+    beat(&b0_cred, "10.20.0.10", true).await;
+    for _ in 0..3 {
+        let v = sources(&cid).await;
+        assert_eq!(
+            upstream(&v),
+            [(b0.clone(), "parent site b RVP, holds 0%".to_string())],
+            "{v:#}"
+        );
+    }
+    assert_eq!(assignments_now(&h, &b0_cred, vec![]).await, vec![cid.clone()]);
+    // And off again, and on again: the answer follows each heartbeat, no later than the next
+    // sources request, with no state left behind either way.
+    beat(&b0_cred, "10.20.0.10", false).await;
+    assert_eq!(upstream(&sources(&cid).await)[0].0, a0);
+    beat(&b0_cred, "10.20.0.10", true).await;
+    assert_eq!(upstream(&sources(&cid).await)[0].0, b0);
+    let e = h
+        .get(&format!("/v1/admin/sites/c/content/{cid}/election"), Some(ADMIN))
+        .await
+        .json();
+    assert_eq!(e["rvp"], c0.as_str(), "{e:#}");
+    h.finish().await;
+}
+
 async fn serving_cap_puts_the_rest_on_the_bench(db: Db) {
     let Some(h) = H::start_with(db, |c| c.peers_active_max = 2).await else {
         return;
@@ -1463,6 +1592,7 @@ both!(
     a_gone_rvp_is_replaced_by_an_agent_that_is_still_heard_from,
     an_agent_that_does_not_serve_is_not_elected_while_another_serves,
     an_rvp_that_stops_serving_is_replaced,
+    a_child_site_skips_a_parent_site_whose_rvp_serves_nobody,
     serving_cap_puts_the_rest_on_the_bench,
     inventory_and_traffic,
     metrics_openapi_and_every_route,
