@@ -1122,7 +1122,11 @@ c,Branch annex,b,standard,10.21.0.0/24,10000,50000
         .get(&format!("/v1/admin/sites/b/content/{cid}/election"), Some(ADMIN))
         .await
         .json();
-    assert_eq!((e["rvp"].as_str(), e["rvp_serves"].as_bool()), (Some(b0.as_str()), Some(false)), "{e:#}");
+    assert_eq!(
+        (e["rvp"].as_str(), e["rvp_serves"].as_bool()),
+        (Some(b0.as_str()), Some(false)),
+        "{e:#}"
+    );
     // c0 fetches it for c; b0 is not told to fetch it on c's behalf (c does not get it from b).
     assert_eq!(assignments_now(&h, &c0_cred, vec![]).await, vec![cid.clone()]);
     assert!(assignments_now(&h, &b0_cred, vec![]).await.is_empty());
@@ -1143,8 +1147,7 @@ c,Branch annex,b,standard,10.21.0.0/24,10000,50000
     assert_eq!(k.len(), 1, "{v:#}");
     assert_eq!(k[0].0, "origin", "{v:#}");
     assert_eq!(
-        v["sources"][0]["reason"],
-        "no peer holds it: origin (the RVP of b, hq serves no peers: skipped)",
+        v["sources"][0]["reason"], "no peer holds it: origin (the RVP of b, hq serves no peers: skipped)",
         "{v:#}"
     );
 

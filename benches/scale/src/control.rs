@@ -303,7 +303,17 @@ impl<'a> Control<'a> {
             match self.topo.sites[s].parent {
                 None => (vec![Src::Origin], false),
                 Some(p) => {
-                    let (prvp, _) = self.site_answer(p);
+                    // The nearest ancestor site whose RVP serves peers, as the server answers:
+                    // one with no active agent, or whose RVP serves nobody, is skipped (the
+                    // simulated agents all serve, so only the first happens here).
+                    let (mut up, mut prvp) = (Some(p), None);
+                    while let Some(p) = up {
+                        prvp = self.site_answer(p).0;
+                        if prvp.is_some() {
+                            break;
+                        }
+                        up = self.topo.sites[p].parent;
+                    }
                     self.st[a].upstream = prvp;
                     let srcs = prvp
                         .filter(|&r| self.st[r].reported > 0)
@@ -564,5 +574,82 @@ impl<'a> Control<'a> {
             self.st[a].on_origin = true;
             net.add_sources(a, &[Src::Origin], false);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topo::{Agent, Site, Wan};
+
+    /// Holds what it is told, records what it is asked to fetch from.
+    struct Recorder {
+        holds: Vec<bool>,
+        added: Vec<(usize, Vec<Src>, bool)>,
+    }
+
+    impl Transport for Recorder {
+        fn held(&self, a: usize) -> u64 {
+            if self.holds[a] {
+                1000
+            } else {
+                0
+            }
+        }
+        fn complete(&self, a: usize) -> bool {
+            self.holds[a]
+        }
+        fn live_sources(&self, a: usize) -> usize {
+            self.added.iter().filter(|x| x.0 == a).map(|x| x.1.len()).sum()
+        }
+        fn add_sources(&mut self, a: usize, srcs: &[Src], background: bool) {
+            self.added.push((a, srcs.to_vec(), background));
+        }
+        fn set_up(&mut self, _: usize, _: bool) {}
+        fn advance(&mut self, _: f64) {}
+    }
+
+    /// The server skips an ancestor site with no active agent for the next one up: so does
+    /// the model. hq -> b -> c; b's only agent is off; c's RVP fetches from hq's RVP.
+    #[test]
+    fn control_skips_a_parent_site_without_an_active_agent() {
+        let wan = Some(Wan {
+            rate_bytes_per_s: 1_000_000,
+            delay_s: 0.01,
+            loss: 0.0,
+        });
+        let site = |parent, depth, a| Site {
+            parent,
+            depth,
+            wan: parent.and(wan),
+            agents: vec![a],
+        };
+        let agent = |i: usize, request_at| Agent {
+            id: format!("agent-{i:05}"),
+            site: i,
+            facts: Default::default(),
+            request_at,
+            leave_at: None,
+            rejoin_at: None,
+        };
+        let topo = Topology {
+            sites: vec![site(None, 0, 0), site(Some(0), 1, 1), site(Some(1), 2, 2)],
+            // b's agent joins long after the run ends.
+            agents: vec![agent(0, 0.0), agent(1, 1e6), agent(2, 0.0)],
+            lan_rate_bytes_per_s: 1_000_000,
+            origin_rate_bytes_per_s: 1_000_000,
+        };
+        let mut net = Recorder {
+            holds: vec![true, false, false],
+            added: Vec::new(),
+        };
+        let out = Control::new(&topo, Policy::default(), 1).run(&mut net, 5.0);
+        let c: Vec<&(usize, Vec<Src>, bool)> = net.added.iter().filter(|x| x.0 == 2).collect();
+        assert_eq!(
+            c.first().map(|x| (x.1.as_slice(), x.2)),
+            Some((&[Src::Agent(0)][..], true)),
+            "{c:?}"
+        );
+        assert_eq!(out.churn.origin_fallbacks, 0, "{:?}", out.churn);
     }
 }

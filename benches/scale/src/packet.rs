@@ -11,7 +11,8 @@
 //! engine's foreground protocol (standing in for HTTP).
 //!
 //! Paths are one hop: a transfer between sites that are not parent and child
-//! (an origin fallback below the top) is not routed through the links in
+//! (an origin fallback below the top, an RVP whose parent site has no active
+//! agent left) is not routed through the links in
 //! between, so the cross-check runs without churn, where the control never
 //! asks for one.
 
