@@ -14,12 +14,12 @@
 # final report: per agent the time and the sources used (`get --json`), per
 # WAN link the bytes carried as counted on the link, the origin's egress, and
 # the delay a 10 ms UDP probe saw added on each WAN link during the transfer.
-# Everything (namespaces, processes, files) is removed on exit, also on
-# failure and Ctrl-C. Other options are passed to sites.py (see its --help).
+# Namespaces, processes and files are removed on exit and on Ctrl-C; on a
+# failure the files (logs) are kept in /tmp/ltd-<pid>. Other options go to sites.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 die() { echo "demo.sh: $*" >&2; exit 2; }
-[ "$(id -u)" = 0 ] || die "needs root (network namespaces, qdiscs): sudo $0 $*"
+[ "$(id -u)" = 0 ] || die "needs root (network namespaces, qdiscs): sudo -E env \"PATH=\$PATH\" $0 $*"
 
 args=(--size-mb 200)
 while [ $# -gt 0 ]; do

@@ -5,12 +5,16 @@ set -euo pipefail
 
 need_apt=()
 have() { command -v "$1" >/dev/null 2>&1; }
+# Rust links with the system C compiler; ring's build script compiles C too.
+{ have cc && [ -e /usr/include/stdio.h ]; } || need_apt+=(gcc libc6-dev)
 have clang-19 || need_apt+=(clang-19 llvm-19)
 [ -e /usr/include/bpf/bpf_helpers.h ] || need_apt+=(libbpf-dev)
 have ip || need_apt+=(iproute2)
 have iperf3 || need_apt+=(iperf3)
 have ping || need_apt+=(iputils-ping)
 have ethtool || need_apt+=(ethtool)
+# bench-lan.sh measures CPU time with GNU time.
+[ -x /usr/bin/time ] || need_apt+=(time)
 have nft || need_apt+=(nftables)
 have python3 || need_apt+=(python3)
 have curl || need_apt+=(curl)
@@ -31,4 +35,6 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 have cargo || { echo "setup: cargo not found; install Rust 1.95 (rustup) first" >&2; exit 1; }
-rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy 2>/dev/null || true
+for c in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" 2>/dev/null || true
+done
