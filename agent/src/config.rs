@@ -11,6 +11,7 @@
 //! listen = "0.0.0.0:4500"                       # UDP address peers fetch from
 //! cache_limit_mib = 10240                       # content store size limit
 //! advertise_addresses = ["10.1.2.3"]            # report these instead of the discovered ones
+//! hostname = "pc-0412"                          # name reported to the server (default: the host name)
 //! preferred = false                             # ranking hint for RVP election
 //! site_override = "branch-7"                    # pin this agent to a site
 //! peer_stall_secs = 5                           # no progress from peers this long: use the origin
