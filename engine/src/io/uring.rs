@@ -413,12 +413,50 @@ mod tests {
         got
     }
 
+    /// The first socket on the host that asks for receive timestamps turns them on for the
+    /// receive path through a work item (`net_enable_timestamp` defers the static key's
+    /// switch), and a datagram that passed before it ran is stamped when it is read. Under
+    /// load that took over 100 ms in CI (nothing else on the machine had timestamps on). Wait
+    /// until a datagram held 20 ms in `d` comes out stamped on arrival; if that never happens
+    /// in 10 s the kernel is not stamping arrivals at all, and the test fails.
+    fn until_the_kernel_stamps_on_arrival(d: &mut dyn Driver) {
+        let clock = Clock::new();
+        let mut tx = Portable::new(loopback());
+        let to = d.local_addr();
+        let give_up = clock.now() + Duration::from_secs(10);
+        loop {
+            tx.tx_buf(0)[..1000].fill(7);
+            let t = Transmit {
+                dst: to,
+                len: 1000,
+                segment_size: None,
+            };
+            tx.send(&[t]).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            let mut early = false;
+            let k = d
+                .recv(Some(Duration::from_secs(1)), &clock, &mut |_, _, arrived| {
+                    early |= arrived.is_some_and(|a| clock.now().since(a) >= Duration::from_millis(10));
+                })
+                .unwrap();
+            assert!(k > 0, "the warm-up datagram did not arrive");
+            if early {
+                return;
+            }
+            assert!(
+                clock.now() < give_up,
+                "no datagram was stamped on arrival in 10 s: is SO_TIMESTAMPNS on?"
+            );
+        }
+    }
+
     /// Issue 4 (DESIGN.md property 3): the arrival time a driver reports is the kernel's
     /// receive timestamp, not the time the driver read the datagram, so the endpoint's own
     /// scheduling delay does not count as queueing delay on the path. The datagram waits
     /// [`HELD`] in the socket; its arrival must come out (about) that much before it was read,
     /// and not before it was sent. (Without kernel stamps the arrival would be the read time.)
     fn reports_the_kernels_arrival_time(d: &mut dyn Driver, segments: usize) {
+        until_the_kernel_stamps_on_arrival(d);
         for (sent, arrived, read) in held_then_read(d, segments) {
             let arrived = arrived.expect("no kernel receive timestamp: is SO_TIMESTAMPNS on?");
             assert!(
