@@ -36,7 +36,7 @@ use crate::facts;
 use crate::proto::{self, GetDone, Progress, Reply, Request, REQUEST_BYTES_MAX};
 use crate::server::{self, Client, Facts, Inventory, InventoryItem, Protocol, SourceKind, TrafficReport};
 use crate::tls::{self, PinVerifier};
-use crate::worker::{self, Cmd, Handle, Held};
+use crate::worker::{self, Cmd, Dropped, Handle, Held, SourceView};
 
 /// Most looks (50 ms apart) for a completed fetch's per-source figures.
 const FINAL_STATS_POLLS_MAX: usize = 40;
@@ -1418,14 +1418,18 @@ fn choose<'a>(plan: &'a Plan, missing: &[(u64, u64)], defer_done: bool) -> Vec<&
 }
 
 /// Where a download stands between ticks.
+#[derive(Default)]
 struct Watch {
     /// Ticks since this agent's copy last grew.
     idle: u64,
     /// Ticks since the upstream last changed (another RVP) or grew.
     up_idle: u64,
     last_held: u64,
-    /// The upstream as last seen: agent and bytes held.
-    up_seen: Option<(Option<String>, u64)>,
+    /// The upstream as last seen: agent, address and bytes held.
+    up_seen: Option<(Option<String>, SocketAddr, u64)>,
+    /// The upstream's device refuses to serve anybody (`DeviceBusy`): that was its latest
+    /// answer since the server named it, and no session with it has been open since.
+    up_refusing: bool,
     /// Sources given to the engine, with what they held then (a dropped one is given again
     /// only when it holds more, or when it is an upstream that is still getting it).
     given: HashMap<SocketAddr, u64>,
@@ -1454,7 +1458,7 @@ struct Watch {
 
 impl Watch {
     /// Take the engine's per-source figures into the per-address totals.
-    fn count(&mut self, views: &[crate::worker::SourceView]) {
+    fn count(&mut self, views: &[SourceView]) {
         // A source given again starts from zero.
         fn add((last, total): &mut (u64, u64), now: u64) {
             *total += now.saturating_sub(if now < *last { 0 } else { *last });
@@ -1467,17 +1471,49 @@ impl Watch {
     }
 
     /// Take a new plan's upstream into account: a new RVP, or one that grew, is progress.
+    /// One named anew (another agent or address, even one named before) has not refused yet.
     fn upstream(&mut self, plan: &Plan) {
-        let now = plan.upstream.as_ref().map(|u| (u.agent_id.clone(), u.held_bytes));
+        let now = plan
+            .upstream
+            .as_ref()
+            .map(|u| (u.agent_id.clone(), u.addr, u.held_bytes));
         let progressed = match (&self.up_seen, &now) {
-            (Some((a, h0)), Some((b, h1))) => a != b || h1 > h0,
+            (Some((a, _, h0)), Some((b, _, h1))) => a != b || h1 > h0,
             (None, Some(_)) => true,
             _ => false,
         };
         if progressed {
             self.up_idle = 0;
         }
+        let who = |s: &Option<(Option<String>, SocketAddr, u64)>| s.as_ref().map(|(a, addr, _)| (a.clone(), *addr));
+        if who(&self.up_seen) != who(&now) {
+            self.up_refusing = false;
+        }
         self.up_seen = now;
+    }
+
+    /// Take the engine's news of the upstream at `up` into [`Watch::up_refusing`]: its drops
+    /// from `id`'s fetch not looked at yet (after `drops_seen`; call before it moves on), and
+    /// whether a session with it is open now (`views`). A `DeviceBusy` answer lasts (on
+    /// battery...) and is waited for [`RVP_REFUSING_WAIT`] only; but one from before the
+    /// upstream was named anew, or before it accepted a session (it serves now, and has not
+    /// got further yet itself), is no longer its answer: waiting for it is the whole
+    /// `rvp_wait_secs`, not a crossing of every WAN link above to the origin after 60 s.
+    fn upstream_answers(&mut self, id: ContentId, up: Option<SocketAddr>, drops: &[Dropped], views: &[SourceView]) {
+        let Some(up) = up else {
+            self.up_refusing = false;
+            return;
+        };
+        if let Some(d) = drops
+            .iter()
+            .rev()
+            .find(|d| d.seq > self.drops_seen && d.content == id && d.addr == up)
+        {
+            self.up_refusing = d.device_busy;
+        }
+        if views.iter().any(|v| v.addr == up && v.active && !v.dropped) {
+            self.up_refusing = false;
+        }
     }
 }
 
@@ -1725,20 +1761,8 @@ async fn fetch(
     let refresh_ticks = ticks(sh.cfg.sources_refresh_secs);
     let wait_refresh_ticks = ticks(1).min(refresh_ticks);
     let mut w = Watch {
-        idle: 0,
-        up_idle: 0,
         last_held: already,
-        up_seen: None,
-        given: HashMap::new(),
-        background: HashSet::new(),
-        wan: HashSet::new(),
-        verified: HashMap::new(),
-        payload: HashMap::new(),
-        finishing: 0,
-        ticks: 0,
-        retry_at: HashMap::new(),
-        drops_seen: 0,
-        banned: HashSet::new(),
+        ..Watch::default()
     };
     // The block table's fetch gave the engine these as sources, and it goes on with the blocks
     // from them: count them as given, with their protocol (a fast LAN may finish before the
@@ -1829,6 +1853,12 @@ async fn fetch(
                 .filter(|d| d.content == id && d.banned)
                 .map(|d| d.addr),
         );
+        w.upstream_answers(
+            id,
+            up.map(|u| u.addr),
+            &snap.dropped_peers,
+            fv.map_or(&[], |f| &f.sources),
+        );
         for d in snap
             .dropped_peers
             .iter()
@@ -1867,14 +1897,6 @@ async fn fetch(
             sources: live,
             peer_rate_bytes_per_s: rate,
         });
-        // Its latest drop says whether the upstream's device refuses to serve anybody.
-        let up_refusing = up.is_some_and(|u| {
-            snap.dropped_peers
-                .iter()
-                .rev()
-                .find(|d| d.content == id && d.addr == u.addr)
-                .is_some_and(|d| d.device_busy)
-        });
         // An upstream that sent bad data is never used again: not one to wait for.
         let why = origin_reason(
             &Standing {
@@ -1882,7 +1904,7 @@ async fn fetch(
                     background: u.background,
                     complete: u.complete,
                     dropped: up_dropped,
-                    refusing: up_refusing,
+                    refusing: w.up_refusing,
                 }),
                 you_are_rvp: plan.you_are_rvp,
                 given_any: !w.given.is_empty(),
@@ -2349,5 +2371,125 @@ mod tests {
             ..peers_gone
         };
         assert!(origin_reason(&top, stall, rvp).is_some_and(|w| w.contains("nobody upstream")));
+    }
+
+    /// Issue 6: the upstream's `DeviceBusy` counted whenever it was sent. After the server
+    /// named b's RVP, then (it refused: on battery) hq's, then b's again once it serves, or
+    /// once b's RVP served again under the same naming and had nothing more yet, that old
+    /// refusal cut the wait for it to RVP_REFUSING_WAIT (60 s) and sent the child site's RVP
+    /// to the origin: a second crossing of every WAN link above. It counts only while it is
+    /// the latest answer since the upstream was named, and no session with it opened since.
+    #[test]
+    fn an_upstream_refusal_counts_only_until_it_serves_or_is_named_anew() {
+        let id = ContentId::of(b"package");
+        let (b0, hq0): (SocketAddr, SocketAddr) =
+            ("10.0.2.10:7000".parse().unwrap(), "10.0.1.10:7000".parse().unwrap());
+        let plan = |addr: SocketAddr, agent: &str| Plan {
+            you_are_rvp: true,
+            site: Some("c".into()),
+            upstream: Some(Named {
+                addr,
+                agent_id: Some(agent.into()),
+                background: true,
+                held_bytes: 0,
+                complete: false,
+                ranges: Vec::new(),
+                why: String::new(),
+            }),
+            peers: Vec::new(),
+            origins: Vec::new(),
+        };
+        let drop = |seq: u64, addr: SocketAddr, device_busy: bool| Dropped {
+            seq,
+            content: id,
+            addr,
+            reason: String::new(),
+            refused: true,
+            banned: false,
+            not_found: false,
+            device_busy,
+        };
+        let view = |addr: SocketAddr, active: bool, dropped: bool| SourceView {
+            addr,
+            active,
+            dropped,
+            payload_bytes: 0,
+            blocks_verified: 0,
+            rate_bytes_per_s: 0,
+            sealed_rejected: 0,
+        };
+        let mut w = Watch::default();
+        // One look of the fetch loop: the engine's drops and sources, then the drops are seen.
+        let look = |w: &mut Watch, up: SocketAddr, drops: &[Dropped], views: &[SourceView]| {
+            w.upstream_answers(id, Some(up), drops, views);
+            w.drops_seen = drops.last().map_or(w.drops_seen, |d| d.seq);
+            w.up_refusing
+        };
+        w.upstream(&plan(b0, "b0"));
+        let mut drops = vec![drop(1, b0, true)];
+        assert!(
+            look(&mut w, b0, &drops, &[view(b0, false, true)]),
+            "b0 refuses: on battery"
+        );
+        // Asked again (the greeting is not answered yet): still its latest answer.
+        assert!(look(&mut w, b0, &drops, &[view(b0, false, false)]));
+        // Another content's drop, or another peer's, says nothing about b0.
+        drops.push(Dropped {
+            content: ContentId::of(b"other"),
+            ..drop(2, b0, false)
+        });
+        drops.push(drop(3, hq0, false));
+        assert!(look(&mut w, b0, &drops, &[view(b0, false, true)]));
+        // Plugged in: it accepts the session, and has nothing more to send yet. No drop since.
+        assert!(
+            !look(&mut w, b0, &drops, &[view(b0, true, false)]),
+            "a session with b0 is open: its refusal is over (this was a 60 s wait)"
+        );
+        assert!(!look(&mut w, b0, &drops, &[view(b0, true, false)]));
+        // It refuses again later: that counts.
+        drops.push(drop(4, b0, true));
+        assert!(look(&mut w, b0, &drops, &[view(b0, false, true)]));
+        // A full serving cap (Busy, not DeviceBusy) is its latest answer now: not refusing.
+        drops.push(drop(5, b0, false));
+        assert!(!look(&mut w, b0, &drops, &[view(b0, false, true)]));
+        drops.push(drop(6, b0, true));
+        assert!(look(&mut w, b0, &drops, &[view(b0, false, true)]));
+        // The server names hq's RVP (b's serves nobody), then b's again once it serves: the
+        // refusal was before this naming, and no drop of b0 came since.
+        w.upstream(&plan(hq0, "hq0"));
+        assert!(!w.up_refusing);
+        assert!(!look(&mut w, hq0, &drops, &[view(hq0, true, false)]));
+        w.upstream(&plan(b0, "b0"));
+        assert!(
+            !look(&mut w, b0, &drops, &[view(b0, false, false)]),
+            "b0 named anew: its old DeviceBusy is not its answer (this was a 60 s wait)"
+        );
+        // The same naming seen again in the next answer keeps what b0 answered since.
+        drops.push(drop(7, b0, true));
+        assert!(look(&mut w, b0, &drops, &[view(b0, false, true)]));
+        w.upstream(&plan(b0, "b0"));
+        assert!(w.up_refusing, "the same upstream named again keeps its refusal");
+        // Its agent restarted on another port: named anew.
+        let b0_moved: SocketAddr = "10.0.2.10:7001".parse().unwrap();
+        w.upstream(&plan(b0_moved, "b0"));
+        assert!(!look(&mut w, b0_moved, &drops, &[view(b0_moved, false, false)]));
+        // And what that means for the wait: the whole rvp_wait_secs, not RVP_REFUSING_WAIT.
+        let refusing_ticks = ticks_of(RVP_REFUSING_WAIT);
+        let standing = |refusing: bool| Standing {
+            upstream: Some(UpstreamState {
+                background: true,
+                complete: false,
+                dropped: false,
+                refusing,
+            }),
+            you_are_rvp: true,
+            given_any: true,
+            live: 1,
+            retries_pending: 0,
+            idle_ticks: refusing_ticks,
+            up_idle_ticks: refusing_ticks,
+        };
+        assert!(origin_reason(&standing(true), 20, refusing_ticks * 10).is_some());
+        assert_eq!(origin_reason(&standing(w.up_refusing), 20, refusing_ticks * 10), None);
     }
 }
