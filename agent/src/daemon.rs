@@ -1711,6 +1711,14 @@ async fn fetch(
     let cred = &sh.cred.credential;
     let size = manifest.size;
     let mut plan = plan_from(sh, id, size, &sh.client.sources(cred, &id).await?);
+    // The engine's drops from here on are this download's. The block table's fetch asks the
+    // upstream and the site's peers first, and what they answer then counts as in the loop
+    // below: a refusal is "ask again later" (a complete upstream that refused then was never
+    // asked again: a site's member waited for nothing, then crossed the WAN to the origin).
+    let drops_at_start = {
+        let snap = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?;
+        snap.dropped_peers.last().map_or(0, |d| d.seq)
+    };
     let (table, table_peers) = table_for(sh, id, &plan).await?;
     if table.geometry().size != manifest.size {
         bail!(
@@ -1785,11 +1793,8 @@ async fn fetch(
     }
     w.upstream(&plan);
     let mut since_refresh = 0u64;
-    let (store_errors_before, drops_before) = {
-        let snap = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?;
-        (snap.store_errors, snap.dropped_peers.last().map_or(0, |d| d.seq))
-    };
-    w.drops_seen = drops_before;
+    let store_errors_before = sh.engine.call(|reply| Cmd::Snapshot { reply }).await?.store_errors;
+    w.drops_seen = drops_at_start;
     // Answers in a row while nothing arrives: the polling backs off (1, 2, 4, 8 s, then
     // every sources_refresh_secs), so a site waiting for its RVP does not ask every second.
     let mut wait_streak = 0u32;
@@ -1843,7 +1848,8 @@ async fn fetch(
         w.up_idle += 1;
         w.ticks += 1;
         let up = plan.upstream.as_ref();
-        // Drops since the last look: a refusal (busy) is "ask again later", and so is any drop
+        // Drops since the last look (the first look: since the download began, the block
+        // table's fetch included): a refusal (busy) is "ask again later", and so is any drop
         // of the upstream the server still names (it holds or is getting the content).
         // Bans count whenever they happened (the block table's fetch may have dropped a peer that
         // sent a bad block before this loop first looked): the engine never uses that peer again.

@@ -561,6 +561,63 @@ fn agents_get_by_name_and_version() {
     assert!(!root.path().join("x").exists());
 }
 
+/// Issue 6: a site's member whose site RVP holds the package whole but refused it (on
+/// battery) while the member fetched the block table never asked it again: it waited for an RVP
+/// it no longer asked, then crossed the WAN to the origin. A refusal then is "ask again later",
+/// as one afterwards is: plugged in, the RVP serves the member everything.
+#[test]
+fn agents_ask_again_an_rvp_that_refused_during_the_block_table_fetch() {
+    let srv = Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let bytes = data(1024 * 1024 + 5, 13);
+    let id = srv.publish(&bytes, "tool", "5.1");
+    let power = root.path().join("power");
+    let bat = power.join("BAT0");
+    std::fs::create_dir_all(&bat).unwrap();
+    std::fs::write(bat.join("type"), "Battery\n").unwrap();
+    std::fs::write(bat.join("status"), "Discharging\n").unwrap();
+    let z = Agent::start_with(
+        &srv,
+        root.path(),
+        "z",
+        64,
+        "hq",
+        &format!("power_supply_dir = {power:?}\nbusy_check_secs = 1"),
+    );
+    z.get_json(&id, &root.path().join("z.bin"));
+    let z_id = z.status()["agent_id"].as_str().unwrap().to_string();
+    // y serves nobody either, so z, which holds it whole, stays the site's RVP. The 90 s
+    // wait only bounds how long this test fails without the fix (the refusing RVP's 60 s).
+    let y = Agent::start_with(&srv, root.path(), "y", 64, "hq", "uploads_max = 0\nrvp_wait_secs = 90");
+    let e = srv.election("hq", &id);
+    assert_eq!(e["rvp"], z_id.as_str(), "{e:#}");
+    let out = root.path().join("y.bin");
+    let get = y.spawn_get(&id, &out);
+    // z refuses y's request for the block table until y gives up on it (10 s) and asks the server.
+    let mut waited = 0;
+    while !y.log_text().contains("no site peer sent the block table") {
+        assert!(
+            waited < 300,
+            "y did not ask the server for the block table in 30 s:\n{}",
+            y.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        waited += 1;
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    std::fs::write(bat.join("status"), "Charging\n").unwrap();
+    let r = get.wait_ok(&y);
+    assert_eq!(std::fs::read(&out).unwrap(), bytes);
+    assert_eq!(
+        r["bytes_from_origin"],
+        0,
+        "y crossed to the origin instead of asking its RVP again: {r}\n{}",
+        y.log_text()
+    );
+    assert_eq!(r["bytes_from_peers"], bytes.len() as u64, "{r}");
+    assert!(z.status()["served"]["payload_bytes"].as_u64().unwrap() > 0);
+}
+
 #[test]
 fn agents_on_battery_refuse_to_serve_until_plugged_in() {
     let srv = Server::start();
