@@ -189,7 +189,8 @@ class Testbed:
 
     def clean_env(self, extra=None):
         env = {k: v for k, v in os.environ.items() if not k.startswith("LOWTIDE_")}
-        env["LOWTIDE_LOG"] = "info"
+        # SITES_LOG sets the agents' and server's log filter, e.g. lowtide_engine::cc=debug,info
+        env["LOWTIDE_LOG"] = os.environ.get("SITES_LOG", "info")
         env.update(extra or {})
         return env
 
