@@ -1214,6 +1214,17 @@ mod tests {
     }
 
     /// The Accept a server would send for `f`'s only source, with `flags`.
+    /// The header of the first data datagram of a session (the block table's first bytes).
+    fn first_table_datagram(send_ts_us: u32) -> wire::DataFixed {
+        wire::DataFixed {
+            pn: 0.into(),
+            offset: 0.into(),
+            send_ts_us: send_ts_us.into(),
+            stream: wire::STREAM_TABLE,
+            reserved: [0; 3],
+        }
+    }
+
     fn accept_for(f: &mut Fetch, key: &DeploymentKey, flags: u8) -> (SocketAddr, Vec<u8>) {
         let mut buf = vec![0u8; 2048];
         let t = f.poll_transmit(Time(0), &mut buf).unwrap();
@@ -1281,13 +1292,7 @@ mod tests {
         f.handle(Time(1), src, &decode(&key, &accept).unwrap());
         let session = f.sources[0].session;
         let mut buf = vec![0u8; 2048];
-        let fixed = wire::DataFixed {
-            pn: 0.into(),
-            offset: 0.into(),
-            send_ts_us: 0.into(),
-            stream: wire::STREAM_TABLE,
-            reserved: [0; 3],
-        };
+        let fixed = first_table_datagram(0);
         // In clear, then sealed under another session's key: both refused and counted.
         let n = wire::seal_data(&key, &mut buf, session, &fixed, 100);
         f.handle(Time(2), src, &decode(&key, &buf[..n]).unwrap());
@@ -1378,13 +1383,7 @@ mod tests {
         f.handle(Time(1), src, &decode(&key, &accept).unwrap());
         let session = f.sources[0].session;
         let mut buf = vec![0u8; 2048];
-        let fixed = wire::DataFixed {
-            pn: 0.into(),
-            offset: 0.into(),
-            send_ts_us: 4_000.into(),
-            stream: wire::STREAM_TABLE,
-            reserved: [0; 3],
-        };
+        let fixed = first_table_datagram(4_000);
         let n = wire::seal_data(&key, &mut buf, session, &fixed, 16);
         // Arrived at 10 ms, handled at 35 ms (the fetcher was busy), acknowledged at 40 ms.
         let (arrived, handled, acked) = (Time(10_000), Time(35_000), Time(40_000));
