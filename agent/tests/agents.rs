@@ -561,6 +561,26 @@ fn agents_get_by_name_and_version() {
     assert!(!root.path().join("x").exists());
 }
 
+/// A laptop: agent `name` in site hq whose battery (a fake power_supply tree under `root`) is
+/// discharging, checked every second. Returns the agent and the battery's status file (write
+/// "Charging" to plug it in).
+fn laptop_on_battery(srv: &Server, root: &std::path::Path, name: &str) -> (Agent, std::path::PathBuf) {
+    let power = root.join("power");
+    let bat = power.join("BAT0");
+    std::fs::create_dir_all(&bat).unwrap();
+    std::fs::write(bat.join("type"), "Battery\n").unwrap();
+    std::fs::write(bat.join("status"), "Discharging\n").unwrap();
+    let agent = Agent::start_with(
+        srv,
+        root,
+        name,
+        64,
+        "hq",
+        &format!("power_supply_dir = {power:?}\nbusy_check_secs = 1"),
+    );
+    (agent, bat.join("status"))
+}
+
 /// Issue 6: a site's member whose site RVP holds the package whole but refused it (on
 /// battery) while the member fetched the block table never asked it again: it waited for an RVP
 /// it no longer asked, then crossed the WAN to the origin. A refusal then is "ask again later",
@@ -571,19 +591,7 @@ fn agents_ask_again_an_rvp_that_refused_during_the_block_table_fetch() {
     let root = tempfile::tempdir().unwrap();
     let bytes = data(1024 * 1024 + 5, 13);
     let id = srv.publish(&bytes, "tool", "5.1");
-    let power = root.path().join("power");
-    let bat = power.join("BAT0");
-    std::fs::create_dir_all(&bat).unwrap();
-    std::fs::write(bat.join("type"), "Battery\n").unwrap();
-    std::fs::write(bat.join("status"), "Discharging\n").unwrap();
-    let z = Agent::start_with(
-        &srv,
-        root.path(),
-        "z",
-        64,
-        "hq",
-        &format!("power_supply_dir = {power:?}\nbusy_check_secs = 1"),
-    );
+    let (z, battery) = laptop_on_battery(&srv, root.path(), "z");
     z.get_json(&id, &root.path().join("z.bin"));
     let z_id = z.status()["agent_id"].as_str().unwrap().to_string();
     // y serves nobody either, so z, which holds it whole, stays the site's RVP. The 90 s
@@ -605,7 +613,7 @@ fn agents_ask_again_an_rvp_that_refused_during_the_block_table_fetch() {
         waited += 1;
     }
     std::thread::sleep(std::time::Duration::from_secs(2));
-    std::fs::write(bat.join("status"), "Charging\n").unwrap();
+    std::fs::write(&battery, "Charging\n").unwrap();
     let r = get.wait_ok(&y);
     assert_eq!(std::fs::read(&out).unwrap(), bytes);
     assert_eq!(
@@ -624,20 +632,7 @@ fn agents_on_battery_refuse_to_serve_until_plugged_in() {
     let root = tempfile::tempdir().unwrap();
     let bytes = data(1024 * 1024 + 3, 11);
     let id = srv.publish(&bytes, "tool", "5.0");
-    // A laptop whose battery (a fake power_supply tree) is discharging.
-    let power = root.path().join("power");
-    let bat = power.join("BAT0");
-    std::fs::create_dir_all(&bat).unwrap();
-    std::fs::write(bat.join("type"), "Battery\n").unwrap();
-    std::fs::write(bat.join("status"), "Discharging\n").unwrap();
-    let z = Agent::start_with(
-        &srv,
-        root.path(),
-        "z",
-        64,
-        "hq",
-        &format!("power_supply_dir = {power:?}\nbusy_check_secs = 1"),
-    );
+    let (z, battery) = laptop_on_battery(&srv, root.path(), "z");
     z.get_json(&id, &root.path().join("z.bin"));
     let refused = z.status()["serving"]["refused"].clone();
     assert!(refused.as_str().is_some_and(|r| r.contains("battery")), "{refused}");
@@ -665,7 +660,7 @@ fn agents_on_battery_refuse_to_serve_until_plugged_in() {
     assert!(z.metrics().contains("lowtide_agent_serving_refused 1\n"));
     // Plugged in: it serves again (y is gone, so z is the only peer that can).
     y.stop();
-    std::fs::write(bat.join("status"), "Charging\n").unwrap();
+    std::fs::write(&battery, "Charging\n").unwrap();
     let mut waited = 0;
     while !z.status()["serving"]["refused"].is_null() {
         assert!(waited < 300, "z still refuses after 30 s on mains: {}", z.status());
