@@ -544,6 +544,9 @@ impl Server {
     }
 
     fn on_ack(now: Time, arrived: Time, s: &mut Session, fixed: &wire::AckFixed, ranges: &[WireRange]) {
+        // The controllers' events (e.g. `lowtide_engine::cc=debug`) say which session they are about.
+        let _session =
+            tracing::debug_span!(target: "lowtide_engine::cc", "session", peer = %s.peer, id = s.id).entered();
         let largest = fixed.largest.get();
         let ack_delay = Duration::from_micros(fixed.ack_delay_us.get() as u64);
         let out = s.recovery.on_ack(
