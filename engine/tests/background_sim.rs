@@ -241,11 +241,13 @@ fn yield_and_reclaim(seed: u64, rate: u64, forward: Duration, back: Duration, qu
 }
 
 /// A latecomer: a second background flow from another host joins a standing
-/// background flow 4 s in (shares 0.732 + 0.250, p99 9.6 ms; 0.803 + 0.196,
-/// p99 6.9 ms before the yield on an unexplained queue, which without its
-/// silencing after a false alarm made them yield to each other in turn: 0.747). Each sees the other's queue as one its own window does
-/// not explain and may yield to it; together they must still fill the link with
-/// a short queue (no ping-pong of yields that leaves it idle), and neither starves.
+/// background flow 4 s in (shares 0.813 + 0.176, p99 7.3 ms; 0.732 + 0.250, p99
+/// 9.6 ms before growth turned gentle after a yield that ended by regrowing;
+/// 0.803 + 0.196, p99 6.9 ms before the yield on an unexplained queue, which
+/// without its silencing after a false alarm made them yield to each other in
+/// turn: 0.747). Each sees the other's queue as one its own window does not
+/// explain and may yield to it; together they must still fill the link with a
+/// short queue (no ping-pong of yields that leaves it idle), and neither starves.
 #[test]
 fn two_background_flows_share_the_link_with_a_short_queue() {
     for seed in [221, 222] {
@@ -270,7 +272,7 @@ fn two_background_flows_share_the_link_with_a_short_queue() {
             "seed {seed}: one flow starves: {share_a:.3} / {share_b:.3}"
         );
         assert!(
-            p99 <= Duration::from_millis(10),
+            p99 <= Duration::from_millis(8),
             "seed {seed}: p99 queueing delay {p99:?}"
         );
     }
