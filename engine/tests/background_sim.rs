@@ -113,6 +113,27 @@ fn queue_delay_percentile(sim: &Sim, a: Duration, b: Duration, p: f64) -> Durati
     d[((d.len() - 1) as f64 * p) as usize]
 }
 
+/// What a background controller hears at each step of the fluid models below: `acked`
+/// bytes with a one-way delay of `owd_us` (any clock offset included), not application-limited.
+fn fluid_ack(
+    acked: u64,
+    rtt: Duration,
+    srtt: Duration,
+    base_rtt: Duration,
+    owd_us: i64,
+    in_flight: u64,
+) -> lowtide_engine::cc::AckSample {
+    lowtide_engine::cc::AckSample {
+        acked_bytes: acked,
+        rtt: Some(rtt),
+        srtt,
+        min_rtt: base_rtt,
+        one_way_delay_us: Some(owd_us),
+        in_flight,
+        app_limited: false,
+    }
+}
+
 fn run_to(n: &mut Net, t: Duration) {
     n.sim.run_until(Time::ZERO + t, |_| false);
 }
@@ -355,7 +376,9 @@ mod sender_bottleneck {
     use std::time::Duration;
 
     use lowtide_engine::cc::background::{Background, BackgroundConfig, PathSignal};
-    use lowtide_engine::cc::{AckSample, Controller, MSS_BYTES};
+    use lowtide_engine::cc::{Controller, MSS_BYTES};
+
+    use super::fluid_ack;
     use lowtide_engine::time::Time;
     use rand::{Rng, SeedableRng};
 
@@ -422,17 +445,14 @@ mod sender_bottleneck {
             let jitter_us: i64 = rng.gen_range(0..300);
             c.on_ack(
                 now,
-                &AckSample {
-                    acked_bytes: acked,
-                    rtt: Some(rtt),
+                &fluid_ack(
+                    acked,
+                    rtt,
                     srtt,
-                    min_rtt: base_rtt,
-                    one_way_delay_us: Some(
-                        clock_offset_us + base_rtt.as_micros() as i64 / 2 + (q_s * 1e6) as i64 + jitter_us + spike_us,
-                    ),
-                    in_flight: c.window(),
-                    app_limited: false,
-                },
+                    base_rtt,
+                    clock_offset_us + base_rtt.as_micros() as i64 / 2 + (q_s * 1e6) as i64 + jitter_us + spike_us,
+                    c.window(),
+                ),
             );
         }
         rates
@@ -551,17 +571,14 @@ mod sender_bottleneck {
                 let jitter_us: i64 = rng.gen_range(0..300);
                 c.on_ack(
                     now,
-                    &AckSample {
-                        acked_bytes: 2 * MSS_BYTES,
-                        rtt: Some(rtt),
+                    &fluid_ack(
+                        2 * MSS_BYTES,
+                        rtt,
                         srtt,
-                        min_rtt: base_rtt,
-                        one_way_delay_us: Some(
-                            clock_offset_us + base_rtt.as_micros() as i64 / 2 + (q_s * 1e6) as i64 + jitter_us,
-                        ),
-                        in_flight: c.window(),
-                        app_limited: false,
-                    },
+                        base_rtt,
+                        clock_offset_us + base_rtt.as_micros() as i64 / 2 + (q_s * 1e6) as i64 + jitter_us,
+                        c.window(),
+                    ),
                 );
             }
         }
@@ -632,7 +649,9 @@ mod router_bottleneck {
     use std::time::Duration;
 
     use lowtide_engine::cc::background::{Background, BackgroundConfig};
-    use lowtide_engine::cc::{AckSample, Controller, MSS_BYTES};
+    use lowtide_engine::cc::{Controller, MSS_BYTES};
+
+    use super::fluid_ack;
     use lowtide_engine::time::Time;
     use rand::{Rng, SeedableRng};
 
@@ -738,15 +757,14 @@ mod router_bottleneck {
                     let jitter_us: i64 = rng.gen_range(0..300);
                     c.on_ack(
                         now,
-                        &AckSample {
-                            acked_bytes: acked,
-                            rtt: Some(rtt),
+                        &fluid_ack(
+                            acked,
+                            rtt,
                             srtt,
-                            min_rtt: base_rtt,
-                            one_way_delay_us: Some(clock_offset_us + 40_000 + delay_out[k] as i64 * 1000 + jitter_us),
-                            in_flight: c.window(),
-                            app_limited: false,
-                        },
+                            base_rtt,
+                            clock_offset_us + 40_000 + delay_out[k] as i64 * 1000 + jitter_us,
+                            c.window(),
+                        ),
                     );
                 }
             }
