@@ -36,6 +36,12 @@
 //!   than its window allowed (a rate is a lower bound of the link's capacity:
 //!   any higher one raises it, so a low first estimate, taken while the rate
 //!   samples still lagged a ramp-up, does not cap the window for good).
+//!   Once the queue has set the window (a cut on queue, or a yield that ended
+//!   by regrowing), growth is gentle: a round trip adds at most
+//!   [`GENTLE_GROWTH`] × (target − q) of queue, whatever the number of flows
+//!   through the bottleneck (each grows by its own rate × that); it is fast
+//!   again after a yield until the yield ends, and after a loss back to the
+//!   window before it.
 //! - Queue above target: once per round trip, the window loses what stands
 //!   above the target, `(q − target) × delivery rate` (at least a segment, at
 //!   most half the window).
