@@ -96,14 +96,24 @@ impl PacketNet {
         let table = BlockTable::from_bytes(&data, lowtide_engine::content::BLOCK_CHUNKS_LOG_DEFAULT);
         let id = table.root();
         let size = data.len() as u64;
-        let origin = sim.add_node(ServerConfig::default());
+        // Every site is a LAN of its own (a sender shares one background controller among its
+        // sessions toward one subnet): site s is 10.(1 + s / 256).(s % 256).0/24, the origin
+        // 10.0.0.1.
+        let origin = sim.add_node_at(SocketAddr::from(([10, 0, 0, 1], 4000)), ServerConfig::default());
         sim.nodes[origin].library.insert_full(table.clone(), data);
         sim.set_uplink(origin, nic_spec(topo.origin_rate_bytes_per_s));
         let node: Vec<usize> = topo
             .agents
             .iter()
-            .map(|_| {
-                let n = sim.add_node(ServerConfig::default());
+            .enumerate()
+            .map(|(i, a)| {
+                let host = topo.sites[a.site].agents.iter().position(|&x| x == i).unwrap_or(0) + 1;
+                assert!(
+                    host < 255,
+                    "the packet model puts a site on one /24: at most 254 agents a site"
+                );
+                let addr = SocketAddr::from(([10, 1 + (a.site >> 8) as u8, a.site as u8, host as u8], 4000));
+                let n = sim.add_node_at(addr, ServerConfig::default());
                 sim.nodes[n].library.insert_empty(table.clone());
                 sim.set_uplink(n, nic_spec(topo.lan_rate_bytes_per_s));
                 n

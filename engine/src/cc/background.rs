@@ -185,12 +185,40 @@ struct Slot {
     min_us: i64,
 }
 
+/// The base of a one-way delay: its minimum over [`BASE_SLOTS`] slots of [`BASE_SLOT`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BaseDelay {
+    /// Slot minima, newest last.
+    slots: Vec<Slot>,
+}
+
+impl BaseDelay {
+    pub(crate) fn record(&mut self, now: Time, owd_us: i64) {
+        match self.slots.last_mut() {
+            Some(s) if now.since(s.start) < BASE_SLOT => s.min_us = s.min_us.min(owd_us),
+            _ => {
+                if self.slots.len() == BASE_SLOTS {
+                    self.slots.remove(0);
+                }
+                self.slots.push(Slot {
+                    start: now,
+                    min_us: owd_us,
+                });
+            }
+        }
+    }
+
+    pub(crate) fn base_us(&self) -> Option<i64> {
+        self.slots.iter().map(|s| s.min_us).min()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Background {
     cfg: BackgroundConfig,
     window: u64,
-    /// Base delay history: slot minima, newest last.
-    slots: Vec<Slot>,
+    /// Base delay history.
+    base: BaseDelay,
     recent: [i64; CURRENT_FILTER],
     recent_len: usize,
     /// Latest queueing delay estimate, µs.
@@ -267,7 +295,7 @@ impl Background {
         Self {
             window: 4 * MSS_BYTES,
             cfg,
-            slots: Vec::with_capacity(BASE_SLOTS),
+            base: BaseDelay::default(),
             recent: [i64::MAX; CURRENT_FILTER],
             recent_len: 0,
             queue_us: 0,
@@ -318,23 +346,17 @@ impl Background {
         self.yielded
     }
 
+    /// The one-way part of the queue the controller currently believes in, µs.
+    pub(crate) fn queue_owd_us(&self) -> i64 {
+        self.queue_owd_us
+    }
+
     fn base_us(&self) -> Option<i64> {
-        self.slots.iter().map(|s| s.min_us).min()
+        self.base.base_us()
     }
 
     fn record_delay(&mut self, now: Time, owd_us: i64) {
-        match self.slots.last_mut() {
-            Some(s) if now.since(s.start) < BASE_SLOT => s.min_us = s.min_us.min(owd_us),
-            _ => {
-                if self.slots.len() == BASE_SLOTS {
-                    self.slots.remove(0);
-                }
-                self.slots.push(Slot {
-                    start: now,
-                    min_us: owd_us,
-                });
-            }
-        }
+        self.base.record(now, owd_us);
         self.recent[self.recent_len % CURRENT_FILTER] = owd_us;
         self.recent_len += 1;
     }

@@ -11,9 +11,12 @@
 //!   per round trip.
 //! - [`background::Background`]: for transfers across a WAN: keeps the
 //!   bottleneck queue at a few milliseconds and yields to anyone else.
+//! - [`group::Member`]: a background session's share of one [`background::Background`]
+//!   shared by a sender's sessions toward one LAN (one bottleneck).
 
 pub mod background;
 pub mod foreground;
+pub mod group;
 pub mod schedule;
 
 use std::time::Duration;

@@ -214,8 +214,10 @@ pub struct Sim {
     rng: rand::rngs::SmallRng,
     pub stats: NetStats,
     buf: Vec<u8>,
-    /// Shared bottlenecks, by destination: every datagram to that node queues here.
-    bottlenecks: HashMap<SocketAddr, (LinkSpec, Link)>,
+    /// Shared bottlenecks, by destination: every datagram to that node queues in the link
+    /// at that index of `bottleneck_links` (one link may sit in front of several nodes).
+    bottlenecks: HashMap<SocketAddr, usize>,
+    bottleneck_links: Vec<(LinkSpec, Link)>,
     /// Every datagram that crossed a bottleneck, in order.
     pub bottleneck_log: Vec<BottleneckRecord>,
     /// Shared uplinks, by source: every datagram from that node queues here
@@ -237,6 +239,7 @@ impl Sim {
             stats: NetStats::default(),
             buf: vec![0; GSO_SEGMENTS_MAX * DATAGRAM_BYTES_MAX],
             bottlenecks: HashMap::new(),
+            bottleneck_links: Vec::new(),
             bottleneck_log: Vec::new(),
             uplinks: HashMap::new(),
         }
@@ -246,12 +249,20 @@ impl Sim {
         &self.key
     }
 
-    /// Add a node at `10.0.x.y:4000`; returns its index.
+    /// Add a node at `10.x.y.z:4000` (from its index); returns its index.
     pub fn add_node(&mut self, config: ServerConfig) -> usize {
         let i = self.nodes.len();
         let addr: SocketAddr = format!("10.{}.{}.{}:4000", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff)
             .parse()
             .expect("valid");
+        self.add_node_at(addr, config)
+    }
+
+    /// Add a node at `addr` (a sender groups background sessions by the peer's subnet, so
+    /// a topology of sites gives each site its own); returns its index.
+    pub fn add_node_at(&mut self, addr: SocketAddr, config: ServerConfig) -> usize {
+        assert!(self.index_of(addr).is_none(), "two simulated nodes at {addr}");
+        let i = self.nodes.len();
         let seed = self.rng.gen();
         self.nodes.push(Node {
             addr,
@@ -275,7 +286,18 @@ impl Sim {
     /// Put a shared bottleneck in front of node `to`: every datagram to it, from
     /// anyone, waits in one queue with `spec`'s rate, delay and limit.
     pub fn set_bottleneck(&mut self, to: usize, spec: LinkSpec) {
-        self.bottlenecks.insert(self.nodes[to].addr, (spec, Link::default()));
+        self.set_shared_bottleneck(&[to], spec);
+    }
+
+    /// Put one bottleneck in front of all of `to` (a site behind one WAN link): every
+    /// datagram to any of them, from anyone, waits in one queue with `spec`'s rate, delay
+    /// and limit.
+    pub fn set_shared_bottleneck(&mut self, to: &[usize], spec: LinkSpec) {
+        let link = self.bottleneck_links.len();
+        self.bottleneck_links.push((spec, Link::default()));
+        for &n in to {
+            self.bottlenecks.insert(self.nodes[n].addr, link);
+        }
     }
 
     /// Put a shared uplink behind node `from`: every datagram it sends, to anyone,
@@ -452,9 +474,9 @@ impl Sim {
             ready_ns = link.busy_until_ns + spec.delay.as_nanos() as u64;
         }
         let default = self.default_link;
-        let shared = self.bottlenecks.contains_key(&to);
-        let (spec, link) = match self.bottlenecks.get_mut(&to) {
-            Some(b) => b,
+        let shared = self.bottlenecks.get(&to).copied();
+        let (spec, link) = match shared {
+            Some(b) => &mut self.bottleneck_links[b],
             None => self.links.entry((from, to)).or_insert((default, Link::default())),
         };
         let spec = *spec;
@@ -469,7 +491,7 @@ impl Sim {
         link.busy_until_ns = start_ns + tx_ns;
         // Leaves the link at the microsecond it is done (rounded up: never early).
         let done = Time::from_micros(link.busy_until_ns.div_ceil(1000));
-        if shared {
+        if shared.is_some() {
             self.bottleneck_log.push(BottleneckRecord {
                 left: done,
                 from,

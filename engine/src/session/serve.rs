@@ -26,8 +26,9 @@ use crate::wire::{
     self, DataKey, DeploymentKey, Kind, Packet, RejectReason, WireRange, AEAD_TAG_BYTES, DATA_HEADER_BYTES,
 };
 
-/// Builds a controller for a new session; `background` is the fetcher's request flag.
-pub type ControllerFactory = Arc<dyn Fn(bool) -> Box<dyn Controller> + Send + Sync>;
+/// Builds a controller for a new session; `background` is the fetcher's request flag, `peer`
+/// the fetcher's address.
+pub type ControllerFactory = Arc<dyn Fn(bool, SocketAddr) -> Box<dyn Controller> + Send + Sync>;
 
 /// While background sessions are paused, each gets an empty `NotHave` this often,
 /// so its fetcher knows the server is alive and does not drop it as stalled.
@@ -87,13 +88,18 @@ impl Default for ServerConfig {
             gso_segments_max: GSO_SEGMENTS_MAX,
             require_encryption: false,
             upload_bytes_per_sec_max: 0,
-            controller: Arc::new(|background| -> Box<dyn Controller> {
-                if background {
-                    Box::new(crate::cc::background::Background::new(Default::default()))
-                } else {
-                    Box::new(crate::cc::foreground::Foreground::new())
-                }
-            }),
+            controller: {
+                // A sender's background sessions toward one LAN share one controller (see
+                // `cc::group`): each its own made them yield to each other's queue.
+                let groups = crate::cc::group::Groups::new(Default::default());
+                Arc::new(move |background, peer| -> Box<dyn Controller> {
+                    if background {
+                        Box::new(groups.member(peer.ip()))
+                    } else {
+                        Box::new(crate::cc::foreground::Foreground::new())
+                    }
+                })
+            },
         }
     }
 }
@@ -452,7 +458,7 @@ impl Server {
                     resend: VecDeque::new(),
                     queue: VecDeque::new(),
                     recovery: Recovery::new(),
-                    cc: (self.config.controller)(background),
+                    cc: (self.config.controller)(background, from),
                     pacer: Pacer::new(),
                     last_recv: now,
                     app_limited: false,
@@ -1039,7 +1045,7 @@ mod tests {
 
     #[test]
     fn server_upload_cap_bounds_all_sessions_together() {
-        let unlimited: ControllerFactory = Arc::new(|_| Box::new(Unlimited) as Box<dyn Controller>);
+        let unlimited: ControllerFactory = Arc::new(|_, _| Box::new(Unlimited) as Box<dyn Controller>);
         let cap = 1_000_000;
         let (mut capped, lib, ..) = serving(ServerConfig {
             upload_bytes_per_sec_max: cap,
