@@ -824,7 +824,7 @@ mod router_bottleneck {
 /// 30 ms round trip) each fetch their own copy from one sender, starting a few hundred
 /// ms to seconds apart. The sender's sessions toward that LAN share one window
 /// (`cc::group`): together they fill the link with the queue of one flow, in equal
-/// shares (utilisation 1.000, shares 0.333 each, p95 3.0-3.1 ms, p99 3.1-3.3 ms). With
+/// shares (utilisation 1.000, shares 0.333 each, p95 2.9-3.0 ms, p99 3.0-3.1 ms). With
 /// a controller each, every newcomer's growth was a queue the others' windows did not
 /// explain, and they yielded to each other in turn: utilisation 0.915-0.999, the
 /// newcomer down to 0.098 of the link, p95 4.0-4.6 ms, p99 4.3-5.1 ms (and 5.6-12 ms

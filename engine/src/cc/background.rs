@@ -346,11 +346,6 @@ impl Background {
         self.yielded
     }
 
-    /// The one-way part of the queue the controller currently believes in, µs.
-    pub(crate) fn queue_owd_us(&self) -> i64 {
-        self.queue_owd_us
-    }
-
     fn base_us(&self) -> Option<i64> {
         self.base.base_us()
     }

@@ -23,13 +23,22 @@
 //!   window's (the whole window is the group's);
 //! - the one-way delay of each member is taken relative to that member's own base
 //!   (the receivers' clocks differ, so raw samples of two members cannot be
-//!   compared); a member that joins while a queue stands starts its base at its
-//!   first sample less the queue the group already measures, so it does not take
-//!   that queue for its base (the latecomer problem, inside the group);
+//!   compared), filtered over its own last samples, and the queue the controller
+//!   hears is the greatest of the members' that sampled it in the last two round
+//!   trips: on one bottleneck they agree; a member behind a slower hop of its own
+//!   (one agent on Wi-Fi) sees more, and the group heeds it, as its own controller
+//!   did; a member that joined while a queue stood took it for its base and reads
+//!   low, so the others' reading stands (until a slowdown drains the queue and it
+//!   sees the true base);
 //! - the window is divided max-min fairly among the members: one that was
-//!   application-limited at its last acknowledgement is given what it had in flight
-//!   and two segments more, the others share the rest equally;
-//! - the group is application-limited only when all its members are.
+//!   application-limited at its last acknowledgement (a new one, until its first)
+//!   claims what it had in flight and two segments more, one whose peer stopped
+//!   answering (a probe timeout) what it has in flight, the others share the rest
+//!   equally, and what nobody claims is shared out equally (the shares add up to
+//!   the window);
+//! - the group is application-limited only when all its members are; a member's
+//!   probe timeouts are its own peer's trouble, not the link's, and reach the
+//!   controller only when every member is in them.
 //!
 //! A newcomer takes its share out of the same window, so joining builds no queue,
 //! and the group's slowdowns, yields and reclaims are the same moments for all.
@@ -107,6 +116,7 @@ impl Groups {
             let id = s.next_id;
             s.next_id += 1;
             s.members.push(MemberState::new(id));
+            s.refresh();
             id
         };
         Member { shared, id }
@@ -135,15 +145,27 @@ struct Shared {
     /// When the last egress-monitor sample was handed on (each member gets every sample;
     /// the controller must see it once).
     last_path: Option<Time>,
+    /// Max-min fair level: a member's share is its demand, at most this (recomputed
+    /// whenever the window or a demand may have changed), plus `spare`: an equal part of
+    /// what no member claims.
+    level: u64,
+    spare: u64,
 }
 
 #[derive(Debug)]
 struct MemberState {
     id: u64,
+    /// Bytes in flight at the last acknowledgement.
     in_flight: u64,
     app_limited: bool,
+    /// Its peer stopped answering (a probe timeout since the last acknowledgement).
+    stalled: bool,
     /// This member's one-way delay base (its receiver's clock offset plus the path's delay).
     base: BaseDelay,
+    /// Its latest queue sample (one-way delay over its base), µs.
+    queue_us: Option<i64>,
+    /// When it last had a delay sample.
+    sampled: Option<Time>,
 }
 
 impl MemberState {
@@ -151,18 +173,30 @@ impl MemberState {
         Self {
             id,
             in_flight: 0,
-            app_limited: false,
+            // Until its first acknowledgement, a session uses a couple of segments (its
+            // fetcher is still validating it): its share is not held for it meanwhile.
+            app_limited: true,
+            stalled: false,
             base: BaseDelay::default(),
+            queue_us: None,
+            sampled: None,
         }
     }
 
-    /// What this member can use of a window: unbounded unless it was application-limited.
+    /// What this member can use of a window.
     fn demand(&self) -> u64 {
-        if self.app_limited {
+        if self.stalled {
+            self.in_flight
+        } else if self.app_limited {
             self.in_flight + 2 * MSS_BYTES
         } else {
             u64::MAX
         }
+    }
+
+    /// Its latest queue sample.
+    fn queue_us(&self) -> Option<i64> {
+        self.queue_us
     }
 }
 
@@ -173,6 +207,8 @@ impl Shared {
             members: Vec::new(),
             next_id: 0,
             last_path: None,
+            level: u64::MAX,
+            spare: 0,
         }
     }
 
@@ -180,25 +216,34 @@ impl Shared {
         self.members.iter_mut().find(|m| m.id == id)
     }
 
-    /// Member `id`'s share of the group's window: max-min fair over the members' demands.
-    fn share(&self, id: u64) -> u64 {
-        let total = self.cc.window();
-        let mut demands: Vec<(u64, u64)> = self.members.iter().map(|m| (m.demand(), m.id)).collect();
+    /// Recompute the fair level after the window or a demand changed.
+    fn refresh(&mut self) {
+        let mut demands: Vec<u64> = self.members.iter().map(MemberState::demand).collect();
         demands.sort_unstable();
-        let (mut left, mut n) = (total, demands.len() as u64);
-        for (demand, member) in demands {
-            let fair = left / n.max(1);
+        let window = self.cc.window();
+        let (mut left, mut n) = (window, demands.len() as u64);
+        self.level = u64::MAX;
+        for &demand in &demands {
+            let fair = left / n;
             if demand >= fair {
                 // This member and every one after it want at least the fair share of what is left.
+                self.level = fair;
                 break;
-            }
-            if member == id {
-                return demand.max(MSS_BYTES);
             }
             left -= demand;
             n -= 1;
         }
-        (left / n.max(1)).max(MSS_BYTES)
+        // What nobody claims is shared out equally: the shares always add up to the window (a
+        // lone session that ran out of requests for a moment keeps its window, as it would
+        // with a controller of its own).
+        let given: u64 = demands.iter().map(|&d| d.min(self.level)).fold(0, u64::saturating_add);
+        self.spare = window.saturating_sub(given) / (demands.len() as u64).max(1);
+    }
+
+    /// Member `id`'s share of the window (at least a segment, so that it makes progress).
+    fn share(&self, id: u64) -> u64 {
+        let demand = self.members.iter().find(|m| m.id == id).map_or(0, MemberState::demand);
+        (demand.min(self.level) + self.spare).max(MSS_BYTES)
     }
 }
 
@@ -219,11 +264,18 @@ impl Member {
     pub fn group_window(&self) -> u64 {
         lock(&self.shared).cc.window()
     }
+
+    /// The queue the group's controller believes in.
+    pub fn group_queue_delay(&self) -> Duration {
+        lock(&self.shared).cc.queue_delay()
+    }
 }
 
 impl Drop for Member {
     fn drop(&mut self) {
-        lock(&self.shared).members.retain(|m| m.id != self.id);
+        let mut s = lock(&self.shared);
+        s.members.retain(|m| m.id != self.id);
+        s.refresh();
     }
 }
 
@@ -233,48 +285,59 @@ impl Controller for Member {
     }
 
     fn on_sent(&mut self, now: Time, bytes: u64) {
-        let mut s = lock(&self.shared);
-        if let Some(m) = s.member(self.id) {
-            m.in_flight += bytes;
-        }
-        s.cc.on_sent(now, bytes);
+        lock(&self.shared).cc.on_sent(now, bytes);
     }
 
     fn on_ack(&mut self, now: Time, ack: &AckSample) {
         let mut s = lock(&self.shared);
-        let group_queue = s.cc.queue_owd_us().max(0);
-        let others_measured = s.members.iter().any(|m| m.id != self.id && m.base.base_us().is_some());
         let Some(m) = s.member(self.id) else { return };
         m.in_flight = ack.in_flight;
         m.app_limited = ack.app_limited;
-        let owd = ack.one_way_delay_us.map(|owd| {
-            if m.base.base_us().is_none() && others_measured {
-                // Joining a group whose queue is known: the first sample is that much above this
-                // member's base.
-                m.base.record(now, owd - group_queue);
-            }
+        m.stalled = false;
+        let sampled = ack.one_way_delay_us.map(|owd| {
             m.base.record(now, owd);
-            owd - m.base.base_us().unwrap_or(owd)
+            m.queue_us = Some(owd - m.base.base_us().unwrap_or(owd));
+            m.sampled = Some(now);
+        });
+        // The queue is the greatest any member measured lately (each over its own base; the
+        // controller filters the noise out of these as out of one flow's samples).
+        let fresh = ack.srtt / 2;
+        let queue = sampled.and_then(|()| {
+            s.members
+                .iter()
+                .filter(|m| m.sampled.is_some_and(|t| now.since(t) <= fresh))
+                .filter_map(MemberState::queue_us)
+                .max()
         });
         let app_limited = s.members.iter().all(|m| m.app_limited);
         let in_flight = s.members.iter().map(|m| m.in_flight).sum();
         s.cc.on_ack(
             now,
             &AckSample {
-                one_way_delay_us: owd,
+                one_way_delay_us: queue,
                 in_flight,
                 app_limited,
                 ..*ack
             },
         );
+        s.refresh();
     }
 
     fn on_loss(&mut self, now: Time, loss: &LossSample) {
         let mut s = lock(&self.shared);
-        if let Some(m) = s.member(self.id) {
-            m.in_flight = m.in_flight.saturating_sub(loss.lost_bytes);
+        if loss.timeout {
+            if let Some(m) = s.member(self.id) {
+                m.stalled = true;
+            }
+            if !s.members.iter().all(|m| m.stalled) {
+                // Its peer stopped answering while the others' acknowledgements still come:
+                // the link is not what lost them.
+                s.refresh();
+                return;
+            }
         }
         s.cc.on_loss(now, loss);
+        s.refresh();
     }
 
     fn on_path(&mut self, now: Time, signal: &PathSignal) {
@@ -282,6 +345,7 @@ impl Controller for Member {
         if s.last_path != Some(now) {
             s.last_path = Some(now);
             s.cc.on_path(now, signal);
+            s.refresh();
         }
     }
 
@@ -339,15 +403,29 @@ mod tests {
         assert!(groups.is_empty());
     }
 
+    /// One acknowledged segment a ms for `member`, with `owd` its one-way delay sample.
+    fn step(m: &mut Member, t: &mut u64, owd: i64) {
+        let now = Time::from_micros(*t * 1000);
+        m.on_sent(now, MSS_BYTES);
+        m.on_ack(now, &ack(owd, MSS_BYTES, 4 * MSS_BYTES, false));
+        *t += 1;
+    }
+
+    fn three(groups: &Groups) -> Vec<Member> {
+        (11..14).map(|h| groups.member(ip(&format!("10.64.0.{h}")))).collect()
+    }
+
     #[test]
     fn the_window_is_shared_max_min_fairly() {
         let groups = Groups::new(BackgroundConfig::default());
-        let mut members: Vec<Member> = (11..14).map(|h| groups.member(ip(&format!("10.64.0.{h}")))).collect();
-        // Grow the group's window with the first member's acks on an empty queue.
-        for t in 0..400u64 {
-            let now = Time::from_micros(t * 1000);
-            members[0].on_sent(now, MSS_BYTES);
-            members[0].on_ack(now, &ack(5_000, MSS_BYTES, 0, false));
+        let mut members = three(&groups);
+        // Until its first acknowledgement a member is given a couple of segments only.
+        assert!(members[1].window() <= 2 * MSS_BYTES);
+        let mut t = 0;
+        for _ in 0..200 {
+            for m in members.iter_mut() {
+                step(m, &mut t, 5_000);
+            }
         }
         let total = members[0].group_window();
         assert!(total > 30 * MSS_BYTES, "group window {total}");
@@ -356,7 +434,7 @@ mod tests {
             assert!(s.abs_diff(total / 3) <= 1, "equal shares of {total}: {shares:?}");
         }
         // One member has little to send: it keeps what it uses, the others share the rest.
-        let now = Time::from_micros(400_000);
+        let now = Time::from_micros(t * 1000);
         members[2].on_ack(now, &ack(5_000, MSS_BYTES, MSS_BYTES, true));
         let total = members[0].group_window();
         let small = members[2].window();
@@ -371,42 +449,91 @@ mod tests {
             members[2].pacing_rate(srtt).expect("paced"),
         );
         assert!(pa > 3 * psmall, "pacing {pa} vs {psmall}");
+        // A member that ends gives its share back.
+        members.pop();
+        assert!(members[0].window().abs_diff(total / 2) <= 1);
     }
 
     #[test]
-    fn a_member_that_joins_a_standing_queue_does_not_take_it_for_its_base() {
-        // Receivers' clocks differ: member a's samples carry +1 s, member b's -5 s.
+    fn a_member_whose_peer_stops_answering_holds_no_share_and_cuts_nothing() {
         let groups = Groups::new(BackgroundConfig::default());
-        let mut a = groups.member(ip("10.64.0.11"));
-        let (off_a, off_b) = (1_000_000i64, -5_000_000i64);
-        let mut t = 0u64;
-        let step = |m: &mut Member, owd: i64, t: &mut u64| {
-            let now = Time::from_micros(*t * 1000);
-            m.on_sent(now, MSS_BYTES);
-            m.on_ack(now, &ack(owd, MSS_BYTES, 0, false));
-            *t += 1;
-        };
+        let mut members = three(&groups);
+        let mut t = 0;
         for _ in 0..200 {
-            step(&mut a, off_a, &mut t);
+            for m in members.iter_mut() {
+                step(m, &mut t, 5_000);
+            }
         }
-        // A queue of 2 ms stands (below the 3 ms target: nobody cuts).
-        for _ in 0..50 {
-            step(&mut a, off_a + 2_000, &mut t);
+        let total = members[0].group_window();
+        let now = Time::from_micros(t * 1000);
+        let timeout = LossSample {
+            lost_bytes: 4 * MSS_BYTES,
+            largest_lost_sent: now,
+            timeout: true,
+        };
+        members[2].on_loss(now, &timeout);
+        members[2].on_loss(now + Duration::from_millis(500), &timeout);
+        assert_eq!(
+            members[0].group_window(),
+            total,
+            "one peer's timeouts are not the link's"
+        );
+        assert_eq!(
+            members[2].window(),
+            4 * MSS_BYTES,
+            "it keeps what is in flight, no more"
+        );
+        assert!(members[0].window().abs_diff((total - 4 * MSS_BYTES) / 2) <= 1);
+        // When every member's peer times out, it is the link.
+        members[0].on_loss(now, &timeout);
+        members[1].on_loss(now, &timeout);
+        assert!(members[0].group_window() < total);
+    }
+
+    #[test]
+    fn the_group_queue_is_the_greatest_a_member_measures() {
+        // Receivers' clocks differ: member a's samples carry +1 s, b's -5 s, c's +7 s.
+        let groups = Groups::new(BackgroundConfig::default());
+        let mut m = three(&groups);
+        let off = [1_000_000i64, -5_000_000, 7_000_000];
+        let mut t = 0;
+        for _ in 0..100 {
+            for (i, x) in m.iter_mut().enumerate() {
+                step(x, &mut t, off[i]);
+            }
         }
-        let queue = |m: &Member| lock(&m.shared).cc.queue_owd_us();
-        assert_eq!(queue(&a), 2_000);
-        // b joins into that queue; its samples (with its own offset) interleave with a's.
-        let mut b = groups.member(ip("10.64.0.12"));
+        assert_eq!(m[0].group_queue_delay(), Duration::ZERO);
+        // A queue of 2 ms (below the 3 ms target: nobody cuts) stands on c's path only
+        // (a slower hop of its own): the group heeds it, the others' empty queues do not hide it.
         for _ in 0..20 {
-            step(&mut b, off_b + 2_000, &mut t);
-            step(&mut a, off_a + 2_000, &mut t);
+            for (i, x) in m.iter_mut().enumerate() {
+                let q = if i == 2 { 2_000 } else { 0 };
+                step(x, &mut t, off[i] + q);
+            }
         }
-        assert_eq!(queue(&a), 2_000, "the newcomer's first sample is not its base");
-        // The queue drains: both see it.
+        assert_eq!(m[0].group_queue_delay(), Duration::from_millis(2));
+        // A newcomer joins into a standing 2 ms queue and takes it for its base (it reads
+        // 0): the others' reading stands.
         for _ in 0..20 {
-            step(&mut b, off_b, &mut t);
-            step(&mut a, off_a, &mut t);
+            for (i, x) in m.iter_mut().enumerate() {
+                step(x, &mut t, off[i] + 2_000);
+            }
         }
-        assert_eq!(queue(&a), 0);
+        let mut late = groups.member(ip("10.64.0.20"));
+        for _ in 0..20 {
+            step(&mut late, &mut t, -3_000_000 + 2_000);
+            for (i, x) in m.iter_mut().enumerate() {
+                step(x, &mut t, off[i] + 2_000);
+            }
+        }
+        assert_eq!(m[0].group_queue_delay(), Duration::from_millis(2));
+        // The queue drains: all see it.
+        for _ in 0..20 {
+            step(&mut late, &mut t, -3_000_000);
+            for (i, x) in m.iter_mut().enumerate() {
+                step(x, &mut t, off[i]);
+            }
+        }
+        assert_eq!(m[0].group_queue_delay(), Duration::ZERO);
     }
 }

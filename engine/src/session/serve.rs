@@ -19,6 +19,9 @@ use rand::{Rng, SeedableRng};
 use super::pacer::Pacer;
 use super::recovery::{Recovery, PERSISTENT_PTO_COUNT};
 use super::{Library, Transmit, GSO_SEGMENTS_MAX, PAYLOAD_BYTES_DEFAULT};
+use crate::cc::background::BackgroundConfig;
+use crate::cc::foreground::Foreground;
+use crate::cc::group::Groups;
 use crate::cc::{AckSample, Controller, LossSample};
 use crate::content::{ContentId, Geometry};
 use crate::time::Time;
@@ -63,7 +66,9 @@ pub struct ServerConfig {
     pub require_encryption: bool,
     /// Upload rate of all sessions together, bytes a second on the wire (0: no cap).
     pub upload_bytes_per_sec_max: u64,
-    pub controller: ControllerFactory,
+    /// Controllers for new sessions; `None`: the default, a background session's share of
+    /// its LAN's group ([`crate::cc::group`], one group set per server) or a foreground one.
+    pub controller: Option<ControllerFactory>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -88,18 +93,7 @@ impl Default for ServerConfig {
             gso_segments_max: GSO_SEGMENTS_MAX,
             require_encryption: false,
             upload_bytes_per_sec_max: 0,
-            controller: {
-                // A sender's background sessions toward one LAN share one controller (see
-                // `cc::group`): each its own made them yield to each other's queue.
-                let groups = crate::cc::group::Groups::new(Default::default());
-                Arc::new(move |background, peer| -> Box<dyn Controller> {
-                    if background {
-                        Box::new(groups.member(peer.ip()))
-                    } else {
-                        Box::new(crate::cc::foreground::Foreground::new())
-                    }
-                })
-            },
+            controller: None,
         }
     }
 }
@@ -220,6 +214,8 @@ pub struct Server {
     upload: Pacer,
     /// Chunks of the GSO run being built (kept to reuse its allocation).
     plan: Vec<(u8, Range<u64>, bool)>,
+    /// Background sessions by LAN, each group sharing one controller.
+    groups: Groups,
 }
 
 impl Server {
@@ -237,6 +233,18 @@ impl Server {
             refusing: false,
             upload: Pacer::new(),
             plan: Vec::with_capacity(GSO_SEGMENTS_MAX),
+            groups: Groups::new(BackgroundConfig::default()),
+        }
+    }
+
+    /// A controller for a new session to `peer`: the configured factory's, or by default a
+    /// background session's share of its LAN's group (a sender's sessions toward one LAN
+    /// cross one bottleneck: with a controller each, they yielded to each other's queue).
+    fn controller(&self, background: bool, peer: SocketAddr) -> Box<dyn Controller> {
+        match &self.config.controller {
+            Some(factory) => factory(background, peer),
+            None if background => Box::new(self.groups.member(peer.ip())),
+            None => Box::new(Foreground::new()),
         }
     }
 
@@ -458,7 +466,7 @@ impl Server {
                     resend: VecDeque::new(),
                     queue: VecDeque::new(),
                     recovery: Recovery::new(),
-                    cc: (self.config.controller)(background, from),
+                    cc: self.controller(background, from),
                     pacer: Pacer::new(),
                     last_recv: now,
                     app_limited: false,
@@ -638,6 +646,10 @@ impl Server {
         let paused = self.background_paused;
         let s = &mut self.sessions[i];
         if !s.may_send(paused) || s.recovery.is_full() {
+            if !s.has_data() {
+                // Everything asked for is out: whatever the window, the sender is application-limited.
+                s.app_limited = true;
+            }
             return None;
         }
         // Encrypted datagrams carry a tag more and as much payload less: the same size on the wire.
@@ -1049,7 +1061,7 @@ mod tests {
         let cap = 1_000_000;
         let (mut capped, lib, ..) = serving(ServerConfig {
             upload_bytes_per_sec_max: cap,
-            controller: unlimited.clone(),
+            controller: Some(unlimited.clone()),
             ..ServerConfig::default()
         });
         let sent = bytes_in_one_second(&mut capped, &lib);
@@ -1064,7 +1076,7 @@ mod tests {
         );
         // The same server without the cap sends everything asked for at once.
         let (mut free, lib, ..) = serving(ServerConfig {
-            controller: unlimited,
+            controller: Some(unlimited),
             ..ServerConfig::default()
         });
         assert!(bytes_in_one_second(&mut free, &lib) > 4 * cap);
