@@ -91,11 +91,23 @@ fn share(sim: &Sim, from: SocketAddr, a: Duration, b: Duration) -> f64 {
 }
 
 fn share_of(sim: &Sim, from: SocketAddr, a: Duration, b: Duration, rate: u64) -> f64 {
+    share_where(sim, |r| r.from == from, a, b, rate)
+}
+
+/// Datagram bytes of the records `which` picks that left the bottleneck in `[a, b)`, as a
+/// fraction of its capacity `rate`.
+fn share_where(
+    sim: &Sim,
+    which: impl Fn(&lowtide_engine::io::sim::BottleneckRecord) -> bool,
+    a: Duration,
+    b: Duration,
+    rate: u64,
+) -> f64 {
     let (a, b) = (Time::ZERO + a, Time::ZERO + b);
     let sent: u64 = sim
         .bottleneck_log
         .iter()
-        .filter(|r| r.from == from && r.left >= a && r.left < b)
+        .filter(|r| which(r) && r.left >= a && r.left < b)
         .map(|r| r.bytes as u64)
         .sum();
     sent as f64 / (rate as f64 * b.since(a).as_secs_f64())
@@ -889,14 +901,7 @@ fn background_flows_from_one_sender_to_one_site_keep_a_short_queue() {
             .iter()
             .map(|&r| {
                 let to_addr = sim.nodes[r].addr;
-                let (a, b) = (Time::ZERO + from, Time::ZERO + to);
-                let sent: u64 = sim
-                    .bottleneck_log
-                    .iter()
-                    .filter(|x| x.to == to_addr && x.left >= a && x.left < b)
-                    .map(|x| x.bytes as u64)
-                    .sum();
-                sent as f64 / (VPN_RATE as f64 * (b.since(a)).as_secs_f64())
+                share_where(&sim, |x| x.to == to_addr, from, to, VPN_RATE)
             })
             .collect();
         let p95 = queue_delay_percentile(&sim, from, to, 0.95);
