@@ -23,9 +23,10 @@
 //!   window's (the whole window is the group's);
 //! - the one-way delay of each member is taken relative to that member's own base
 //!   (the receivers' clocks differ, so raw samples of two members cannot be
-//!   compared), filtered over its own last samples, and the queue the controller
-//!   hears is the greatest of the members' that sampled it in the last two round
-//!   trips: on one bottleneck they agree; a member behind a slower hop of its own
+//!   compared), and the queue the controller hears is the greatest of the
+//!   members' latest samples taken in the last half round trip (the controller
+//!   filters the noise out of these as out of one flow's samples): on one
+//!   bottleneck they agree; a member behind a slower hop of its own
 //!   (one agent on Wi-Fi) sees more, and the group heeds it, as its own controller
 //!   did; a member that joined while a queue stood took it for its base and reads
 //!   low, so the others' reading stands (until a slowdown drains the queue and it
