@@ -124,13 +124,10 @@ impl Groups {
     }
 
     /// Groups with at least one member.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn live(&self) -> usize {
         let groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
         groups.values().filter(|g| g.strong_count() > 0).count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -163,10 +160,8 @@ struct MemberState {
     stalled: bool,
     /// This member's one-way delay base (its receiver's clock offset plus the path's delay).
     base: BaseDelay,
-    /// Its latest queue sample (one-way delay over its base), µs.
-    queue_us: Option<i64>,
-    /// When it last had a delay sample.
-    sampled: Option<Time>,
+    /// Its latest queue sample: when, and the one-way delay over its base (µs).
+    sample: Option<(Time, i64)>,
 }
 
 impl MemberState {
@@ -179,8 +174,7 @@ impl MemberState {
             app_limited: true,
             stalled: false,
             base: BaseDelay::default(),
-            queue_us: None,
-            sampled: None,
+            sample: None,
         }
     }
 
@@ -193,11 +187,6 @@ impl MemberState {
         } else {
             u64::MAX
         }
-    }
-
-    /// Its latest queue sample.
-    fn queue_us(&self) -> Option<i64> {
-        self.queue_us
     }
 }
 
@@ -255,19 +244,20 @@ pub struct Member {
     id: u64,
 }
 
+#[cfg(test)]
 impl Member {
     /// Sessions in this member's group (itself included).
-    pub fn group_size(&self) -> usize {
+    fn group_size(&self) -> usize {
         lock(&self.shared).members.len()
     }
 
     /// The group's whole window.
-    pub fn group_window(&self) -> u64 {
+    fn group_window(&self) -> u64 {
         lock(&self.shared).cc.window()
     }
 
     /// The queue the group's controller believes in.
-    pub fn group_queue_delay(&self) -> Duration {
+    fn group_queue_delay(&self) -> Duration {
         lock(&self.shared).cc.queue_delay()
     }
 }
@@ -295,19 +285,19 @@ impl Controller for Member {
         m.in_flight = ack.in_flight;
         m.app_limited = ack.app_limited;
         m.stalled = false;
-        let sampled = ack.one_way_delay_us.map(|owd| {
+        if let Some(owd) = ack.one_way_delay_us {
             m.base.record(now, owd);
-            m.queue_us = Some(owd - m.base.base_us().unwrap_or(owd));
-            m.sampled = Some(now);
-        });
+            m.sample = Some((now, owd - m.base.base_us().unwrap_or(owd)));
+        }
         // The queue is the greatest any member measured lately (each over its own base; the
         // controller filters the noise out of these as out of one flow's samples).
         let fresh = ack.srtt / 2;
-        let queue = sampled.and_then(|()| {
+        let queue = ack.one_way_delay_us.and_then(|_| {
             s.members
                 .iter()
-                .filter(|m| m.sampled.is_some_and(|t| now.since(t) <= fresh))
-                .filter_map(MemberState::queue_us)
+                .filter_map(|m| m.sample)
+                .filter(|&(t, _)| now.since(t) <= fresh)
+                .map(|(_, q)| q)
                 .max()
         });
         let app_limited = s.members.iter().all(|m| m.app_limited);
@@ -397,11 +387,11 @@ mod tests {
             groups.member(ip("10.65.0.11")),
         );
         assert_eq!((a.group_size(), c.group_size()), (2, 1));
-        assert_eq!(groups.len(), 2);
+        assert_eq!(groups.live(), 2);
         drop((a, b));
-        assert_eq!(groups.len(), 1, "a group whose sessions all ended is gone");
+        assert_eq!(groups.live(), 1, "a group whose sessions all ended is gone");
         drop(c);
-        assert!(groups.is_empty());
+        assert_eq!(groups.live(), 0);
     }
 
     /// One acknowledged segment a ms for `member`, with `owd` its one-way delay sample.

@@ -1213,7 +1213,6 @@ mod tests {
         assert_eq!(seen, vec![(wan, true), (lan, false)]);
     }
 
-    /// The Accept a server would send for `f`'s only source, with `flags`.
     /// The header of the first data datagram of a session (the block table's first bytes).
     fn first_table_datagram(send_ts_us: u32) -> wire::DataFixed {
         wire::DataFixed {
@@ -1225,6 +1224,7 @@ mod tests {
         }
     }
 
+    /// The Accept a server would send for `f`'s only source, with `flags`.
     fn accept_for(f: &mut Fetch, key: &DeploymentKey, flags: u8) -> (SocketAddr, Vec<u8>) {
         let mut buf = vec![0u8; 2048];
         let t = f.poll_transmit(Time(0), &mut buf).unwrap();

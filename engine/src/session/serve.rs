@@ -29,9 +29,8 @@ use crate::wire::{
     self, DataKey, DeploymentKey, Kind, Packet, RejectReason, WireRange, AEAD_TAG_BYTES, DATA_HEADER_BYTES,
 };
 
-/// Builds a controller for a new session; `background` is the fetcher's request flag, `peer`
-/// the fetcher's address.
-pub type ControllerFactory = Arc<dyn Fn(bool, SocketAddr) -> Box<dyn Controller> + Send + Sync>;
+/// Builds a controller for a new session; `background` is the fetcher's request flag.
+pub type ControllerFactory = Arc<dyn Fn(bool) -> Box<dyn Controller> + Send + Sync>;
 
 /// While background sessions are paused, each gets an empty `NotHave` this often,
 /// so its fetcher knows the server is alive and does not drop it as stalled.
@@ -242,7 +241,7 @@ impl Server {
     /// cross one bottleneck: with a controller each, they yielded to each other's queue).
     fn controller(&self, background: bool, peer: SocketAddr) -> Box<dyn Controller> {
         match &self.config.controller {
-            Some(factory) => factory(background, peer),
+            Some(factory) => factory(background),
             None if background => Box::new(self.groups.member(peer.ip())),
             None => Box::new(Foreground::new()),
         }
@@ -1057,7 +1056,7 @@ mod tests {
 
     #[test]
     fn server_upload_cap_bounds_all_sessions_together() {
-        let unlimited: ControllerFactory = Arc::new(|_, _| Box::new(Unlimited) as Box<dyn Controller>);
+        let unlimited: ControllerFactory = Arc::new(|_| Box::new(Unlimited) as Box<dyn Controller>);
         let cap = 1_000_000;
         let (mut capped, lib, ..) = serving(ServerConfig {
             upload_bytes_per_sec_max: cap,
